@@ -1,0 +1,178 @@
+"""The one typed settings object of attnrec.
+
+Sources, lowest to highest priority: built-in defaults, ``attnrec.toml`` (in the working
+directory, or the file named by ``ATTNREC_CONFIG``), ``ATTNREC_*`` environment variables
+(nested fields with ``__``: ``ATTNREC_TRAIN__EPOCHS=5``), and explicit overrides (CLI flags).
+
+Everything attnrec writes lives under one state folder, ``home`` (``$ATTNREC_HOME``, by
+default ``./.attnrec``): the DuckDB warehouse, feature sets, checkpoints, the MLflow store,
+Prefect's local database and FAISS indexes. Each embedded service can instead point at a
+real server by setting (``mlflow_tracking_uri``, ``prefect_api_url``, ``duckdb_path``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_NAME = "attnrec.toml"
+
+
+class ModelSettings(BaseModel):
+    """Shape of the content-aware SASRec model."""
+
+    hidden_size: int = Field(64, ge=4, description="item / state vector size D")
+    num_blocks: int = Field(2, ge=1, description="self-attention blocks")
+    num_heads: int = Field(1, ge=1, description="attention heads per block")
+    max_len: int = Field(200, ge=2, description="history length T the encoder reads")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    use_content: bool = Field(True, description="mix content features into the item tower")
+    id_dropout: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="share of item-ID embeddings hidden per step so content alone learns to stand in",
+    )
+
+
+class TrainSettings(BaseModel):
+    """Training loop settings; the defaults reach the ML-1M goal without flags."""
+
+    epochs: int = Field(200, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    negatives: int = Field(0, ge=0, description="0 = full softmax; N = sampled softmax with logQ correction")
+    patience: int = Field(20, ge=1, description="epochs without validation NDCG@10 gain before stopping")
+    eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    seed: int = 42
+    compile: bool = Field(True, description="torch.compile on CUDA")
+
+
+class FeatureSettings(BaseModel):
+    """How the feature set is cut out of the warehouse."""
+
+    split: Literal["loo", "temporal"] = "loo"
+    split_time: datetime | None = Field(None, description="temporal split: test events at/after this time")
+    valid_time: datetime | None = Field(None, description="temporal split: validation events at/after this time")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="temporal split without split_time: last share of events")
+    min_user_events: int = Field(1, ge=1)
+    text_buckets: int = Field(1 << 15, ge=16, description="hashed text-token buckets")
+    max_text_tokens: int = Field(32, ge=1)
+    max_categories: int = Field(8, ge=1)
+    cold_item_fraction: float = Field(0.0, ge=0, lt=1, description="share of items held out of training for the cold-start report")
+    event_types: list[str] | None = Field(None, description="only these event types (None: all)")
+
+
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_token: str | None = Field(None, description="bearer token required by the HTTP API when set")
+
+
+class RegistrySettings(BaseModel):
+    model_name: str = "attnrec"
+    champion_alias: str = "champion"
+    promotion_tolerance: float = Field(0.0, ge=0, description="a challenger may trail the champion's valid NDCG@10 by this much")
+
+
+class Settings(BaseSettings):
+    """All of attnrec's configuration. Paths are absolute after validation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ATTNREC_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    home: Path = Field(Path(".attnrec"), description="state folder")
+    duckdb_path: Path | None = Field(None, description="warehouse file (default: HOME/warehouse.duckdb)")
+    mlflow_tracking_uri: str | None = Field(None, description="default: sqlite:///HOME/mlflow.db")
+    mlflow_artifact_root: Path | None = Field(None, description="default: HOME/mlartifacts")
+    prefect_api_url: str | None = Field(None, description="default: Prefect's local API with its database in HOME/prefect")
+    inbox: Path | None = Field(None, description="folder the pipeline flow ingests new event files from (default: HOME/inbox)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    features: FeatureSettings = FeatureSettings()
+    serve: ServeSettings = ServeSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Settings":
+        self.home = self.home.expanduser().resolve()
+        if self.duckdb_path is None:
+            self.duckdb_path = self.home / "warehouse.duckdb"
+        self.duckdb_path = self.duckdb_path.expanduser().resolve()
+        if self.mlflow_artifact_root is None:
+            self.mlflow_artifact_root = self.home / "mlartifacts"
+        self.mlflow_artifact_root = self.mlflow_artifact_root.expanduser().resolve()
+        if self.mlflow_tracking_uri is None:
+            self.mlflow_tracking_uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        if self.inbox is None:
+            self.inbox = self.home / "inbox"
+        self.inbox = self.inbox.expanduser().resolve()
+        return self
+
+    # Derived locations: one place that says where things live in the state folder.
+    @property
+    def features_dir(self) -> Path:
+        return self.home / "features"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.home / "tmp"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("ATTNREC_CONFIG", CONFIG_FILE_NAME))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from defaults, ``attnrec.toml``, the environment and ``overrides``.
+
+    ``overrides`` take dotted or nested keys: ``load_settings(train={"epochs": 3})`` or
+    ``load_settings(**{"train.epochs": 3})``. ``None`` values are dropped so that unset CLI
+    flags do not mask the environment.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return Settings(**nested)
