@@ -212,8 +212,9 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
     report = CatalogReport(str(path), fmt)
     key = f"items|{fmt}|{item_col}|{numeric_cols}|" + (file_fingerprint(id_map, "") if id_map else "")
     fingerprint = file_fingerprint(path, key)
-    prior = con.execute("SELECT source_id, loaded FROM sources WHERE fingerprint = ? AND kind = 'items'", [fingerprint]).fetchone()
+    prior = con.execute("SELECT source_id, loaded FROM sources WHERE fingerprint = ? AND kind = 'items'", [fingerprint]).fetchall()
     if prior:
+        prior = prior[0]
         report.identical_to, report.rows = int(prior[0]), int(prior[1])
         report.seconds = time.perf_counter() - started
         return report

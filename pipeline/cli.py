@@ -136,6 +136,40 @@ def stats(
         )
 
 
+@app.command()
+def features(
+    split: Annotated[str | None, typer.Option(help="loo (leave-one-out) | temporal")] = None,
+    split_time: Annotated[str | None, typer.Option(help="temporal: test events at/after this ISO time")] = None,
+    valid_time: Annotated[str | None, typer.Option(help="temporal: validation events at/after this ISO time")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="temporal without --split-time: last share of events")] = None,
+    cold_item_fraction: Annotated[float | None, typer.Option(help="hold this share of items out of training (cold-start report)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even if an identical feature set exists")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Build the versioned feature set (vocabularies, content features, histories, splits)."""
+    from pipeline.feature_store import build_feature_set
+    from pipeline.warehouse import open_warehouse
+
+    if split is not None and split not in ("loo", "temporal"):
+        raise UserError("--split must be loo or temporal")
+    s = settings_from(home, **{"features.split": split, "features.split_time": split_time,
+                               "features.valid_time": valid_time, "features.test_fraction": test_fraction,
+                               "features.cold_item_fraction": cold_item_fraction})
+    with open_warehouse(s.duckdb_path, read_only=True) as con:
+        path, built = build_feature_set(con, s, force=force)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if as_json:
+        _echo_json({"path": str(path), "built": built, **manifest})
+        return
+    c = manifest["counts"]
+    out.print(f"feature set {manifest['version']} ({'built' if built else 'unchanged warehouse: reused'}) at {path}", highlight=False)
+    out.print(f"  {c['users']:,} users, {c['items']:,} items, {c['events']:,} events; split {manifest['split']['kind']}: "
+              f"{c['train_events']:,} training events, {c['valid_targets']:,} validation / {c['test_targets']:,} test targets", highlight=False)
+    out.print(f"  content: {c['categories']} categories, {manifest['text_buckets']:,} text buckets, "
+              f"numeric {manifest['numeric_fields'] or 'none'}; {c['cold_items']} cold items held out", highlight=False)
+
+
 def main() -> None:
     try:
         app()

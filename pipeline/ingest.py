@@ -131,7 +131,7 @@ def _infer_unit(con: duckdb.DuckDBPyConnection, relation: str, col: str) -> str:
     """Unix time unit of a Parquet column from the magnitude of its first values."""
     row = con.execute(
         f"SELECT median(abs(TRY_CAST(t AS DOUBLE))) FROM (SELECT {col} AS t FROM {relation} LIMIT 10000)"
-    ).fetchone()
+    ).fetchall()[0]
     return unit_from_magnitude(row[0] if row else None)
 
 
@@ -277,8 +277,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
     prior = con.execute(
         "SELECT source_id, rows_read, loaded + duplicates, quarantined FROM sources WHERE fingerprint = ? AND kind = 'events'",
         [fingerprint],
-    ).fetchone()
-    if prior is not None:
+    ).fetchall()
+    if prior:
+        prior = prior[0]
         report.identical_to, report.rows, report.duplicates, _ = prior
         report.duplicates = int(report.duplicates)
         report.seconds = time.perf_counter() - started
@@ -319,7 +320,7 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
         f"""SELECT count(*), count(*) FILTER (reason IS NOT NULL),
                    count(user_raw) FILTER (reason IS NULL), count(item_raw) FILTER (reason IS NULL),
                    min(ts) FILTER (reason IS NULL), max(ts) FILTER (reason IS NULL) FROM {view}"""
-    ).fetchone()
+    ).fetchall()[0]
     report.rows, report.quarantined = int(rows), int(bad)
     if bad:
         report.examples = [
@@ -364,7 +365,7 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
         if len(candidates) == 0:
             inserted = con.execute(
                 f"INSERT INTO events SELECT {columns.replace('line', f'{source_id}, line')} FROM {keyed}"
-            ).fetchone()[0]
+            ).fetchall()[0][0]
         else:
             con.register("ingest_candidates_arrow", pa.table({"h": candidates}))
             con.execute("CREATE OR REPLACE TEMP TABLE ingest_candidates AS SELECT h FROM ingest_candidates_arrow")
@@ -373,7 +374,7 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
                 fast = con.execute(
                     f"""INSERT INTO events SELECT {columns.replace('line', f'{source_id}, line')} FROM {keyed} c
                         WHERE {hash_sql} NOT IN (SELECT h FROM ingest_candidates)"""
-                ).fetchone()[0]
+                ).fetchall()[0][0]
                 if spec.mapping.get("event_id"):
                     group = ("event_id, arg_min(ukey, line) AS ukey, arg_min(ikey, line) AS ikey, arg_min(ts, line) AS ts, "
                              "arg_min(event_type, line) AS event_type")
@@ -388,7 +389,7 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
                             FROM {keyed} WHERE {hash_sql} IN (SELECT h FROM ingest_candidates) GROUP BY {by}) c
                         ANTI JOIN (SELECT * FROM events WHERE {where}
                                    AND {hash_wh} IN (SELECT h FROM ingest_candidates)) e ON {_identity_equal(spec)}"""
-                ).fetchone()[0]
+                ).fetchall()[0][0]
             finally:
                 con.execute("DROP TABLE IF EXISTS ingest_candidates")
             inserted = fast + slow

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import polars as pl
 
 from pipeline.errors import UserError
 
@@ -145,8 +146,16 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
     con.execute("COMMIT")
 
 
+def query_frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+    """Run a query and return its result as a Polars frame (via Arrow, no copy of numeric columns)."""
+    table = con.sql(sql, params=params or None).to_arrow_table()
+    frame = pl.from_arrow(table, rechunk=True)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
 def next_source_id(con: duckdb.DuckDBPyConnection) -> int:
-    return int(con.execute("SELECT coalesce(max(source_id), 0) + 1 FROM sources").fetchone()[0])
+    return int(con.execute("SELECT coalesce(max(source_id), 0) + 1 FROM sources").fetchall()[0][0])
 
 
 def key_sql(raw: str, kind: str) -> str:
@@ -172,8 +181,8 @@ def register_ids(con: duckdb.DuckDBPyConnection, kind: str, ids_relation: str) -
               WHERE id IS NOT NULL AND NOT regexp_full_match(id, '{CANONICAL_INT_REGEX}')) n
         ANTI JOIN {table} d ON d.{kind}_id = n.id
         """
-    ).fetchone()
-    return int(row[0]) if row else 0
+    ).fetchall()
+    return int(row[0][0]) if row else 0
 
 
 def lookup_keys(con: duckdb.DuckDBPyConnection, kind: str, ids: list[str]) -> dict[str, int]:
@@ -226,18 +235,18 @@ def warehouse_stats(con: duckdb.DuckDBPyConnection) -> WarehouseStats:
     """Counts over the whole warehouse; the time span covers sources with real timestamps."""
     events, users, items = con.execute(
         "SELECT count(*), count(DISTINCT user_key), count(DISTINCT item_key) FROM events"
-    ).fetchone()
-    catalog = con.execute("SELECT count(DISTINCT item_key) FROM items").fetchone()[0]
+    ).fetchall()[0]
+    catalog = con.execute("SELECT count(DISTINCT item_key) FROM items").fetchall()[0][0]
     kinds = {r[0] for r in con.execute("SELECT DISTINCT time_kind FROM sources WHERE kind = 'events'").fetchall()}
     tmin, tmax = con.execute(
         """SELECT min(ts), max(ts) FROM events
            WHERE source_id IN (SELECT source_id FROM sources WHERE time_kind = 'time')"""
-    ).fetchone()
+    ).fetchall()[0]
 
     def iso(us: int | None) -> str | None:
         return None if us is None else datetime.fromtimestamp(us / 1e6, tz=UTC).isoformat()
 
-    quarantined = con.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+    quarantined = con.execute("SELECT count(*) FROM quarantine").fetchall()[0][0]
     cols = ["source_id", "kind", "path", "format", "time_kind", "rows_read", "loaded", "duplicates", "quarantined", "ingested_at"]
     sources = [
         dict(zip(cols, r, strict=True))
