@@ -62,7 +62,7 @@ def numeric_fields(content: pl.DataFrame) -> tuple[list[str], pl.Series]:
         name = "year" if k in {"year", "release_year"} and "year" in cols else k
         cols[name] = pl.coalesce(cols[name], value) if name in cols else value
     if not cols:
-        return [], content.select(pl.lit([], pl.List(pl.Float32)).alias("numeric")).to_series()
+        return [], content.with_columns(pl.lit([], pl.List(pl.Float32)).alias("numeric"))["numeric"]
     table = frame.select(**{n: e.cast(pl.Float64) for n, e in cols.items()})
     scaled = table.select(
         ((pl.col(c) - pl.col(c).mean()) / pl.when(pl.col(c).std() > 0).then(pl.col(c).std()).otherwise(1.0))

@@ -30,7 +30,7 @@ ML100K_GENRES = [
     "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
 TITLE_NAMES = ("title", "name", "itemname", "moviename", "productname")
-CATEGORY_NAMES = ("genres", "genre", "categories", "category", "tags_list", "labels")
+CATEGORY_NAMES = ("genres", "genre", "categories", "category", "tagslist", "labels")
 TEXT_NAMES = ("text", "description", "overview", "summary", "plot", "tag", "tags", "keywords")
 ITEM_NAMES = ("itemid", "item", "movieid", "productid", "id", "iid", "asin", "sku", "trackid", "articleid")
 ITEM_FORMATS = ("auto", "movielens-movies-dat", "movielens-movies-csv", "movielens-u-item", "movielens-tags", "table")
@@ -64,7 +64,7 @@ class CatalogReport:
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"[^a-z0-9_]", "", name.lower())
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def _read_text(path: Path) -> str:

@@ -170,6 +170,229 @@ def features(
               f"numeric {manifest['numeric_fields'] or 'none'}; {c['cold_items']} cold items held out", highlight=False)
 
 
+@app.command()
+def train(
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs (early stopping on validation NDCG@10)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="sequences per step")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (AdamW, warm-up + cosine)")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="item / state vector size")] = None,
+    blocks: Annotated[int | None, typer.Option(help="self-attention blocks")] = None,
+    heads: Annotated[int | None, typer.Option(help="attention heads")] = None,
+    max_len: Annotated[int | None, typer.Option(help="history length read by the encoder")] = None,
+    dropout: Annotated[float | None, typer.Option(help="dropout rate")] = None,
+    content: Annotated[bool | None, typer.Option("--content/--no-content", help="mix content features into item vectors")] = None,
+    negatives: Annotated[int | None, typer.Option(help="0 = full softmax; N = sampled softmax with logQ correction")] = None,
+    patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Train the content-aware SASRec on the current feature set (defaults reach the ML-1M goal)."""
+    from pipeline.feature_store import current_feature_set, load_feature_set
+    from pipeline.recommender_training import train_sasrec
+
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise UserError("--device must be auto, cpu or cuda")
+    s = settings_from(home, device=device, **{
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
+        "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
+        "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
+    })
+    fs = load_feature_set(current_feature_set(s))
+    if resume is not None and not (resume / "checkpoint.pt").exists():
+        raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
+
+    def show(rec: Any) -> None:
+        if not as_json:
+            v = rec.valid.get("ndcg@10")
+            out.print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  {rec.samples_per_s:,.0f} seq/s"
+                      + (f"  valid ndcg@10 {v:.4f}" if v is not None else ""), highlight=False)
+
+    outcome = train_sasrec(s, fs, run_dir=resume, resume=resume is not None, progress=not as_json, on_epoch=show)
+    result = {
+        "run_dir": str(outcome.run_dir), "model": str(outcome.model_path), "model_sha256": outcome.model_sha256,
+        "device": outcome.device, "best_epoch": outcome.fit.best_epoch, "epochs_run": outcome.fit.epochs_run,
+        "stopped_early": outcome.fit.stopped_early, "seconds": round(outcome.fit.seconds, 1), "valid": outcome.valid,
+    }
+    if as_json:
+        _echo_json(result)
+    else:
+        out.print(f"best epoch {outcome.fit.best_epoch} of {outcome.fit.epochs_run}: valid ndcg@10 "
+                  f"{outcome.valid['ndcg@10']:.4f}, hr@10 {outcome.valid['hr@10']:.4f} ({outcome.fit.seconds:.0f} s on {outcome.device})", highlight=False)
+        out.print(f"model saved to {outcome.model_path}", highlight=False)
+
+
+@app.command()
+def evaluate(
+    split: Annotated[str, typer.Option(help="valid | test")] = "test",
+    baseline: Annotated[str | None, typer.Option(help="evaluate a baseline instead: popularity | itemknn")] = None,
+    model: Annotated[Path | None, typer.Option(help="model file (default: the latest trained run)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
+    from pipeline.feature_store import current_feature_set, load_feature_set
+    from pipeline.model_store import check_vocabulary, load_model
+    from pipeline.recommender_training import BASELINES, baseline_model, evaluate_model, latest_model_path, sasrec_scorer
+    from pipeline.training import resolve_device
+
+    if split not in ("valid", "test"):
+        raise UserError("--split must be valid or test")
+    s = settings_from(home, device=device)
+    fs = load_feature_set(current_feature_set(s))
+    dev = resolve_device(s.device)
+    if baseline is not None:
+        if baseline not in BASELINES:
+            raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
+        scorer = baseline_model(baseline, fs).to(dev)
+        name, max_len = baseline, s.model.max_len
+    else:
+        path = model or latest_model_path(s)
+        net, meta = load_model(path, dev)
+        check_vocabulary(meta, fs)
+        scorer, name, max_len = sasrec_scorer(net), str(path), net.max_len
+    report = evaluate_model(scorer, fs, split, max_len, dev)
+    report = {"model": name, "split": split, "feature_set": fs.version, **report}
+    if as_json:
+        _echo_json(report)
+        return
+    out.print(f"{name} on {split} ({report['users']:,} users, full ranking, seen items excluded):", highlight=False)
+    for k in (5, 10, 20, 50):
+        out.print(f"  @{k:<3} hr {report[f'hr@{k}']:.4f}  ndcg {report[f'ndcg@{k}']:.4f}  mrr {report[f'mrr@{k}']:.4f}"
+                  f"  coverage {report[f'coverage@{k}']:.4f}", highlight=False)
+    if report.get("cold_start"):
+        c = report["cold_start"]
+        out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="model bundle folder (default: the latest trained run)")]
+
+
+def _bundle(s: Settings, model: str | None, device: str = "cpu") -> Any:
+    from pipeline.model_resolution import resolve_bundle
+    from pipeline.recommend import ModelBundle
+
+    return ModelBundle(resolve_bundle(s, model), device)
+
+
+@app.command()
+def index(
+    kind: Annotated[str, typer.Option(help="auto | flat (exact) | hnsw | ivf")] = "auto",
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """(Re)build the FAISS index of a model's item vectors, saved next to the model."""
+    from pipeline.model_resolution import resolve_bundle
+    from pipeline.recommend import rebuild_index
+
+    s = settings_from(home)
+    path = resolve_bundle(s, model)
+    meta = rebuild_index(path, kind)
+    out.print(f"{meta.kind} index of {meta.num_items:,} items (D={meta.dim}) for model {meta.model_sha256[:12]} at "
+              f"{path / 'index'}; recall@10 vs exact {meta.recall_at_10:.4f}; built in {meta.build_seconds:.2f} s", highlight=False)
+
+
+@app.command()
+def recommend(
+    user: Annotated[str | None, typer.Option("--user", help="user id in the warehouse")] = None,
+    items: Annotated[str | None, typer.Option("--items", help="ad-hoc history: comma-separated item ids, oldest first")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="how many items")] = 10,
+    explain: Annotated[bool, typer.Option("--explain", help="show the history items each recommendation rests on")] = False,
+    include_seen: Annotated[bool, typer.Option("--include-seen", help="allow items already in the history")] = False,
+    category: Annotated[str | None, typer.Option(help="only these categories (comma-separated)")] = None,
+    exclude_category: Annotated[str | None, typer.Option(help="never these categories (comma-separated)")] = None,
+    exclude: Annotated[str | None, typer.Option(help="never these item ids (comma-separated)")] = None,
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Top-k recommendations for a user or an ad-hoc history, with reasons."""
+    from pipeline.recommend import Filters, HistoryStore
+
+    if (user is None) == (items is None):
+        raise UserError("give exactly one of --user ID or --items ID,ID,...")
+    s = settings_from(home)
+    bundle = _bundle(s, model)
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    filters = Filters(not include_seen, split(category), split(exclude_category), split(exclude))
+    if user is not None:
+        keys = HistoryStore(s.duckdb_path).history(user)
+        history = bundle.indices_of_keys(keys) if keys is not None else []
+        unknown: list[str] = []
+    else:
+        history, unknown = bundle.indices_of_ids(split(items) or [])
+        if unknown:
+            raise UserError(f"unknown item ids: {', '.join(unknown)}")
+    response = bundle.recommend(history, k, explain, filters)
+    if as_json:
+        _echo_json(response.as_dict())
+        return
+    _print_recommendations(response, f"user {user}" if user is not None else f"history {items}")
+
+
+def _print_recommendations(response: Any, who: str) -> None:
+    from rich.table import Table
+
+    note = " (no usable history: most popular)" if response.fallback else f" from {response.history_length} history items"
+    table = Table(title=f"top {len(response.recommendations)} for {who}{note} - model {response.model_version}",
+                  title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("item")
+    table.add_column("title")
+    table.add_column("score", justify="right")
+    table.add_column("because you interacted with")
+    for rank, rec in enumerate(response.recommendations, 1):
+        reasons = "; ".join(f"{r.title or r.item_id} ({r.weight:.2f})" for r in rec.reasons)
+        table.add_row(str(rank), rec.item_id, rec.title or "", f"{rec.score:.3f}", reasons)
+    out.print(table)
+
+
+@app.command("recommend-all")
+def recommend_all_cmd(
+    k: Annotated[int, typer.Option("-k", "--k", help="items per user")] = 50,
+    out_path: Annotated[Path, typer.Option("--out", help="Parquet file to write")] = Path("recs.parquet"),
+    table: Annotated[str, typer.Option(help="DuckDB table to (re)write in the warehouse")] = "recommendations",
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Top-k for every user of the warehouse, to Parquet and a DuckDB table."""
+    from pipeline.batch_recommend import recommend_all
+    from pipeline.recommend import HistoryStore
+
+    s = settings_from(home)
+    bundle = _bundle(s, model)
+    report = recommend_all(bundle, HistoryStore(s.duckdb_path), k, out_path.resolve(), s.duckdb_path, table)
+    out.print(f"{report.rows:,} recommendations for {report.users:,} users ({report.fallback_users} by popularity) "
+              f"in {report.seconds:.2f} s -> {report.parquet} and table {report.table}", highlight=False)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import os
+
+    import uvicorn
+
+    from pipeline.recommend import HistoryStore
+    from pipeline.serving import create_app
+
+    s = settings_from(home, **{"serve.host": host, "serve.port": port})
+    bundle = _bundle(s, model)
+    token = s.serve.api_token or os.environ.get("ATTNREC_API_TOKEN")
+    app_ = create_app(bundle, HistoryStore(s.duckdb_path, cache=True), token)
+    err.print(f"serving model {bundle.version} ({bundle.num_items:,} items) on http://{s.serve.host}:{s.serve.port} "
+              f"(docs at /docs){' with bearer token' if token else ''}", highlight=False)
+    uvicorn.run(app_, host=s.serve.host, port=s.serve.port, log_level="warning")
+
+
 def main() -> None:
     try:
         app()

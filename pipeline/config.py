@@ -36,6 +36,7 @@ class ModelSettings(BaseModel):
     num_heads: int = Field(1, ge=1, description="attention heads per block")
     max_len: int = Field(200, ge=2, description="history length T the encoder reads")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    ff_mult: int = Field(1, ge=1, description="feed-forward hidden size = ff_mult x hidden_size")
     use_content: bool = Field(True, description="mix content features into the item tower")
     id_dropout: float = Field(
         0.1, ge=0.0, le=1.0,
@@ -56,6 +57,7 @@ class TrainSettings(BaseModel):
     patience: int = Field(20, ge=1, description="epochs without validation NDCG@10 gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 42
+    all_windows: bool = Field(True, description="long histories give all their windows of max_len, not only the newest")
     compile: bool = Field(True, description="torch.compile on CUDA")
 
 

@@ -132,7 +132,7 @@ def _sample_lines(path: Path, n: int = 50) -> list[str]:
         raise InputFileError(path, f"cannot read the file ({exc.strerror or exc})") from exc
     if b"\x00" in head[:4096] and not path.suffix.lower() in {".parquet", ".pq"}:
         raise InputFileError(path, "looks binary, not a text event log (use --format parquet for Parquet files)")
-    text = head.decode("utf-8", errors="replace")
+    text = head.decode("utf-8-sig", errors="replace")  # a leading BOM is no part of the header
     lines = text.splitlines()
     if len(head) == 1 << 16 and lines:
         lines = lines[:-1]  # last line may be cut
@@ -216,6 +216,19 @@ def _map_columns(columns: list[str], flags: ColumnFlags, path: Path, positional:
     return mapping
 
 
+def _is_movielens_ratings(columns: list[str]) -> bool:
+    """MovieLens ``ratings.csv`` columns (``userId, movieId, rating, timestamp``), whatever the format.
+
+    Such rows are ``rating`` events in every format, so a Parquet or NDJSON copy of a
+    ``ratings.csv`` has the same event identity as the CSV itself.
+    """
+    return [_norm(c) for c in columns[:4]] == ["userid", "movieid", "rating", "timestamp"]
+
+
+def _default_event_type(columns: list[str]) -> str:
+    return "rating" if _is_movielens_ratings(columns) else "interaction"
+
+
 def _positional_roles(n: int) -> dict[str, int]:
     """Roles of columns in a file without header: user item [weight] [time] (MovieLens order)."""
     if n == 2:
@@ -253,7 +266,8 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
         except Exception as exc:
             raise InputFileError(path, f"not a readable Parquet file ({exc})") from exc
         cols = list(schema.names)
-        return SourceSpec(path, "parquet", cols, _map_columns(cols, flags, path, None))
+        return SourceSpec(path, "parquet", cols, _map_columns(cols, flags, path, None),
+                          default_event_type=_default_event_type(cols))
     if fmt == "ndjson":
         lines = _sample_lines(path, 20)
         cols: list[str] = []
@@ -266,7 +280,8 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
                 cols.extend(k for k in obj if k not in cols)
         if not cols:
             raise InputFileError(path, "no JSON objects found")
-        return SourceSpec(path, "ndjson", cols, _map_columns(cols, flags, path, None))
+        return SourceSpec(path, "ndjson", cols, _map_columns(cols, flags, path, None),
+                          default_event_type=_default_event_type(cols))
 
     lines = _sample_lines(path)
     if not lines:
@@ -298,7 +313,7 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
     else:
         cols = [f"column_{i + 1}" for i in range(n)]
         mapping = _map_columns(cols, flags, path, _positional_roles(n))
-    is_ml_csv = header and [_norm(c) for c in cols[:4]] == ["userid", "movieid", "rating", "timestamp"]
+    is_ml_csv = header and _is_movielens_ratings(cols)
     spec = SourceSpec(
         path, "movielens-csv" if is_ml_csv else ("tsv" if sep == "\t" else "csv"), cols, mapping, sep, header, quoted,
         "rating" if is_ml_csv else "interaction",
@@ -335,23 +350,28 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
         new_columns=None if spec.has_header else spec.columns,
     ).with_row_index("__row")
     cols = [pl.col(c) for c in spec.columns]
-    return lf.select(
+    # Drop blank lines first: after the select, the file's own column names are gone.
+    return lf.filter(pl.any_horizontal([c.is_not_null() for c in cols])).select(
         (pl.col("__row").cast(pl.Int64) + 1 + header_lines).alias("line"),
         pl.concat_str([c.fill_null("") for c in cols], separator=spec.delimiter or ",").alias("raw"),
         pl.lit(None, pl.Int64).alias("nfields"),
         *[(pl.col(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
           for r in STAGE_COLUMNS],
-    ).filter(pl.any_horizontal([c.is_not_null() for c in cols]))
+    )
 
 
 def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
-    schema = {c: pl.String for c in spec.columns}
-    lf = pl.scan_ndjson(spec.path, schema=schema, infer_schema_length=None, ignore_errors=True).with_row_index("__row")
-    return lf.select(
+    """NDJSON read line by line (blank lines skipped but counted), so ``line`` is the file line."""
+    record = pl.col("raw").str.json_decode(pl.Struct({c: pl.String for c in spec.columns}))
+    lf = pl.scan_csv(
+        spec.path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
+        new_columns=["raw"], encoding="utf8-lossy",
+    ).with_row_index("__row")
+    return lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != "")).select(
         (pl.col("__row").cast(pl.Int64) + 1).alias("line"),
-        pl.concat_str([pl.col(c).fill_null("") for c in spec.columns], separator=",").alias("raw"),
+        pl.col("raw"),
         pl.lit(None, pl.Int64).alias("nfields"),
-        *[(pl.col(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
+        *[(record.struct.field(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
           for r in STAGE_COLUMNS],
     )
 
@@ -388,7 +408,10 @@ def unit_from_magnitude(median: float | None) -> str:
 def infer_time_unit(spec: SourceSpec, rows: int = 10_000) -> str:
     """Unit of the numeric times in the first ``rows`` rows of a text file."""
     lf = _ndjson_frame(spec) if spec.format == "ndjson" else _text_frame(spec)
-    values = lf.head(rows).select(pl.col("time").cast(pl.Float64, strict=False).abs()).collect()["time"]
+    try:
+        values = lf.head(rows).select(pl.col("time").cast(pl.Float64, strict=False).abs()).collect()["time"]
+    except pl.exceptions.PolarsError as exc:
+        raise InputFileError(spec.path, f"cannot parse as {spec.format}: {str(exc).splitlines()[0]}") from exc
     return unit_from_magnitude(values.median())
 
 

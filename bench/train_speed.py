@@ -1,0 +1,116 @@
+"""Training speed: throughput (sequences/s) and wall time to validation NDCG@10 >= target.
+
+    python bench/train_speed.py --dataset ml-1m                 # full run to the target
+    python bench/train_speed.py --dataset ml-1m --steps 20      # throughput only (quick)
+
+Wall time counts everything from the first training step to the end of the validation
+pass that first reaches the target: training steps, validation, checkpointing. It runs
+on the device the settings resolve to (``--device auto``: the GPU when torch sees one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.quality import machine, prepare  # noqa: E402
+from pipeline.batches import epoch_batches, training_sequences, training_windows  # noqa: E402
+from pipeline.config import load_settings  # noqa: E402
+from pipeline.feature_store import load_feature_set  # noqa: E402
+from pipeline.model_store import build_sasrec  # noqa: E402
+from pipeline.recommender_training import train_sasrec  # noqa: E402
+from pipeline.training import NextItemLoss, resolve_device  # noqa: E402
+
+
+class TargetReached(Exception):
+    pass
+
+
+def throughput(settings, fs, device: torch.device, steps: int) -> float:
+    """Training sequences per second over ``steps`` steps after 3 warm-up steps."""
+    torch.manual_seed(0)
+    model = build_sasrec(fs, settings.model).to(device).train()
+    train = training_sequences(fs.sequences, fs.train_end, fs.cold_mask)
+    windows = training_windows(train, settings.model.max_len, settings.train.all_windows)
+    excluded = torch.from_numpy(fs.cold_mask).clone()
+    excluded[0] = True
+    loss_fn = NextItemLoss(excluded)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    use_cuda = device.type == "cuda"
+    step_fn = torch.compile(loss_fn, dynamic=True) if use_cuda and settings.train.compile else loss_fn
+    batches = epoch_batches(train, windows, settings.train.batch_size, np.random.default_rng(0))
+    seqs, t0 = 0, 0.0
+    for i in range(steps + 3):
+        if i == 3:
+            if use_cuda:
+                torch.cuda.synchronize()
+            t0, seqs = time.perf_counter(), 0
+        inputs, targets = (torch.from_numpy(a).to(device) for a in next(batches))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+            loss = step_fn(model, (inputs, targets))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seqs += inputs.shape[0]
+    if use_cuda:
+        torch.cuda.synchronize()
+    return seqs / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="ml-1m")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--target", type=float, default=0.18, help="validation NDCG@10 to reach")
+    ap.add_argument("--steps", type=int, default=0, help="only measure throughput over this many steps")
+    ap.add_argument("--home", type=Path, default=None)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    args = ap.parse_args()
+
+    home = (args.home or ROOT / "bench" / "out" / f"speed-{args.dataset}").resolve()
+    print(f"command: python bench/train_speed.py {shlex.join(sys.argv[1:])}")
+    print(f"machine: {machine()}")
+    if not (home / "features" / "CURRENT").exists():
+        prepare(home, args.dataset)
+    settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs})
+    fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
+    device = resolve_device(settings.device)
+    rate = throughput(settings, fs, device, max(args.steps, 10))
+    print(f"throughput: {rate:,.0f} training sequences/s (batch {settings.train.batch_size}, max_len "
+          f"{settings.model.max_len}, D {settings.model.hidden_size}, full softmax over {fs.num_items:,} items, {device})")
+    if args.steps:
+        return
+
+    started = time.perf_counter()
+    reached: dict[str, float] = {}
+
+    def watch(rec) -> None:  # noqa: ANN001
+        v = rec.valid.get("ndcg@10")
+        elapsed = time.perf_counter() - started
+        print(f"  epoch {rec.epoch:3d}  {elapsed:7.1f} s  {rec.samples_per_s:,.0f} seq/s  valid ndcg@10 {v:.4f}", flush=True)
+        if v is not None and v >= args.target:
+            reached.update(epoch=rec.epoch, seconds=elapsed, ndcg=v)
+            raise TargetReached
+
+    try:
+        train_sasrec(settings, fs, progress=False, on_epoch=watch)
+    except TargetReached:
+        pass
+    if reached:
+        print(f"reached valid NDCG@10 {reached['ndcg']:.4f} >= {args.target} after epoch {reached['epoch']} "
+              f"in {reached['seconds']:.1f} s on {device}")
+    else:
+        print(f"did not reach {args.target} within {args.max_epochs} epochs ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""The training loop: one model-agnostic function, plus the next-item objectives for SASRec.
+
+``fit`` knows nothing about recommenders: it gets a model, a batch source, a loss function
+and a validation function, and does the steps every run needs: optimiser and schedule,
+mixed precision / compilation on CUDA, an epoch loop with a progress bar, validation with
+early stopping, the best checkpoint restored at the end, and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import TrainSettings
+
+Batch = tuple[torch.Tensor, ...]
+
+
+def resolve_device(setting: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import UserError
+
+        raise UserError("device 'cuda' was asked for but torch sees no GPU (use --device cpu or auto)")
+    return torch.device(setting)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    seconds: float
+    samples_per_s: float
+    valid: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    history: list[EpochRecord]
+    seconds: float
+    stopped_early: bool
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0.1 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[Batch]],
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    validate: Callable[[nn.Module], dict[str, float]],
+    cfg: TrainSettings,
+    device: torch.device,
+    steps_per_epoch: int,
+    metric: str = "ndcg@10",
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` and leave it holding the weights of its best validation epoch.
+
+    Args:
+        batches: epoch -> iterable of tensor tuples (on CPU; moved to ``device`` here).
+        loss_fn: (model, batch) -> scalar loss.
+        validate: model -> metrics (must contain ``metric``); called in eval mode.
+        steps_per_epoch: batches per epoch (for the schedule and the progress bar).
+        checkpoint_path: where the resumable state is written after every epoch.
+        resume: continue from ``checkpoint_path`` if it exists.
+    """
+    started = time.perf_counter()
+    # --- step 1: set-up: device, optimiser, schedule, precision, compilation
+    model.to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
+    use_cuda = device.type == "cuda"
+    step_loss = torch.compile(loss_fn, dynamic=True) if (use_cuda and cfg.compile) else loss_fn
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_cuda else _null_context()
+
+    state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    best_weights = copy.deepcopy(model.state_dict())
+    # --- step 2: resume from the last checkpoint
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        best_weights = ckpt["best_model"]
+        state.update({k: ckpt[k] for k in ("epoch", "best_metric", "best_epoch", "bad_epochs")})
+        state["history"] = [EpochRecord(**h) for h in ckpt["history"]]
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    history: list[EpochRecord] = state["history"]
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        # --- step 3: one pass over the training batches
+        model.train()
+        t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0
+        bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
+        for batch in batches(epoch):
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            with autocast:
+                loss = step_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item()
+            n_steps += 1
+            n_samples += batch[0].shape[0]
+            bar.update(loss_sum / n_steps, n_samples / (time.perf_counter() - t0))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        record = EpochRecord(epoch, loss_sum / max(1, n_steps), seconds, n_samples / max(seconds, 1e-9))
+        # --- step 4: validate; keep the best weights; early stopping on `metric`
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            model.eval()
+            record.valid = validate(model)
+            value = record.valid[metric]
+            if value > state["best_metric"]:
+                state.update(best_metric=value, best_epoch=epoch, bad_epochs=0)
+                best_weights = copy.deepcopy(model.state_dict())
+            else:
+                state["bad_epochs"] += cfg.eval_every
+        history.append(record)
+        state["epoch"] = epoch
+        if on_epoch:
+            on_epoch(record)
+        # --- step 5: resumable checkpoint
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, best_weights, state, history)
+        if state["bad_epochs"] >= cfg.patience:
+            stopped_early = True
+            break
+    # --- step 6: restore the best validation weights
+    model.load_state_dict(best_weights)
+    model.eval()
+    return FitResult(state["best_epoch"], state["best_metric"], state["epoch"], history,
+                     time.perf_counter() - started, stopped_early)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     best_weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[EpochRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "best_model": best_weights, "torch_rng": torch.get_rng_state(),
+        **{k: state[k] for k in ("epoch", "best_metric", "best_epoch", "bad_epochs")},
+        "history": [vars(h) for h in history],
+    }, tmp)
+    tmp.replace(path)
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Progress:
+    """A rich progress bar with loss and throughput, on a terminal only."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                TimeRemainingColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, info="")
+
+    def update(self, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, info=f"loss {loss:.4f}  {rate:,.0f} seq/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Next-item objectives for sequence models that expose ``item_vectors`` and ``encode``.
+
+
+class NextItemLoss:
+    """Cross-entropy of the next item at every non-padding position.
+
+    ``negatives == 0``: full softmax over the catalogue. ``negatives > 0``: sampled softmax
+    with ``negatives`` items drawn per step from ``sampling_probs`` (shared by the batch),
+    logQ-corrected, accidental hits removed. Items with ``excluded`` (padding, cold items)
+    are never predicted.
+    """
+
+    def __init__(self, excluded: torch.Tensor, negatives: int = 0, sampling_probs: torch.Tensor | None = None) -> None:
+        self.negatives = negatives
+        self.excluded = torch.nonzero(excluded).squeeze(1)  # (E,) item indices never predicted
+        if negatives:
+            probs = sampling_probs if sampling_probs is not None else torch.ones(excluded.shape[0])
+            probs = probs.clone().to(torch.float64).masked_fill(excluded, 0.0)
+            self.probs = (probs / probs.sum()).to(torch.float32)  # (N+1,)
+            self.log_q = torch.log(self.probs.clamp(min=1e-12))
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, targets = batch
+        table = model.item_vectors()  # (N+1, D)
+        hidden = model.encode(inputs, table)  # (B, T, D)
+        valid = targets != 0  # (B, T)
+        h = hidden[valid]  # (M, D)
+        y = targets[valid]  # (M,)
+        if self.negatives == 0:
+            logits = (h @ table.T).float()  # (M, N+1)
+            logits.index_fill_(1, self.excluded.to(h.device), float("-inf"))
+            return F.cross_entropy(logits, y)
+        probs = self.probs.to(h.device)
+        neg = torch.multinomial(probs, self.negatives, replacement=True)  # (S,)
+        log_q = self.log_q.to(h.device)
+        pos_logit = (h * table[y]).sum(-1) - log_q[y]  # (M,)
+        neg_logit = h @ table[neg].T - log_q[neg]  # (M, S)
+        neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
+        logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)  # (M, 1+S)
+        return F.cross_entropy(logits.float(), torch.zeros_like(y))

@@ -1,0 +1,59 @@
+"""Shared fixtures: a fresh attnrec installation per test and the real data sets.
+
+Every test that writes gets its own ``ATTNREC_HOME`` under ``tmp_path``; the CLI is run
+for real, as a subprocess (``python -m pipeline.cli``), against real DuckDB files
+(helpers in ``tests/support.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support import Attnrec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty ATTNREC_HOME; the working directory is a clean folder (no attnrec.toml)."""
+    for key in list(os.environ):
+        if key.startswith("ATTNREC_"):
+            monkeypatch.delenv(key)
+    path = tmp_path / "home"
+    monkeypatch.setenv("ATTNREC_HOME", str(path))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return path
+
+
+@pytest.fixture
+def cli(home: Path) -> Attnrec:
+    """The real CLI bound to the ``home`` fixture's state folder."""
+    return Attnrec(home, Path.cwd())
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets. CI checks the repository out with ``shared/`` beside it."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (path / "ml-1m" / "ml-1m.txt").is_file():
+        pytest.fail(
+            f"real data not found at {path}: the tests need the shared data folder "
+            "(ml-1m/, ml-100k/, ml-latest-small/) checked out beside the repository",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml_small() -> Path:
+    """ml-latest-small as shipped inside the repository."""
+    path = REPO / "datasets" / "ml-latest-small"
+    if not (path / "ratings.csv").is_file():
+        pytest.fail(f"{path}/ratings.csv is missing from the repository", pytrace=False)
+    return path

@@ -1,0 +1,91 @@
+"""The model-agnostic training loop: learning, best-epoch restore, early stopping, resume."""
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import TrainSettings
+from pipeline.training import NextItemLoss, fit, warmup_cosine
+
+
+class Linear1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+
+def regression_batches(epoch: int):
+    torch.manual_seed(epoch)
+    for _ in range(4):
+        x = torch.randn(16)
+        yield x, 3.0 * x
+
+
+def mse(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return ((model.w * x - y) ** 2).mean()
+
+
+def test_fit_learns_and_restores_best_epoch(tmp_path: Path) -> None:
+    model = Linear1()
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.1, 0.0])  # best at epoch 2, then worse
+    seen_weights = {}
+
+    def validate(m: nn.Module) -> dict[str, float]:
+        value = next(scores)
+        seen_weights[value] = m.w.item()
+        return {"ndcg@10": value}
+
+    cfg = TrainSettings(epochs=6, lr=0.1, warmup_steps=0, patience=3)
+    result = fit(model, regression_batches, mse, validate, cfg, torch.device("cpu"), steps_per_epoch=4,
+                 checkpoint_path=tmp_path / "ck.pt", progress=False)
+    assert result.best_epoch == 2
+    assert result.stopped_early and result.epochs_run == 5
+    assert model.w.item() == seen_weights[0.5]  # weights of the best validation epoch
+    assert result.history[0].loss > result.history[-1].loss
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    cfg = TrainSettings(epochs=2, lr=0.05, warmup_steps=0, patience=10)
+    first = fit(Linear1(), regression_batches, mse, lambda m: {"ndcg@10": -abs(m.w.item() - 3)}, cfg,
+                torch.device("cpu"), 4, checkpoint_path=tmp_path / "ck.pt", progress=False)
+    assert first.epochs_run == 2
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert ck["epoch"] == 2
+    cfg4 = TrainSettings(epochs=4, lr=0.05, warmup_steps=0, patience=10)
+    resumed = fit(Linear1(), regression_batches, mse, lambda m: {"ndcg@10": -abs(m.w.item() - 3)}, cfg4,
+                  torch.device("cpu"), 4, checkpoint_path=tmp_path / "ck.pt", resume=True, progress=False)
+    assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
+    assert resumed.history[0].loss == first.history[0].loss
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 10, 100) == 0.1
+    assert warmup_cosine(9, 10, 100) == 1.0
+    assert abs(warmup_cosine(100, 10, 100) - 0.1) < 1e-9
+
+
+class TinySeqModel(nn.Module):
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n + 1, d)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.emb.weight
+
+    def encode(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return table[seq]
+
+
+def test_full_and_sampled_softmax_never_predict_excluded_items() -> None:
+    torch.manual_seed(0)
+    model = TinySeqModel(6, 4)
+    excluded = torch.tensor([True, False, False, True, False, False, False])
+    inputs = torch.tensor([[1, 2, 4]])
+    targets = torch.tensor([[2, 4, 5]])
+    full = NextItemLoss(excluded)(model, (inputs, targets))
+    assert torch.isfinite(full)
+    sampled = NextItemLoss(excluded, negatives=50, sampling_probs=torch.ones(7))
+    assert torch.isfinite(sampled(model, (inputs, targets)))
+    assert sampled.probs[0] == 0 and sampled.probs[3] == 0

@@ -1,0 +1,87 @@
+"""Helpers shared by the tests: the real CLI as a subprocess, and its error contract."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """The environment for a CLI run: ours, minus any ATTNREC_* leaking in, plus ATTNREC_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNREC_")}
+    env["ATTNREC_HOME"] = str(home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Attnrec:
+    """Runs the real ``attnrec`` CLI against one state folder."""
+
+    def __init__(self, home: Path, cwd: Path) -> None:
+        self.home = home
+        self.cwd = cwd
+
+    @property
+    def db(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    def command(self, *args: str | Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+
+    def popen(self, *args: str | Path, **kwargs: Any) -> subprocess.Popen:
+        return subprocess.Popen(self.command(*args), cwd=self.cwd, env=_clean_env(self.home), **kwargs)
+
+    def run(self, *args: str | Path, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            self.command(*args), cwd=self.cwd, env=_clean_env(self.home),
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if ok and proc.returncode != 0:
+            raise AssertionError(
+                f"attnrec {' '.join(map(str, args))} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def json(self, *args: str | Path) -> Any:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def ingest(self, *args: str | Path) -> list[dict[str, Any]]:
+        """``attnrec ingest ... --json``: one report per file."""
+        return self.json("ingest", *args)
+
+    def ingest_items(self, *args: str | Path) -> list[dict[str, Any]]:
+        return self.json("ingest-items", *args)
+
+    def stats(self) -> dict[str, Any]:
+        return self.json("stats")
+
+    def features(self, *args: str | Path) -> dict[str, Any]:
+        return self.json("features", *args)
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple]:
+        """Read the warehouse read-only (after the CLI has exited)."""
+        con = duckdb.connect(str(self.db), read_only=True)
+        try:
+            return con.execute(sql, params or []).fetchall()
+        finally:
+            con.close()
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *must_contain: str) -> str:
+    """A user error: exit code != 0, one ``error:`` line on stderr naming what it must, no traceback."""
+    assert proc.returncode != 0, f"expected a failure, got rc=0\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"stderr should be one line, got:\n{proc.stderr}"
+    line = lines[0]
+    assert line.startswith("error:"), line
+    for text in must_contain:
+        assert text in line, f"{text!r} not in {line!r}"
+    return line
