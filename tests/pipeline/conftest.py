@@ -1,0 +1,76 @@
+"""A real model bundle on ml-latest-small, shared by the index / recommend / serving tests.
+
+The model is built with seeded random weights (the retrieval tests check exactness,
+filters and plumbing, which hold for any weights); training itself is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.catalog import ingest_items
+from pipeline.config import load_settings
+from pipeline.feature_store import FeatureSet, build_feature_set, load_feature_set
+from pipeline.ingest import IngestOptions, ingest_paths
+from pipeline.model_store import build_sasrec, save_model
+from pipeline.recommend import write_bundle
+from pipeline.warehouse import connect
+from tests.support import Attnrec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_bundle(home: Path, fs: FeatureSet, name: str, seed: int, hidden: int = 16) -> Path:
+    settings = load_settings(home=home, **{"model.hidden_size": hidden, "model.max_len": 30, "model.num_heads": 2})
+    torch.manual_seed(seed)
+    model = build_sasrec(fs, settings.model).eval()
+    run = home / "runs" / name
+    run.mkdir(parents=True)
+    sha = save_model(run / "model.pt", model, settings.model, fs)
+    write_bundle(run, fs, model, sha)
+    return run
+
+
+@pytest.fixture(scope="session")
+def small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state folder with ml-latest-small ingested (ratings, movies, tags), LOO features and two bundles."""
+    home = tmp_path_factory.mktemp("small") / "home"
+    data = REPO / "datasets" / "ml-latest-small"
+    settings = load_settings(home=home)
+    con = connect(settings.duckdb_path)
+    try:
+        ingest_paths(con, [data / "ratings.csv"], IngestOptions(), settings.tmp_dir)
+        ingest_items(con, data / "movies.csv")
+        ingest_items(con, data / "tags.csv")
+        build_feature_set(con, settings)
+    finally:
+        con.close()
+    fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
+    make_bundle(home, fs, "model-a", seed=1)
+    make_bundle(home, fs, "model-b", seed=2)
+    (home / "runs" / "LATEST").write_text("model-a\n")
+    return home
+
+
+@pytest.fixture
+def small_copy(small_home: Path, tmp_path: Path) -> Path:
+    """A private copy of ``small_home`` for tests that write to it."""
+    dst = tmp_path / "home"
+    shutil.copytree(small_home, dst)
+    return dst
+
+
+@pytest.fixture
+def small_cli(small_copy: Path, tmp_path: Path) -> Attnrec:
+    work = tmp_path / "work"
+    work.mkdir()
+    return Attnrec(small_copy, work)
+
+
+@pytest.fixture(scope="session")
+def small_fs(small_home: Path) -> FeatureSet:
+    return load_feature_set(small_home / "features" / (small_home / "features" / "CURRENT").read_text().strip())

@@ -1,0 +1,63 @@
+"""FAISS index: exact equals brute force, ANN recall measured, mismatches refused."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.feature_store import FeatureSet
+from pipeline.index import build_index, load_index, recall_at_k
+from pipeline.model_store import load_model
+from pipeline.batches import prefix_batch
+
+
+def test_exact_index_equals_brute_force_torch_scores(small_home: Path, small_fs: FeatureSet) -> None:
+    bundle = small_home / "runs" / "model-a"
+    model, meta = load_model(bundle / "model.pt")
+    index, imeta = load_index(bundle / "index", meta["sha256"])
+    assert imeta.kind == "flat" and imeta.num_items == small_fs.num_items
+    users = np.arange(50)
+    seq = torch.from_numpy(prefix_batch(small_fs.sequences, users, small_fs.test_pos[users].astype(np.int64), model.max_len))
+    with torch.no_grad():
+        table = model.item_vectors()
+        queries = model.user_vectors(seq, table)
+        brute = queries @ table[1:].T  # (B, N)
+    top_scores, top_idx = torch.topk(brute, 20, dim=1)
+    scores, ids = index.search(queries.numpy(), 20)
+    np.testing.assert_array_equal(ids, top_idx.numpy() + 1)
+    np.testing.assert_allclose(scores, top_scores.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_model_and_index_are_refused(small_home: Path) -> None:
+    _, meta_b = load_model(small_home / "runs" / "model-b" / "model.pt")
+    with pytest.raises(UserError, match="rebuild it with `attnrec index`"):
+        load_index(small_home / "runs" / "model-a" / "index", meta_b["sha256"])
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_recall_is_measured(kind: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((20_001, 32)).astype(np.float32)
+    queries = rng.standard_normal((200, 32)).astype(np.float32)
+    index, meta = build_index(vectors, "sha", kind, queries)
+    assert meta.kind == kind and meta.recall_queries == 200
+    exact = recall_at_k(index, vectors[1:], np.arange(1, 20_001), queries, 10)
+    assert meta.recall_at_10 == pytest.approx(exact)
+    assert meta.recall_at_10 > 0.5  # an ANN index that finds most true neighbours
+    from pipeline.index import save_index
+
+    save_index(tmp_path / "idx", index, meta)
+    stored = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert stored["recall_at_10"] == pytest.approx(meta.recall_at_10) and stored["kind"] == kind
+
+
+def test_auto_kind_by_catalogue_size() -> None:
+    from pipeline.index import choose_kind
+
+    assert choose_kind(3_416) == "flat"
+    assert choose_kind(1_000_000) == "hnsw"
+    with pytest.raises(UserError):
+        choose_kind(10, "annoy")
