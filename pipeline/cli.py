@@ -191,7 +191,7 @@ def train(
 ) -> None:
     """Train the content-aware SASRec on the current feature set (defaults reach the ML-1M goal)."""
     from pipeline.feature_store import current_feature_set, load_feature_set
-    from pipeline.recommender_training import train_sasrec
+    from pipeline.tracking import tracked_train
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserError("--device must be auto, cpu or cuda")
@@ -210,33 +210,38 @@ def train(
             out.print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  {rec.samples_per_s:,.0f} seq/s"
                       + (f"  valid ndcg@10 {v:.4f}" if v is not None else ""), highlight=False)
 
-    outcome = train_sasrec(s, fs, run_dir=resume, resume=resume is not None, progress=not as_json, on_epoch=show)
-    result = {
-        "run_dir": str(outcome.run_dir), "model": str(outcome.model_path), "model_sha256": outcome.model_sha256,
-        "device": outcome.device, "best_epoch": outcome.fit.best_epoch, "epochs_run": outcome.fit.epochs_run,
-        "stopped_early": outcome.fit.stopped_early, "seconds": round(outcome.fit.seconds, 1), "valid": outcome.valid,
+    result = tracked_train(s, fs, run_dir=resume, resume=resume is not None, progress=not as_json, on_epoch=show)
+    summary = {
+        "mlflow_run_id": result.run_id, "registered_version": result.version, "promoted": result.promoted,
+        "gate_reason": result.gate_reason, "run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1), "valid": result.valid,
+        "test": {k: v for k, v in result.test.items() if k != "cold_start"}, "cold_start": result.test.get("cold_start"),
     }
     if as_json:
-        _echo_json(result)
-    else:
-        out.print(f"best epoch {outcome.fit.best_epoch} of {outcome.fit.epochs_run}: valid ndcg@10 "
-                  f"{outcome.valid['ndcg@10']:.4f}, hr@10 {outcome.valid['hr@10']:.4f} ({outcome.fit.seconds:.0f} s on {outcome.device})", highlight=False)
-        out.print(f"model saved to {outcome.model_path}", highlight=False)
+        _echo_json(summary)
+        return
+    out.print(f"best epoch {result.best_epoch} of {result.epochs_run}: valid ndcg@10 {result.valid['ndcg@10']:.4f}, "
+              f"test ndcg@10 {result.test['ndcg@10']:.4f} hr@10 {result.test['hr@10']:.4f} ({result.seconds:.0f} s)", highlight=False)
+    role = "champion" if result.promoted else "challenger"
+    out.print(f"registered {s.registry.model_name} v{result.version} as {role}: {result.gate_reason}", highlight=False)
+    out.print(f"MLflow run {result.run_id} in {s.mlflow_tracking_uri} (see it with `attnrec ui`)", highlight=False)
 
 
 @app.command()
 def evaluate(
     split: Annotated[str, typer.Option(help="valid | test")] = "test",
     baseline: Annotated[str | None, typer.Option(help="evaluate a baseline instead: popularity | itemknn")] = None,
-    model: Annotated[Path | None, typer.Option(help="model file (default: the latest trained run)")] = None,
+    model: ModelOpt = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
     """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
     from pipeline.feature_store import current_feature_set, load_feature_set
+    from pipeline.model_resolution import resolve_bundle
     from pipeline.model_store import check_vocabulary, load_model
-    from pipeline.recommender_training import BASELINES, baseline_model, evaluate_model, latest_model_path, sasrec_scorer
+    from pipeline.recommender_training import BASELINES, baseline_model, evaluate_model, sasrec_scorer
+    from pipeline.tracking import tracked_evaluation
     from pipeline.training import resolve_device
 
     if split not in ("valid", "test"):
@@ -250,12 +255,15 @@ def evaluate(
         scorer = baseline_model(baseline, fs).to(dev)
         name, max_len = baseline, s.model.max_len
     else:
-        path = model or latest_model_path(s)
-        net, meta = load_model(path, dev)
+        path = resolve_bundle(s, model)
+        net, meta = load_model(path / "model.pt", dev)
         check_vocabulary(meta, fs)
-        scorer, name, max_len = sasrec_scorer(net), str(path), net.max_len
+        label = path / "VERSION"
+        name = label.read_text().strip() if label.exists() else str(path)
+        scorer, max_len = sasrec_scorer(net), net.max_len
     report = evaluate_model(scorer, fs, split, max_len, dev)
     report = {"model": name, "split": split, "feature_set": fs.version, **report}
+    report["mlflow_run_id"] = tracked_evaluation(s, name, report)
     if as_json:
         _echo_json(report)
         return
@@ -268,7 +276,8 @@ def evaluate(
         out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
 
 
-ModelOpt = Annotated[str | None, typer.Option("--model", help="model bundle folder (default: the latest trained run)")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]
 
 
 def _bundle(s: Settings, model: str | None, device: str = "cpu") -> Any:

@@ -1,4 +1,4 @@
-"""Which model a command uses: an explicit bundle folder, else the latest trained run."""
+"""Which model a command uses: the registry champion by default, or an explicit reference."""
 
 from __future__ import annotations
 
@@ -8,13 +8,24 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 
 
-def resolve_bundle(settings: Settings, ref: str | None) -> Path:
-    """A model bundle folder (``model.pt`` + ``items.parquet`` + ``index/``).
+def default_model_uri(settings: Settings) -> str:
+    return f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}"
 
-    ``ref``: a bundle folder or a ``model.pt`` inside one; None: the latest run of
-    ``attnrec train`` in the state folder.
+
+def resolve_bundle(settings: Settings, ref: str | None) -> Path:
+    """A local model bundle folder (``model.pt`` + ``items.parquet`` + ``index/``).
+
+    ``ref``: None -> ``models:/attnrec@champion``; ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION`` -> downloaded from the MLflow registry (cached in the state
+    folder); ``latest`` -> the newest local ``attnrec train`` run; otherwise a bundle
+    folder or a ``model.pt`` inside one.
     """
-    if ref is None:
+    ref = ref or default_model_uri(settings)
+    if ref.startswith("models:/"):
+        from pipeline.tracking import download_bundle
+
+        return download_bundle(settings, ref)
+    if ref == "latest":
         pointer = settings.runs_dir / "LATEST"
         if not pointer.exists():
             raise UserError(f"no trained model in {settings.runs_dir}: run `attnrec train` first")

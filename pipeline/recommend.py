@@ -100,7 +100,8 @@ class ModelBundle:
         self.path = path
         self.device = torch.device(device)
         self.model, self.meta = load_model(path / "model.pt", self.device)
-        self.version = str(self.meta.get("model_version") or self.meta["sha256"][:12])
+        label = path / "VERSION"  # written for registry models: "attnrec v3"
+        self.version = label.read_text().strip() if label.exists() else self.meta["sha256"][:12]
         items_path = path / "items.parquet"
         if not items_path.exists():
             raise UserError(f"{path} has no items.parquet: rebuild the bundle with `attnrec index`")

@@ -117,20 +117,21 @@ def test_new_events_change_recommendations_without_retraining(small_cli: Attnrec
 
 
 def test_cli_recommend_user_and_items(small_cli: Attnrec) -> None:
-    out = small_cli.json("recommend", "--user", "42", "-k", "5", "--explain")
+    model = ("--model", str(small_cli.home / "runs" / "model-a"))
+    out = small_cli.json("recommend", "--user", "42", "-k", "5", "--explain", *model)
     assert len(out["recommendations"]) == 5 and out["fallback"] is None
     assert all(rec["reasons"] for rec in out["recommendations"])
-    adhoc = small_cli.json("recommend", "--items", "1,2,3", "-k", "3")
+    adhoc = small_cli.json("recommend", "--items", "1,2,3", "-k", "3", *model)
     assert len(adhoc["recommendations"]) == 3
-    table = small_cli.run("recommend", "--user", "42", "-k", "3", "--explain").stdout
+    table = small_cli.run("recommend", "--user", "42", "-k", "3", "--explain", *model).stdout
     assert "because you interacted with" in table
-    bad = small_cli.run("recommend", "--items", "1,notanitem", ok=False)
+    bad = small_cli.run("recommend", "--items", "1,notanitem", *model, ok=False)
     assert bad.returncode != 0 and "notanitem" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_recommend_all_writes_parquet_and_table(small_cli: Attnrec, tmp_path: Path) -> None:
     out = tmp_path / "recs.parquet"
-    small_cli.run("recommend-all", "-k", "20", "--out", out)
+    small_cli.run("recommend-all", "-k", "20", "--out", out, "--model", small_cli.home / "runs" / "model-a")
     recs = pl.read_parquet(out)
     assert recs["user_id"].n_unique() == 610
     assert recs.group_by("user_id").len()["len"].to_list() == [20] * 610

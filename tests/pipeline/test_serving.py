@@ -24,7 +24,8 @@ class Server:
         env = _clean_env(cli.home)
         if token:
             env["ATTNREC_API_TOKEN"] = token
-        self.proc = subprocess.Popen(cli.command("serve", "--port", str(self.port)), cwd=cli.cwd, env=env,
+        model = str(cli.home / "runs" / "model-a")
+        self.proc = subprocess.Popen(cli.command("serve", "--port", str(self.port), "--model", model), cwd=cli.cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 90
