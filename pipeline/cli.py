@@ -402,6 +402,112 @@ def serve(
     uvicorn.run(app_, host=s.serve.host, port=s.serve.port, log_level="warning")
 
 
+@app.command()
+def deploy(
+    host: Annotated[str, typer.Option(help="Prefect server address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    no_server: Annotated[bool, typer.Option("--no-server", help="use the server at PREFECT_API_URL instead of starting one")] = False,
+    cron: Annotated[str, typer.Option(help="schedule of attnrec-pipeline/nightly")] = "0 2 * * *",
+    home: HomeOpt = None,
+) -> None:
+    """Start a local Prefect server and serve the attnrec deployments (Ctrl-C stops both)."""
+    import os
+
+    from pipeline.prefect_setup import configure_prefect, start_server
+
+    s = settings_from(home)
+    server = None
+    if no_server:
+        url = s.prefect_api_url or os.environ.get("PREFECT_API_URL")
+        if not url:
+            raise UserError("--no-server needs PREFECT_API_URL (or ATTNREC_PREFECT_API_URL) set to a running Prefect server")
+    else:
+        err.print(f"starting the Prefect server on http://{host}:{port} (database in {s.prefect_home}) ...", highlight=False)
+        server = start_server(s, host, port)
+        url = f"http://{host}:{port}/api"
+    configure_prefect(s, url)
+    from prefect import serve as prefect_serve
+
+    from flows.deployments import deployments
+
+    err.print(f"Prefect UI: {url.removesuffix('/api')}   runs: PREFECT_API_URL={url} prefect deployment run "
+              "'attnrec-pipeline/nightly'", highlight=False)
+    try:
+        prefect_serve(*deployments(str(s.home), cron), print_starting_message=True)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="port of the MLflow UI")] = 5000,
+    home: HomeOpt = None,
+) -> None:
+    """Open the MLflow UI on attnrec's tracking store (http://127.0.0.1:PORT)."""
+    import os
+    import shutil
+
+    s = settings_from(home)
+    from pipeline.tracking import configure
+
+    configure(s)  # creates the store and experiment if this is a fresh installation
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    args = [mlflow_bin, "ui", "--backend-store-uri", str(s.mlflow_tracking_uri), "--host", "127.0.0.1", "--port", str(port)]
+    if s.mlflow_tracking_uri.startswith("sqlite"):
+        args += ["--default-artifact-root", s.mlflow_artifact_root.as_uri()]
+    err.print(f"MLflow UI on http://127.0.0.1:{port} (store {s.mlflow_tracking_uri})", highlight=False)
+    os.execv(args[0], args)
+
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "datasets" / "ml-latest-small"
+DEMO_OVERRIDES: dict[str, Any] = {
+    "train.epochs": 20, "train.patience": 5, "model.max_len": 50, "model.hidden_size": 64, "train.batch_size": 64,
+}
+
+
+@app.command()
+def demo(
+    user: Annotated[str, typer.Option(help="whose recommendations to print at the end")] = "42",
+    home: HomeOpt = None,
+) -> None:
+    """Run the whole attnrec-pipeline flow on the bundled ml-latest-small, then print recommendations."""
+    import time
+
+    from pipeline.prefect_setup import configure_prefect
+    from pipeline.recommend import HistoryStore
+
+    s = settings_from(home)
+    configure_prefect(s)
+    from flows.pipeline_flows import attnrec_pipeline
+
+    started = time.perf_counter()
+    err.print(f"attnrec demo: ml-latest-small ({DEMO_DATA}) -> pipeline flow in {s.home}", highlight=False)
+    result = attnrec_pipeline(
+        event_files=[str(DEMO_DATA / "ratings.csv")],
+        item_files=[str(DEMO_DATA / "movies.csv"), str(DEMO_DATA / "tags.csv")],
+        k=10, home=str(s.home), overrides=DEMO_OVERRIDES,
+    )
+    trained = result["trained"]
+    bundle = _bundle(s, None)
+    keys = HistoryStore(s.duckdb_path).history(user)
+    history = bundle.indices_of_keys(keys) if keys is not None else []
+    response = bundle.recommend(history, 10, explain=True)
+    _print_recommendations(response, f"user {user}")
+    if trained:
+        out.print(f"model {s.registry.model_name} v{trained['version']} ({'champion' if trained['promoted'] else 'challenger'}): "
+                  f"test NDCG@10 {trained['test_ndcg@10']:.4f}, HR@10 {trained['test_hr@10']:.4f}", highlight=False)
+        out.print(f"MLflow run {trained['mlflow_run_id']} in {s.mlflow_tracking_uri}", highlight=False)
+    else:
+        out.print("warehouse unchanged since the last run: the champion model was kept (no retraining)", highlight=False)
+    rec = result["recommendations"]
+    out.print(f"batch recommendations: {rec['rows']:,} rows for {rec['users']} users -> {rec['parquet']} "
+              f"and DuckDB table {rec['table']}", highlight=False)
+    out.print(f"see the runs: attnrec ui --home {s.home}  (then http://127.0.0.1:5000); whole demo "
+              f"{time.perf_counter() - started:.0f} s", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -44,7 +44,7 @@ FEATURES_CODE_VERSION = 1
 COLD_SEED = 20240601
 
 
-def _params(fs: FeatureSettings) -> dict[str, Any]:
+def feature_params(fs: FeatureSettings) -> dict[str, Any]:
     p = fs.model_dump(mode="json")
     p["code_version"] = FEATURES_CODE_VERSION
     p["polars"] = pl.__version__
@@ -66,7 +66,7 @@ def source_fingerprint(con: duckdb.DuckDBPyConnection, event_types: list[str] | 
     return {"fingerprint": fp, "events": int(n), "catalog_items": int(n_items)}
 
 
-def _version(source: dict[str, Any], params: dict[str, Any]) -> str:
+def feature_version(source: dict[str, Any], params: dict[str, Any]) -> str:
     blob = json.dumps({"source": source["fingerprint"], "params": params}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -111,15 +111,15 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     leaves a half-written feature set.
     """
     fs = settings.features
-    params = _params(fs)
+    params = feature_params(fs)
     source = source_fingerprint(con, fs.event_types)
     if source["events"] == 0:
         raise UserError(f"the warehouse {settings.duckdb_path} has no events: run `attnrec ingest` first")
-    version = _version(source, params)
+    version = feature_version(source, params)
     root = settings.features_dir
     final = root / version
     if final.exists() and not force:
-        _set_current(root, version)
+        set_current(root, version)
         return final, False
 
     where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if fs.event_types else ""
@@ -229,11 +229,11 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _set_current(root, version)
+    set_current(root, version)
     return final, True
 
 
-def _set_current(root: Path, version: str) -> None:
+def set_current(root: Path, version: str) -> None:
     tmp = root / f".CURRENT-{os.getpid()}"
     tmp.write_text(version + "\n")
     os.replace(tmp, root / "CURRENT")

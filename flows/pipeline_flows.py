@@ -1,0 +1,177 @@
+"""Prefect flows: thin wrappers of ``pipeline.pipeline_steps``.
+
+Flows: ``ingest``, ``build-features``, ``train``, ``evaluate``, ``build-index``,
+``recommend-all`` and ``attnrec-pipeline``, which chains them: ingest new files from the
+inbox -> features (cached while the warehouse is unchanged) -> train + promotion gate ->
+index -> batch recommendations. Tasks that do I/O retry; the training task does not.
+
+Every flow takes ``home`` (the attnrec state folder) and ``overrides`` (settings, e.g.
+``{"train.epochs": 5}``), so one Prefect server can drive several installations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipeline import pipeline_steps as steps
+from pipeline.config import Settings, load_settings
+
+
+def _settings(home: str | None, overrides: dict[str, Any] | None) -> Settings:
+    return load_settings(home=home, **(overrides or {}))
+
+
+@task(name="ingest-events", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_events_task(settings: Settings, paths: list[str]) -> list[dict[str, Any]]:
+    reports = steps.ingest_events(settings, paths)
+    log = get_run_logger()
+    for r in reports:
+        log.info("%s: %s loaded, %s duplicate, %s quarantined", r["path"], r["loaded"], r["duplicates"], r["quarantined"])
+    return reports
+
+
+@task(name="ingest-items", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_items_task(settings: Settings, paths: list[str], id_map: str | None = None) -> list[dict[str, Any]]:
+    return steps.ingest_catalog(settings, paths, id_map)
+
+
+def _features_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Same warehouse content + same feature parameters in the same state folder = same key."""
+    settings: Settings = parameters["settings"]
+    version = steps.expected_feature_version(settings)
+    return "features-" + hashlib.sha256(f"{settings.home}|{version}".encode()).hexdigest()[:32]
+
+
+@task(name="build-features", retries=2, retry_delay_seconds=5, cache_key_fn=_features_cache_key, persist_result=True)
+def build_features_task(settings: Settings) -> dict[str, Any]:
+    result = steps.build_features(settings)
+    get_run_logger().info("feature set %s %s", result["version"], "built" if result["built"] else "reused")
+    return result
+
+
+def features_for(settings: Settings) -> dict[str, Any]:
+    """The feature set for the warehouse as it is: Prefect's cache while unchanged, rebuilt if deleted."""
+    result = build_features_task(settings)
+    if not (Path(result["path"]) / "manifest.json").exists():
+        result = build_features_task.with_options(refresh_cache=True)(settings)
+    steps.set_current_features(settings, result["version"])
+    return result
+
+
+@task(name="train-and-gate", cache_policy=NO_CACHE)
+def train_task(settings: Settings) -> dict[str, Any]:
+    result = steps.train(settings)
+    log = get_run_logger()
+    log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_id"], result["test_ndcg@10"],
+             settings.registry.model_name, result["version"], "promoted" if result["promoted"] else "not promoted",
+             result["gate_reason"])
+    create_markdown_artifact(
+        key="training-run",
+        markdown=(f"MLflow run `{result['mlflow_run_id']}` at `{settings.mlflow_tracking_uri}`\n\n"
+                  f"registered **{settings.registry.model_name} v{result['version']}**, "
+                  f"{'champion' if result['promoted'] else 'challenger'}: {result['gate_reason']}\n\n"
+                  f"valid NDCG@10 {result['valid_ndcg@10']:.4f}, test NDCG@10 {result['test_ndcg@10']:.4f}"),
+        description="attnrec training run",
+    )
+    return result
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(settings: Settings, split: str, baseline: str | None, model: str | None) -> dict[str, Any]:
+    report = steps.evaluate(settings, split, baseline, model)
+    get_run_logger().info("%s on %s: NDCG@10 %.4f (MLflow run %s)", report["model"], split, report["ndcg@10"],
+                          report["mlflow_run_id"])
+    return report
+
+
+@task(name="build-index", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def build_index_task(settings: Settings, kind: str, model: str | None) -> dict[str, Any]:
+    meta = steps.build_index(settings, kind, model)
+    get_run_logger().info("%s index of %s items, recall@10 %.4f", meta["kind"], meta["num_items"], meta["recall_at_10"])
+    return meta
+
+
+@task(name="recommend-all", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def recommend_all_task(settings: Settings, k: int, out: str | None, model: str | None) -> dict[str, Any]:
+    report = steps.recommend_everyone(settings, k, out, model)
+    get_run_logger().info("%s recommendations for %s users from %s -> %s and table %s", report["rows"], report["users"],
+                          report["model_version"], report["parquet"], report["table"])
+    return report
+
+
+@flow(name="ingest")
+def ingest_flow(paths: list[str] | None = None, item_files: list[str] | None = None, id_map: str | None = None,
+                home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest event files (default: everything in the inbox) and item catalog files."""
+    s = _settings(home, overrides)
+    files = paths if paths is not None else [str(p) for p in steps.inbox_files(s)]
+    events = ingest_events_task(s, files) if files else []
+    items = ingest_items_task(s, item_files, id_map) if item_files else []
+    return {"events": events, "items": items}
+
+
+@flow(name="build-features")
+def build_features_flow(home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return features_for(_settings(home, overrides))
+
+
+@flow(name="train")
+def train_flow(home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = _settings(home, overrides)
+    features_for(s)
+    return train_task(s)
+
+
+@flow(name="evaluate")
+def evaluate_flow(split: str = "test", baseline: str | None = None, model: str | None = None,
+                  home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return evaluate_task(_settings(home, overrides), split, baseline, model)
+
+
+@flow(name="build-index")
+def build_index_flow(kind: str = "auto", model: str | None = None, home: str | None = None,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return build_index_task(_settings(home, overrides), kind, model)
+
+
+@flow(name="recommend-all")
+def recommend_all_flow(k: int = 50, out: str | None = None, model: str | None = None, home: str | None = None,
+                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    return recommend_all_task(_settings(home, overrides), k, out, model)
+
+
+@flow(name="attnrec-pipeline")
+def attnrec_pipeline(event_files: list[str] | None = None, item_files: list[str] | None = None,
+                     id_map: str | None = None, k: int = 50, index_kind: str = "auto", force_train: bool = False,
+                     home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest new files -> features -> train + gate -> index -> batch recommendations.
+
+    Training is skipped when the warehouse is unchanged since the champion's feature set
+    (unless ``force_train``); the champion then keeps serving and is re-indexed / re-scored.
+    """
+    log = get_run_logger()
+    s = _settings(home, overrides)
+    files = event_files if event_files is not None else [str(p) for p in steps.inbox_files(s)]
+    ingested = ingest_events_task(s, files) if files else []
+    if item_files:
+        ingest_items_task(s, item_files, id_map)
+    features = features_for(s)
+    trained: dict[str, Any] | None = None
+    if force_train or steps.champion_feature_version(s) != features["version"]:
+        trained = train_task(s)
+    else:
+        log.info("warehouse unchanged since the champion's feature set %s: training skipped", features["version"])
+    index = build_index_task(s, index_kind, None)
+    recs = recommend_all_task(s, k, None, None)
+    return {"ingested": ingested, "features": features, "trained": trained, "index": index, "recommendations": recs,
+            "mlflow_run_id": trained["mlflow_run_id"] if trained else None, "home": str(Path(s.home))}
+
+
+ALL_FLOWS = [ingest_flow, build_features_flow, train_flow, evaluate_flow, build_index_flow, recommend_all_flow,
+             attnrec_pipeline]
