@@ -6,6 +6,8 @@ items; a user's score for item j is the sum of sim(i, j) over the items i in the
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -29,9 +31,11 @@ class ItemKNN(nn.Module):
         """
         pairs = torch.unique(torch.stack([user_index, item_index]), dim=1)  # (2, E')
         values = torch.ones(pairs.shape[1])
-        ui = torch.sparse_coo_tensor(pairs, values, (num_users, num_items + 1)).coalesce()  # (U, N+1)
-        iu = ui.t().coalesce().to_sparse_csr()  # (N+1, U)
-        ui_dense_cols = ui.to_sparse_csr()
+        ui = torch.sparse_coo_tensor(pairs, values, (num_users, num_items + 1), check_invariants=False).coalesce()  # (U, N+1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            iu = ui.t().coalesce().to_sparse_csr()  # (N+1, U)
+            ui_dense_cols = ui.to_sparse_csr()
         degree = torch.zeros(num_items + 1).index_add_(0, pairs[1], values)  # (N+1,)
         norm = degree.clamp(min=1).sqrt()  # (N+1,)
         k = min(neighbours, num_items)
@@ -49,7 +53,7 @@ class ItemKNN(nn.Module):
             cols.append(top.indices[keep])
             vals.append(top.values[keep])
         idx = torch.stack([torch.cat(rows), torch.cat(cols)])  # (2, nnz)
-        sim = torch.sparse_coo_tensor(idx, torch.cat(vals), (num_items + 1, num_items + 1))
+        sim = torch.sparse_coo_tensor(idx, torch.cat(vals), (num_items + 1, num_items + 1), check_invariants=False)
         return cls(sim)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
@@ -65,5 +69,7 @@ def _row_slice(csr: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of a sparse CSR matrix, as a sparse CSR matrix."""
     crow = csr.crow_indices()
     lo, hi = int(crow[start]), int(crow[stop])
-    return torch.sparse_csr_tensor(crow[start:stop + 1] - lo, csr.col_indices()[lo:hi], csr.values()[lo:hi],
-                                   (stop - start, csr.shape[1]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow[start:stop + 1] - lo, csr.col_indices()[lo:hi], csr.values()[lo:hi],
+                                       (stop - start, csr.shape[1]), check_invariants=False)

@@ -2,9 +2,9 @@
 
 Every text format (CSV/TSV with any delimiter, MovieLens ``u.data`` / ``ratings.dat`` /
 ``ratings.csv``, the SASRec ``user item`` file, NDJSON) is read lazily by Polars with its
-1-based line number and written, batch by batch, to a staging Parquet file of *string*
-columns. Typing and validation then happen once, in SQL (``pipeline.ingest``), for staged
-text and native Parquet alike.
+1-based line number and streamed, batch by batch, as Arrow batches of *string* columns
+into a DuckDB temporary table. Typing and validation then happen once, in SQL
+(``pipeline.ingest``), for streamed text and native Parquet alike.
 """
 
 from __future__ import annotations

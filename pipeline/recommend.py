@@ -11,7 +11,6 @@ warehouse through ``HistoryStore``, so new events change recommendations without
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import faiss
 import numpy as np
 import polars as pl
 import torch
@@ -356,18 +354,3 @@ class HistoryStore:
         starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
         ends = np.r_[starts[1:], len(users)]
         return [str(uids[s]) for s in starts], [items[s:e] for s, e in zip(starts, ends, strict=True)]
-
-
-def copy_bundle(src: Path, dst: Path) -> None:
-    """Copy the files of a bundle (model, items, index) to ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("model.pt", "items.parquet"):
-        shutil.copy2(src / name, dst / name)
-    if (dst / "index").exists():
-        shutil.rmtree(dst / "index")
-    shutil.copytree(src / "index", dst / "index")
-
-
-def search_batch(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return ids, scores
