@@ -355,44 +355,15 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
         hash_sql = _identity_hash(spec, "ukey", "ikey")
         hash_wh = _identity_hash(spec, "user_key", "item_key")
         new_h = np.sort(con.execute(f"SELECT {hash_sql} AS h FROM {keyed}").fetchnumpy()["h"])
-        candidates = _sorted_unique(new_h[1:][new_h[1:] == new_h[:-1]])  # repeated inside the file
+        repeated = _sorted_unique(new_h[1:][new_h[1:] == new_h[:-1]])  # hashes seen twice inside the file
         where = "event_id IS NOT NULL" if spec.mapping.get("event_id") else f"ts BETWEEN {int(ts_lo)} AND {int(ts_hi)}"
         old_h = np.sort(con.execute(f"SELECT {hash_wh} AS h FROM events WHERE {where}").fetchnumpy()["h"])
+        in_warehouse = np.zeros(0, dtype=new_h.dtype)
         if len(old_h):
             new_u = _sorted_unique(new_h)
-            candidates = _sorted_unique(np.sort(np.concatenate([candidates, new_u[_members(old_h, new_u)]])))
-        columns = "ukey, ikey, ts, event_type, weight, event_id, line"
-        if len(candidates) == 0:
-            inserted = con.execute(
-                f"INSERT INTO events SELECT {columns.replace('line', f'{source_id}, line')} FROM {keyed}"
-            ).fetchall()[0][0]
-        else:
-            con.register("ingest_candidates_arrow", pa.table({"h": candidates}))
-            con.execute("CREATE OR REPLACE TEMP TABLE ingest_candidates AS SELECT h FROM ingest_candidates_arrow")
-            con.unregister("ingest_candidates_arrow")
-            try:
-                fast = con.execute(
-                    f"""INSERT INTO events SELECT {columns.replace('line', f'{source_id}, line')} FROM {keyed} c
-                        WHERE {hash_sql} NOT IN (SELECT h FROM ingest_candidates)"""
-                ).fetchall()[0][0]
-                if spec.mapping.get("event_id"):
-                    group = ("event_id, arg_min(ukey, line) AS ukey, arg_min(ikey, line) AS ikey, arg_min(ts, line) AS ts, "
-                             "arg_min(event_type, line) AS event_type")
-                    by = "event_id"
-                else:
-                    group = "ukey, ikey, ts, event_type, arg_min(event_id, line) AS event_id"
-                    by = "ukey, ikey, ts, event_type"
-                # Exact check for hash matches: first occurrence inside the file, then anti-join the warehouse.
-                slow = con.execute(
-                    f"""INSERT INTO events SELECT {columns.replace('line', f'{source_id}, line')} FROM (
-                            SELECT {group}, arg_min(weight, line) AS weight, min(line) AS line
-                            FROM {keyed} WHERE {hash_sql} IN (SELECT h FROM ingest_candidates) GROUP BY {by}) c
-                        ANTI JOIN (SELECT * FROM events WHERE {where}
-                                   AND {hash_wh} IN (SELECT h FROM ingest_candidates)) e ON {_identity_equal(spec)}"""
-                ).fetchall()[0][0]
-            finally:
-                con.execute("DROP TABLE IF EXISTS ingest_candidates")
-            inserted = fast + slow
+            in_warehouse = new_u[_members(old_h, new_u)]
+            in_warehouse = in_warehouse[~_members(repeated, in_warehouse)] if len(repeated) else in_warehouse
+        inserted = _insert_new_events(con, spec, keyed, hash_sql, where, source_id, repeated, in_warehouse)
     report.loaded = int(inserted)
     report.duplicates = int(good - inserted)
     if bad:
@@ -405,6 +376,46 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
         [source_id, str(spec.path), fingerprint, spec.format, spec.time_kind, report.rows, report.loaded,
          report.duplicates, report.quarantined],
     )
+
+
+def _insert_new_events(con: duckdb.DuckDBPyConnection, spec: SourceSpec, keyed: str, hash_sql: str, where: str,
+                       source_id: int, repeated: np.ndarray, in_warehouse: np.ndarray) -> int:
+    """Insert the file's new events; returns how many.
+
+    Rows whose identity hash is in neither set are new for sure (a plain insert). Rows whose
+    hash is already in the warehouse (once in the file) need an exact anti-join. Rows whose
+    hash repeats inside the file are grouped (first line wins), then anti-joined.
+    """
+    out = f"ukey, ikey, ts, event_type, weight, event_id, {source_id}, line"
+    if len(repeated) == 0 and len(in_warehouse) == 0:
+        return int(con.execute(f"INSERT INTO events SELECT {out} FROM {keyed}").fetchall()[0][0])
+    con.register("ingest_hashes", pa.table({
+        "h": np.concatenate([repeated, in_warehouse]),
+        "repeated": np.concatenate([np.ones(len(repeated), bool), np.zeros(len(in_warehouse), bool)]),
+    }))
+    con.execute("CREATE OR REPLACE TEMP TABLE ingest_candidates AS SELECT h, repeated FROM ingest_hashes")
+    con.unregister("ingest_hashes")
+    if spec.mapping.get("event_id"):
+        group = ("event_id, arg_min(ukey, line) AS ukey, arg_min(ikey, line) AS ikey, arg_min(ts, line) AS ts, "
+                 "arg_min(event_type, line) AS event_type")
+        by = "event_id"
+    else:
+        group, by = "ukey, ikey, ts, event_type, arg_min(event_id, line) AS event_id", "ukey, ikey, ts, event_type"
+    warehouse = f"(SELECT * FROM events WHERE {where}) e ON {_identity_equal(spec)}"
+    try:
+        tagged = f"(SELECT c.*, k.repeated FROM {keyed} c LEFT JOIN ingest_candidates k ON k.h = {hash_sql})"
+        plain = con.execute(f"INSERT INTO events SELECT {out} FROM {tagged} WHERE repeated IS NULL").fetchall()[0][0]
+        known = con.execute(
+            f"INSERT INTO events SELECT {out} FROM (SELECT * FROM {tagged} WHERE repeated = false) c ANTI JOIN {warehouse}"
+        ).fetchall()[0][0]
+        grouped = con.execute(
+            f"""INSERT INTO events SELECT {out} FROM (
+                    SELECT {group}, arg_min(weight, line) AS weight, min(line) AS line
+                    FROM {tagged} WHERE repeated GROUP BY {by}) c ANTI JOIN {warehouse}"""
+        ).fetchall()[0][0]
+    finally:
+        con.execute("DROP TABLE IF EXISTS ingest_candidates")
+    return int(plain + known + grouped)
 
 
 def detect_all(paths: list[Path], opts: IngestOptions) -> list[SourceSpec]:
