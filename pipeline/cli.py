@@ -21,6 +21,8 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="state folder (default $ATTNREC_HOME or ./.attnrec)")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]
 
 
 def settings_from(home: Path | None, **overrides: Any) -> Settings:
@@ -237,33 +239,16 @@ def evaluate(
     home: HomeOpt = None,
 ) -> None:
     """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
-    from pipeline.feature_store import current_feature_set, load_feature_set
-    from pipeline.model_resolution import resolve_bundle
-    from pipeline.model_store import check_vocabulary, load_model
-    from pipeline.recommender_training import BASELINES, baseline_model, evaluate_model, sasrec_scorer
-    from pipeline.tracking import tracked_evaluation
-    from pipeline.training import resolve_device
+    from pipeline.pipeline_steps import evaluate as evaluate_step
+    from pipeline.recommender_training import BASELINES
 
     if split not in ("valid", "test"):
         raise UserError("--split must be valid or test")
+    if baseline is not None and baseline not in BASELINES:
+        raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
     s = settings_from(home, device=device)
-    fs = load_feature_set(current_feature_set(s))
-    dev = resolve_device(s.device)
-    if baseline is not None:
-        if baseline not in BASELINES:
-            raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
-        scorer = baseline_model(baseline, fs).to(dev)
-        name, max_len = baseline, s.model.max_len
-    else:
-        path = resolve_bundle(s, model)
-        net, meta = load_model(path / "model.pt", dev)
-        check_vocabulary(meta, fs)
-        label = path / "VERSION"
-        name = label.read_text().strip() if label.exists() else str(path)
-        scorer, max_len = sasrec_scorer(net), net.max_len
-    report = evaluate_model(scorer, fs, split, max_len, dev)
-    report = {"model": name, "split": split, "feature_set": fs.version, **report}
-    report["mlflow_run_id"] = tracked_evaluation(s, name, report)
+    report = evaluate_step(s, split, baseline, model)
+    name = report["model"]
     if as_json:
         _echo_json(report)
         return
@@ -274,10 +259,6 @@ def evaluate(
     if report.get("cold_start"):
         c = report["cold_start"]
         out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
-
-
-ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]
 
 
 def _bundle(s: Settings, model: str | None, device: str = "cpu") -> Any:
