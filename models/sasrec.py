@@ -135,7 +135,7 @@ class SASRec(nn.Module):
         table = self.item_vectors()  # (N+1, D)
         return self.user_vectors(seq, table) @ table.T  # (B, N+1)
 
-    def explain(self, seq: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """Which history items a candidate's score rests on ("attention filtering").
 
         For candidate c, the weight of history position t is
@@ -145,10 +145,11 @@ class SASRec(nn.Module):
         Args:
             seq: (B, T) left-padded histories.
             items: (B, K) candidate item indices.
+            item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
         Returns:
             (B, K, T) weights.
         """
-        table = self.item_vectors()  # (N+1, D)
+        table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
         states = self.encode(seq, table)  # (B, T, D)
         cand = table[items]  # (B, K, D)
         logits = cand @ states.transpose(1, 2) / math.sqrt(self.dim)  # (B, K, T)

@@ -261,10 +261,12 @@ def evaluate(
         out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
 
 
-def _bundle(s: Settings, model: str | None, device: str = "cpu") -> Any:
+def _bundle(s: Settings, model: str | None, device: str = "cpu", threads: int | None = None) -> Any:
     from pipeline.model_resolution import resolve_bundle
-    from pipeline.recommend import ModelBundle
+    from pipeline.recommend import ModelBundle, set_threads
 
+    if threads is not None:
+        set_threads(threads)
     return ModelBundle(resolve_bundle(s, model), device)
 
 
@@ -305,7 +307,7 @@ def recommend(
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...")
     s = settings_from(home)
-    bundle = _bundle(s, model)
+    bundle = _bundle(s, model, threads=s.serve.threads)
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     filters = Filters(not include_seen, split(category), split(exclude_category), split(exclude))
     if user is not None:
@@ -375,7 +377,7 @@ def serve(
     from pipeline.serving import create_app
 
     s = settings_from(home, **{"serve.host": host, "serve.port": port})
-    bundle = _bundle(s, model)
+    bundle = _bundle(s, model, threads=s.serve.threads)
     token = s.serve.api_token or os.environ.get("ATTNREC_API_TOKEN")
     app_ = create_app(bundle, HistoryStore(s.duckdb_path, cache=True), token)
     err.print(f"serving model {bundle.version} ({bundle.num_items:,} items) on http://{s.serve.host}:{s.serve.port} "

@@ -80,6 +80,7 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     api_token: str | None = Field(None, description="bearer token required by the HTTP API when set")
+    threads: int = Field(1, ge=1, description="torch / FAISS threads per query (queries already run in parallel)")
 
 
 class RegistrySettings(BaseModel):

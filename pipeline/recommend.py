@@ -68,6 +68,14 @@ class Filters:
     exclude_items: list[str] | None = None
 
 
+def set_threads(n: int) -> None:
+    """Threads for torch and FAISS (each ships its own OpenMP runtime, so set both)."""
+    import faiss
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
 def write_bundle(run_dir: Path, fs: FeatureSet, model: SASRec, model_sha256: str, kind: str = "auto",
                  params: dict[str, Any] | None = None) -> IndexMeta:
     """Add ``items.parquet`` and the FAISS index next to ``run_dir/model.pt``.
@@ -180,7 +188,8 @@ class ModelBundle:
         return RecommendationResponse(recs, None, self.version, int(len(history)), unknown_items or [])
 
     def _top(self, user: np.ndarray, excluded: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        allowed = self.num_items - int(excluded[1:].sum())
+        n_excluded = int(np.count_nonzero(excluded[1:]))
+        allowed = self.num_items - n_excluded
         k = min(k, allowed)
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -189,7 +198,7 @@ class ModelBundle:
             s = self.vectors[cand] @ user[0]
             top = np.argsort(-s, kind="stable")[:k]
             return cand[top], s[top]
-        want = k + int(excluded[1:].sum())
+        want = k + n_excluded
         while True:
             fetch = min(self.num_items, want)
             scores, ids = self.index.search(user, fetch)
@@ -199,7 +208,8 @@ class ModelBundle:
             want *= 2
 
     def _explain(self, seq: torch.Tensor, idx: np.ndarray, recs: list[Recommendation]) -> None:
-        weights = self.model.explain(seq, torch.from_numpy(idx).unsqueeze(0).to(self.device))[0].cpu().numpy()  # (K, T)
+        cand = torch.from_numpy(idx).unsqueeze(0).to(self.device)  # (1, K)
+        weights = self.model.explain(seq, cand, self.table)[0].cpu().numpy()  # (K, T)
         hist = seq[0].cpu().numpy()
         for rec, w in zip(recs, weights, strict=True):
             agg: dict[int, float] = {}

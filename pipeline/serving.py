@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
@@ -120,7 +120,7 @@ def create_app(bundle: ModelBundle, histories: HistoryStore, api_token: str | No
         keys = histories.history(user_id)
         history = bundle.indices_of_keys(keys) if keys is not None else []
         filters = Filters(exclude_seen, _csv(include_categories), _csv(exclude_categories), _csv(exclude_items))
-        return bundle.recommend(history, k, explain, filters).as_dict()
+        return ORJSONResponse(bundle.recommend(history, k, explain, filters).as_dict())
 
     @app.post("/recommendations", response_model=RecommendationsOut)
     def history_recommendations(body: HistoryRequest) -> dict[str, Any]:
@@ -130,13 +130,13 @@ def create_app(bundle: ModelBundle, histories: HistoryStore, api_token: str | No
             return JSONResponse({"error": f"unknown item ids: {shown}", "unknown_items": unknown}, status_code=422)
         filters = Filters(body.exclude_seen, body.include_categories, body.exclude_categories,
                           [str(i) for i in body.exclude_items] if body.exclude_items else None)
-        return bundle.recommend(known, body.k, body.explain, filters).as_dict()
+        return ORJSONResponse(bundle.recommend(known, body.k, body.explain, filters).as_dict())
 
     @app.get("/items/{item_id}/similar", response_model=RecommendationsOut)
     def similar_items(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         if item_id not in bundle.id_to_idx:
             return JSONResponse({"error": f"unknown item id {item_id!r}"}, status_code=404)
-        return bundle.similar(item_id, k).as_dict()
+        return ORJSONResponse(bundle.similar(item_id, k).as_dict())
 
     return app
 
