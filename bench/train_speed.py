@@ -66,6 +66,26 @@ def throughput(settings, fs, device: torch.device, steps: int) -> float:
     return seqs / (time.perf_counter() - t0)
 
 
+def report_run(run_dir: Path, target: float) -> None:
+    """Throughput and time to ``target`` from a finished run's per-epoch record (training.json)."""
+    import json
+
+    info = json.loads((run_dir / "training.json").read_text())
+    history = info["history"]
+    rates = [h["samples_per_s"] for h in history]
+    print(f"run {run_dir.name} on {info['device']}: {len(history)} epochs, median {np.median(rates):,.0f} training "
+          f"sequences/s, {np.median([h['seconds'] for h in history]):.1f} s per epoch")
+    elapsed = 0.0
+    for h in history:
+        elapsed += h["seconds"] + h.get("valid_seconds", 0.0)
+        v = h.get("valid", {}).get("ndcg@10")
+        if v is not None and v >= target:
+            note = "" if "valid_seconds" in h else " (training passes only: this run did not record validation time)"
+            print(f"reached valid NDCG@10 {v:.4f} >= {target} after epoch {h['epoch']} in {elapsed:.1f} s{note}")
+            return
+    print(f"did not reach {target} in {len(history)} epochs ({elapsed:.0f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="ml-1m")
@@ -74,11 +94,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="only measure throughput over this many steps")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--from-run", type=Path, default=None,
+                    help="report from a finished run's training.json instead of training again")
     args = ap.parse_args()
 
     home = (args.home or ROOT / "bench" / "out" / f"speed-{args.dataset}").resolve()
     print(f"command: python bench/train_speed.py {shlex.join(sys.argv[1:])}")
     print(f"machine: {machine()}")
+    if args.from_run is not None:
+        report_run(args.from_run, args.target)
+        return
     if not (home / "features" / "CURRENT").exists():
         prepare(home, args.dataset)
     settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs})

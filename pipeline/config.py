@@ -31,7 +31,7 @@ CONFIG_FILE_NAME = "attnrec.toml"
 class ModelSettings(BaseModel):
     """Shape of the content-aware SASRec model."""
 
-    hidden_size: int = Field(64, ge=4, description="item / state vector size D")
+    hidden_size: int = Field(128, ge=4, description="item / state vector size D")
     num_blocks: int = Field(2, ge=1, description="self-attention blocks")
     num_heads: int = Field(1, ge=1, description="attention heads per block")
     max_len: int = Field(200, ge=2, description="history length T the encoder reads")

@@ -125,7 +125,8 @@ def tracked_train(settings: Settings, fs: FeatureSet, run_dir: Path | None = Non
         mlflow.log_params(params)
 
         def log_epoch(rec: EpochRecord) -> None:
-            metrics = {"loss": rec.loss, "throughput_seq_per_s": rec.samples_per_s, "epoch_seconds": rec.seconds}
+            metrics = {"loss": rec.loss, "throughput_seq_per_s": rec.samples_per_s, "epoch_seconds": rec.seconds,
+                       "valid_seconds": rec.valid_seconds}
             metrics.update({metric_name(k, "valid_"): v for k, v in rec.valid.items() if k != "users"})
             mlflow.log_metrics(metrics, step=rec.epoch)
             if on_epoch:

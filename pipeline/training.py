@@ -52,6 +52,7 @@ class EpochRecord:
     seconds: float
     samples_per_s: float
     valid: dict[str, float] = field(default_factory=dict)
+    valid_seconds: float = 0.0
 
 
 @dataclass
@@ -150,7 +151,9 @@ def fit(
         # --- step 4: validate; keep the best weights; early stopping on `metric`
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             model.eval()
+            t_valid = time.perf_counter()
             record.valid = validate(model)
+            record.valid_seconds = time.perf_counter() - t_valid
             value = record.valid[metric]
             if value > state["best_metric"]:
                 state.update(best_metric=value, best_epoch=epoch, bad_epochs=0)
