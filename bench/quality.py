@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any setting, e.g. --set model.dropout=0.3 (repeatable)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                    help="continue an interrupted attnrec run from RUN_DIR/checkpoint.pt (one attnrec variant only)")
     args = ap.parse_args()
 
     home = (args.home or ROOT / "bench" / "out" / f"quality-{args.dataset}").resolve()
@@ -110,6 +112,8 @@ def main() -> None:
     device = resolve_device(settings.device)
     print(f"dataset: {fs.num_users:,} users, {fs.num_items:,} items, {fs.manifest['counts']['events']:,} events; device {device}")
 
+    if args.resume and sum(v in ("id", "content") for v in args.variants.split(",")) != 1:
+        raise SystemExit("--resume continues one attnrec run: pass exactly one of --variants id / content")
     rows = []
     for variant in args.variants.split(","):
         t = time.perf_counter()
@@ -127,11 +131,12 @@ def main() -> None:
                 print(f"  [{name}] epoch {rec.epoch:3d} loss {rec.loss:.4f} {rec.samples_per_s:,.0f} seq/s {rec.seconds:.1f} s"
                       + (f" valid ndcg@10 {v:.4f}" if v is not None else ""), flush=True)
 
-            outcome = train_sasrec(s, fs, progress=False, on_epoch=log)
+            outcome = train_sasrec(s, fs, run_dir=args.resume, resume=args.resume is not None, progress=False, on_epoch=log)
+            train_s = sum(h.seconds + (h.valid_seconds or 0.0) for h in outcome.fit.history)
             report = evaluate_model(sasrec_scorer(outcome.model), fs, "test", s.model.max_len, device, ks=(10,))
             rows.append({"model": f"attnrec ({'with content' if variant == 'content' else 'no content, pure ID'})",
                          "hr@10": report["hr@10"], "ndcg@10": report["ndcg@10"], "valid_ndcg@10": outcome.valid["ndcg@10"],
-                         "train_s": round(outcome.fit.seconds, 1), "epochs": outcome.fit.epochs_run,
+                         "train_s": round(train_s, 1), "epochs": outcome.fit.epochs_run,
                          "best_epoch": outcome.fit.best_epoch, "run_dir": str(outcome.run_dir)})
         else:
             raise SystemExit(f"unknown variant {variant!r}")

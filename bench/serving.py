@@ -32,7 +32,7 @@ Catalogues: ``3416`` (or ``ml-1m``) is MovieLens-1M from ``../shared/data/ml-1m`
 (ingested and featurised once into ``--workdir``, queries are real user histories from the
 warehouse); any other size is a synthetic catalogue with a pure-ID SASRec
 (``use_content=False``), Zipf(0.8) item popularity and random histories of 50-200 items
-drawn by popularity. Models have the default shape (hidden 64, max_len 200, 2 blocks, 1
+drawn by popularity. Models have the default shape (hidden 128, max_len 200, 2 blocks, 1
 head) and seeded random weights, unless ``--model DIR`` names a trained ML-1M bundle.
 Latency does not depend on the weights; HNSW recall does. Bundles and indexes are cached in
 ``--workdir`` and rebuilt only when their spec changes.
@@ -207,7 +207,7 @@ def ml1m_case(args: argparse.Namespace) -> Case:
             raise SystemExit(f"--model {source}: not a bundle folder (needs model.pt and items.parquet)")
     else:
         source, weights = args.workdir / "bundles" / ML1M / "source", "random (seeded)"
-        ms = ModelSettings()  # defaults, not the environment: hidden 64, max_len 200, 2 blocks
+        ms = ModelSettings()  # defaults, not the environment: hidden 128, max_len 200, 2 blocks
         spec = {"case": ML1M, "feature_set": fs.version, "seed": args.seed, "model": ms.model_dump(mode="json")}
         if not spec_matches(source, spec):
             source.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,9 @@ def report_run(run_dir: Path, target: float) -> None:
         elapsed += h["seconds"] + h.get("valid_seconds", 0.0)
         v = h.get("valid", {}).get("ndcg@10")
         if v is not None and v >= target:
-            note = "" if "valid_seconds" in h else " (training passes only: this run did not record validation time)"
+            untimed = sum(1 for g in history[: history.index(h) + 1] if g.get("valid") and not g.get("valid_seconds"))
+            note = (f" (validation time of {untimed} epochs not recorded by this run: training passes only for those)"
+                    if untimed else "")
             print(f"reached valid NDCG@10 {v:.4f} >= {target} after epoch {h['epoch']} in {elapsed:.1f} s{note}")
             return
     print(f"did not reach {target} in {len(history)} epochs ({elapsed:.0f} s)")
