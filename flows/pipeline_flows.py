@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -21,6 +21,9 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline import pipeline_steps as steps
 from pipeline.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pipeline.training import EpochRecord
 
 
 def _settings(home: str | None, overrides: dict[str, Any] | None) -> Settings:
@@ -66,8 +69,14 @@ def features_for(settings: Settings) -> dict[str, Any]:
 
 @task(name="train-and-gate", cache_policy=NO_CACHE)
 def train_task(settings: Settings) -> dict[str, Any]:
-    result = steps.train(settings)
     log = get_run_logger()
+
+    def log_epoch(rec: EpochRecord) -> None:
+        valid = rec.valid.get("ndcg@10")
+        log.info("epoch %d/%d: loss %.4f, %.0f sequences/s%s", rec.epoch, settings.train.epochs, rec.loss,
+                 rec.samples_per_s, f", valid NDCG@10 {valid:.4f}" if valid is not None else "")
+
+    result = steps.train(settings, on_epoch=log_epoch)
     log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_id"], result["test_ndcg@10"],
              settings.registry.model_name, result["version"], "promoted" if result["promoted"] else "not promoted",
              result["gate_reason"])

@@ -6,11 +6,15 @@ returns a small JSON-able summary, so a flow's task results stay readable in Pre
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.training import EpochRecord
 
 
 def inbox_files(settings: Settings) -> list[Path]:
@@ -84,12 +88,13 @@ def champion_feature_version(settings: Settings) -> str | None:
     return (mv.tags or {}).get("feature_version")
 
 
-def train(settings: Settings) -> dict[str, Any]:
+def train(settings: Settings, on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
+    """Train, track and gate a model on the current feature set; ``on_epoch`` sees every epoch's record."""
     from pipeline.feature_store import current_feature_set, load_feature_set
     from pipeline.tracking import tracked_train
 
     fs = load_feature_set(current_feature_set(settings))
-    result = tracked_train(settings, fs, progress=False)
+    result = tracked_train(settings, fs, progress=False, on_epoch=on_epoch)
     return {"mlflow_run_id": result.run_id, "version": result.version, "promoted": result.promoted,
             "gate_reason": result.gate_reason, "valid_ndcg@10": result.valid["ndcg@10"],
             "test_ndcg@10": result.test["ndcg@10"], "test_hr@10": result.test["hr@10"],
