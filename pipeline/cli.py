@@ -338,7 +338,7 @@ def _print_recommendations(response: Any, who: str) -> None:
     table.add_column("score", justify="right")
     table.add_column("because you interacted with")
     for rank, rec in enumerate(response.recommendations, 1):
-        reasons = "; ".join(f"{r.title or r.item_id} ({r.weight:.2f})" for r in rec.reasons)
+        reasons = "; ".join(f"{r.title or r.item_id} ({r.weight:.1%})" for r in rec.reasons)
         table.add_row(str(rank), rec.item_id, rec.title or "", f"{rec.score:.3f}", reasons)
     out.print(table)
 
