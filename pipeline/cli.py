@@ -274,6 +274,8 @@ def _bundle(s: Settings, model: str | None, device: str = "cpu", threads: int | 
 @app.command()
 def index(
     kind: Annotated[str, typer.Option(help="auto | flat (exact) | hnsw | ivf")] = "auto",
+    param: Annotated[list[str] | None, typer.Option(
+        help="FAISS parameter NAME=INT, repeatable: M, efConstruction, efSearch (hnsw); nlist, nprobe (ivf)")] = None,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -281,9 +283,16 @@ def index(
     from pipeline.model_resolution import resolve_bundle
     from pipeline.recommend import rebuild_index
 
+    known = {"M", "efConstruction", "efSearch", "nlist", "nprobe"}
+    params: dict[str, int] = {}
+    for item in param or []:
+        name, _, value = item.partition("=")
+        if name not in known or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--param {item!r}: expected NAME=positive integer with NAME one of {', '.join(sorted(known))}")
+        params[name] = int(value)
     s = settings_from(home)
     path = resolve_bundle(s, model)
-    meta = rebuild_index(path, kind)
+    meta = rebuild_index(path, kind, params=params)
     out.print(f"{meta.kind} index of {meta.num_items:,} items (D={meta.dim}) for model {meta.model_sha256[:12]} at "
               f"{path / 'index'}; recall@10 vs exact {meta.recall_at_10:.4f}; built in {meta.build_seconds:.2f} s", highlight=False)
 

@@ -233,12 +233,17 @@ class ModelBundle:
         return RecommendationResponse([self._item(int(i), s) for i, s in zip(top, scores, strict=True)], None, self.version, 1)
 
 
-def rebuild_index(bundle_dir: Path, kind: str = "auto", device: str = "cpu") -> IndexMeta:
-    """(Re)build the index of a bundle whose model and items are in place."""
+def rebuild_index(bundle_dir: Path, kind: str = "auto", device: str = "cpu",
+                  params: dict[str, Any] | None = None) -> IndexMeta:
+    """(Re)build the index of a bundle whose model and items are in place.
+
+    ``params``: FAISS parameters (HNSW ``M``, ``efConstruction``, ``efSearch``; IVF ``nlist``,
+    ``nprobe``); the ones not given keep their defaults.
+    """
     model, meta = load_model(bundle_dir / "model.pt", device)
     with torch.no_grad():
         vectors = model.item_vectors().cpu().numpy()
-    index, imeta = build_index(vectors, meta["sha256"], kind)
+    index, imeta = build_index(vectors, meta["sha256"], kind, params=params)
     save_index(bundle_dir / "index", to_device(index, imeta), imeta)
     return imeta
 

@@ -61,3 +61,27 @@ def test_auto_kind_by_catalogue_size() -> None:
     assert choose_kind(1_000_000) == "hnsw"
     with pytest.raises(UserError):
         choose_kind(10, "annoy")
+
+
+def test_cli_index_takes_faiss_parameters_and_refuses_bad_ones(small_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.support import Attnrec, assert_one_line_error
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_home / "runs" / "model-a", bundle)
+    cli = Attnrec(tmp_path / "home", Path.cwd())
+    cli.run("index", "--model", bundle, "--kind", "hnsw", "--param", "efSearch=256", "--param", "M=16")
+    stored = json.loads((bundle / "index" / "index.json").read_text())
+    assert stored["kind"] == "hnsw" and stored["params"]["efSearch"] == 256 and stored["params"]["M"] == 16
+    assert stored["params"]["efConstruction"] == 200  # not given: the default
+    assert 0.0 < stored["recall_at_10"] <= 1.0
+    index, _ = load_index(bundle / "index", stored["model_sha256"])
+    import faiss
+
+    assert faiss.downcast_index(index.index).hnsw.efSearch == 256
+
+    before = (bundle / "index" / "index.json").read_bytes()
+    assert_one_line_error(cli.run("index", "--model", bundle, "--kind", "hnsw", "--param", "efSerch=256", ok=False),
+                          "efSerch", "efSearch")
+    assert (bundle / "index" / "index.json").read_bytes() == before  # nothing rewritten
