@@ -280,8 +280,7 @@ def index(
     home: HomeOpt = None,
 ) -> None:
     """(Re)build the FAISS index of a model's item vectors, saved next to the model."""
-    from pipeline.model_resolution import resolve_bundle
-    from pipeline.recommend import rebuild_index
+    from pipeline.pipeline_steps import build_index
 
     known = {"M", "efConstruction", "efSearch", "nlist", "nprobe"}
     params: dict[str, int] = {}
@@ -290,11 +289,10 @@ def index(
         if name not in known or not value.strip().isdigit() or int(value) < 1:
             raise UserError(f"--param {item!r}: expected NAME=positive integer with NAME one of {', '.join(sorted(known))}")
         params[name] = int(value)
-    s = settings_from(home)
-    path = resolve_bundle(s, model)
-    meta = rebuild_index(path, kind, params=params)
-    out.print(f"{meta.kind} index of {meta.num_items:,} items (D={meta.dim}) for model {meta.model_sha256[:12]} at "
-              f"{path / 'index'}; recall@10 vs exact {meta.recall_at_10:.4f}; built in {meta.build_seconds:.2f} s", highlight=False)
+    meta = build_index(settings_from(home), kind, model, params)
+    out.print(f"{meta['kind']} index of {meta['num_items']:,} items (D={meta['dim']}) for model {meta['model_sha256'][:12]} "
+              f"at {Path(meta['bundle']) / 'index'}; recall@10 vs exact {meta['recall_at_10']:.4f}; built in "
+              f"{meta['build_seconds']:.2f} s", highlight=False)
 
 
 @app.command()
@@ -379,8 +377,6 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
-    import os
-
     import uvicorn
 
     from pipeline.recommend import HistoryStore
@@ -404,8 +400,6 @@ def deploy(
     home: HomeOpt = None,
 ) -> None:
     """Start a local Prefect server and serve the attnrec deployments (Ctrl-C stops both)."""
-    import os
-
     from pipeline.prefect_setup import configure_prefect, start_server
 
     s = settings_from(home)
@@ -439,7 +433,6 @@ def ui(
     home: HomeOpt = None,
 ) -> None:
     """Open the MLflow UI on attnrec's tracking store (http://127.0.0.1:PORT)."""
-    import os
     import shutil
 
     s = settings_from(home)

@@ -125,14 +125,16 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
     return report
 
 
-def build_index(settings: Settings, kind: str = "auto", model: str | None = None) -> dict[str, Any]:
+def build_index(settings: Settings, kind: str = "auto", model: str | None = None,
+                params: dict[str, int] | None = None) -> dict[str, Any]:
+    """(Re)build the FAISS index next to a model bundle; ``params`` as in ``rebuild_index``."""
     from dataclasses import asdict
 
     from pipeline.model_resolution import resolve_bundle
     from pipeline.recommend import rebuild_index
 
     path = resolve_bundle(settings, model)
-    meta = rebuild_index(path, kind)
+    meta = rebuild_index(path, kind, params=params)
     return {"bundle": str(path), **asdict(meta)}
 
 
