@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputFileError
 from pipeline.ingest_formats import (
+    NOT_JSON,
     STAGE_COLUMNS,
     ColumnFlags,
     SourceSpec,
@@ -202,6 +203,7 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
 
     nexpected = len(spec.columns)
     checks = [
+        (f"{nfields} IS NOT NULL AND {nfields} = {NOT_JSON}", None, "'not a JSON object'"),
         (f"{nfields} IS NOT NULL AND {nfields} <> {nexpected}", None,
          f"'expected {nexpected} fields, found ' || {nfields}"),
         (umiss, names["user"], "'missing user id'"),
@@ -280,6 +282,9 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
     ).fetchall()
     if prior:
         prior = prior[0]
+        if opts.strict and prior[3]:
+            raise InputFileError(spec.path, f"--strict: identical to source #{prior[0]}, ingested earlier with "
+                                            f"{prior[3]:,} quarantined rows (in the quarantine table); nothing written")
         report.identical_to, report.rows, report.duplicates, _ = prior
         report.duplicates = int(report.duplicates)
         report.seconds = time.perf_counter() - started

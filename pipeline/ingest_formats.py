@@ -271,15 +271,17 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
     if fmt == "ndjson":
         lines = _sample_lines(path, 20)
         cols: list[str] = []
+        first_error = ""
         for i, ln in enumerate(lines, 1):
             try:
                 obj = json.loads(ln)
-            except json.JSONDecodeError as exc:
-                raise InputFileError(path, f"line {i}: not JSON ({exc.msg})") from exc
+            except json.JSONDecodeError as exc:  # the line is quarantined at load; keep sniffing
+                first_error = first_error or f" (non-blank line {i}: not JSON: {exc.msg})"
+                continue
             if isinstance(obj, dict):
                 cols.extend(k for k in obj if k not in cols)
         if not cols:
-            raise InputFileError(path, "no JSON objects found")
+            raise InputFileError(path, "no JSON objects found in the first lines" + first_error)
         return SourceSpec(path, "ndjson", cols, _map_columns(cols, flags, path, None),
                           default_event_type=_default_event_type(cols))
 
@@ -360,18 +362,49 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
     )
 
 
+NOT_JSON = -1  # ``nfields`` of an NDJSON line that is not a JSON object (quarantined as such)
+
+
+def _decode_json_objects(raw: pl.Series, dtype: pl.Struct) -> pl.Series:
+    """``raw`` lines decoded to ``dtype``; a line that is not a JSON object decodes to null.
+
+    Fast path: Polars decodes the whole batch. Only a batch that fails is checked line by
+    line in Python, so one broken line costs its batch a slower pass, not the file its load.
+    """
+    try:
+        return raw.str.json_decode(dtype)
+    except pl.exceptions.PolarsError:
+        pass
+
+    def is_object(line: str | None) -> bool:
+        try:
+            return line is not None and isinstance(json.loads(line), dict)
+        except ValueError:
+            return False
+
+    objects = pl.Series([v if is_object(v) else None for v in raw.to_list()], dtype=pl.String)
+    return objects.str.json_decode(dtype)
+
+
 def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
-    """NDJSON read line by line (blank lines skipped but counted), so ``line`` is the file line."""
-    record = pl.col("raw").str.json_decode(pl.Struct({c: pl.String for c in spec.columns}))
+    """NDJSON read line by line (blank lines skipped but counted), so ``line`` is the file line.
+
+    A line that is not a JSON object gets ``nfields = NOT_JSON`` and null fields: the load
+    quarantines it with its line number and keeps the rest of the file.
+    """
+    dtype = pl.Struct({c: pl.String for c in spec.columns})
+    record = pl.col("raw").map_batches(lambda s: _decode_json_objects(s, dtype), return_dtype=dtype,
+                                       is_elementwise=True)
     lf = pl.scan_csv(
         spec.path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
         new_columns=["raw"], encoding="utf8-lossy",
     ).with_row_index("__row")
-    return lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != "")).select(
+    lf = lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != ""))
+    return lf.with_columns(record.alias("__record")).select(
         (pl.col("__row").cast(pl.Int64) + 1).alias("line"),
         pl.col("raw"),
-        pl.lit(None, pl.Int64).alias("nfields"),
-        *[(record.struct.field(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
+        pl.when(pl.col("__record").is_null()).then(pl.lit(NOT_JSON, pl.Int64)).otherwise(pl.lit(None, pl.Int64)).alias("nfields"),
+        *[(pl.col("__record").struct.field(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
           for r in STAGE_COLUMNS],
     )
 

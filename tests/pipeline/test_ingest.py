@@ -231,6 +231,11 @@ def test_strict_rejects_the_whole_file_then_lenient_quarantines_bad_rows(cli: At
         assert want_reason in reason
         assert raw == text
 
+    # the same file again under --strict is not waved through as "already ingested"
+    proc = cli.run("ingest", corrupted, "--strict", ok=False)
+    assert "5 quarantined rows" in assert_one_line_error(proc, str(corrupted.name), "--strict", "identical to source")
+    assert cli.stats() == stats
+
 
 def test_quarantined_file_lines_are_exact_with_blank_and_quoted_lines(cli: Attnrec, tmp_path: Path) -> None:
     path = write_lines(tmp_path / "quoted.csv", [

@@ -140,6 +140,23 @@ def test_ndjson_with_iso_times_and_string_ids(cli: Attnrec, tmp_path: Path) -> N
         (4, "item", "missing item id", '{"user": "carol", "time": "2021-03-05T00:00:00"}')]
 
 
+def test_ndjson_lines_that_are_not_objects_are_quarantined_and_the_rest_loads(cli: Attnrec, tmp_path: Path) -> None:
+    path = write(tmp_path / "log.jsonl",
+                 '{"user": "u1", "item": "a", "time": 1600000000}\n'
+                 '{"user": "u1", "item": "b", "time": 1600000001\n'   # cut-off object
+                 '[1, 2]\n'
+                 '{"user": "u2", "item": "a", "time": 1600000002}\n'
+                 'null\n')
+    [report] = cli.ingest(path)
+    assert (report["loaded"], report["quarantined"]) == (2, 3)
+    assert [(e[0], e[1]) for e in events(cli)] == [("u1", "a"), ("u2", "a")]
+    assert cli.query("SELECT line, column_name, reason, raw FROM quarantine ORDER BY line") == [
+        (2, None, "not a JSON object", '{"user": "u1", "item": "b", "time": 1600000001'),
+        (3, None, "not a JSON object", "[1, 2]"),
+        (5, None, "not a JSON object", "null"),
+    ]
+
+
 def test_iso_times_in_csv(cli: Attnrec, tmp_path: Path) -> None:
     path = write(tmp_path / "iso.csv", "user,item,time\n"
                                        "1,1,2021-03-04T05:06:07Z\n"
