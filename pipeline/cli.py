@@ -192,7 +192,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
-    """Train the content-aware SASRec on the current feature set (defaults reach the ML-1M goal)."""
+    """Train the content-aware SASRec on the current feature set (defaults: the full-softmax SASRec+ recipe, 200 epochs)."""
     from pipeline.feature_store import current_feature_set, load_feature_set
     from pipeline.tracking import tracked_train
 

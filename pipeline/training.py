@@ -9,6 +9,7 @@ early stopping, the best checkpoint restored at the end, and resumable checkpoin
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import random
 import sys
@@ -37,6 +38,26 @@ def resolve_device(setting: str) -> torch.device:
 
         raise UserError("device 'cuda' was asked for but torch sees no GPU (use --device cpu or auto)")
     return torch.device(setting)
+
+
+def keep_freed_memory_in_process() -> bool:
+    """Make glibc reuse freed memory instead of handing it back to the kernel (CPU training).
+
+    A CPU training step allocates and frees the same few hundred MB every step (the
+    (positions, catalogue) logits and their gradient: about 200 MB per ML-1M batch). glibc
+    serves blocks over its mmap threshold (at most 32 MB) with fresh ``mmap`` calls and unmaps
+    them on free, so every step page-faults all of it in again: on ML-1M about 270,000 faults
+    and a quarter of the step time in the kernel. With ``mmap`` off and trimming raised to
+    1 GiB, freed blocks stay in the heap and the next step reuses them. The process keeps its
+    peak footprint until it exits. Returns False (and changes nothing) where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def seed_everything(seed: int) -> None:
@@ -100,6 +121,8 @@ def fit(
     started = time.perf_counter()
     # --- step 1: set-up: device, optimiser, schedule, precision, compilation
     model.to(device)
+    if device.type == "cpu":
+        keep_freed_memory_in_process()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n)]
     optimizer = torch.optim.AdamW(
