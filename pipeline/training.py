@@ -47,9 +47,10 @@ def keep_freed_memory_in_process() -> bool:
     (positions, catalogue) logits and their gradient: about 200 MB per ML-1M batch). glibc
     serves blocks over its mmap threshold (at most 32 MB) with fresh ``mmap`` calls and unmaps
     them on free, so every step page-faults all of it in again: on ML-1M about 270,000 faults
-    and a quarter of the step time in the kernel. With ``mmap`` off and trimming raised to
-    1 GiB, freed blocks stay in the heap and the next step reuses them. The process keeps its
-    peak footprint until it exits. Returns False (and changes nothing) where libc is not glibc.
+    and a quarter of the step time in the kernel. With ``mmap`` off and trimming off, freed
+    blocks stay in the heap and later steps reuse them (after the first few steps, which grow
+    the heap to the step's peak). The process keeps that peak footprint until it exits.
+    Returns False (and changes nothing) where libc is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -57,7 +58,7 @@ def keep_freed_memory_in_process() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
 
 
 def seed_everything(seed: int) -> None:
