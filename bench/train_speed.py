@@ -28,7 +28,7 @@ from pipeline.config import load_settings  # noqa: E402
 from pipeline.feature_store import load_feature_set  # noqa: E402
 from pipeline.model_store import build_sasrec  # noqa: E402
 from pipeline.recommender_training import train_sasrec  # noqa: E402
-from pipeline.training import NextItemLoss, resolve_device  # noqa: E402
+from pipeline.training import NextItemLoss, keep_freed_memory_in_process, resolve_device  # noqa: E402
 
 
 class TargetReached(Exception):
@@ -111,9 +111,15 @@ def main() -> None:
     settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs})
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
+    shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
+             f"full softmax over {fs.num_items:,} items, {device}")
+    if device.type == "cpu":  # side by side: glibc's defaults, then freed memory kept (what training does)
+        rate = throughput(settings, fs, device, max(args.steps, 10))
+        print(f"throughput, glibc malloc defaults: {rate:,.0f} training sequences/s ({shape})")
+        keep_freed_memory_in_process()
     rate = throughput(settings, fs, device, max(args.steps, 10))
-    print(f"throughput: {rate:,.0f} training sequences/s (batch {settings.train.batch_size}, max_len "
-          f"{settings.model.max_len}, D {settings.model.hidden_size}, full softmax over {fs.num_items:,} items, {device})")
+    kept = ", freed memory kept in the process as training does" if device.type == "cpu" else ""
+    print(f"throughput: {rate:,.0f} training sequences/s ({shape}{kept})")
     if args.steps:
         return
 
