@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import math
+import platform
 import random
 import sys
 import time
@@ -52,11 +53,9 @@ def keep_freed_memory_in_process() -> bool:
     the heap to the step's peak). The process keeps that peak footprint until it exits.
     Returns False (and changes nothing) where libc is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    if platform.libc_ver()[0] != "glibc":
         return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
 

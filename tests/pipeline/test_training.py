@@ -4,7 +4,6 @@ import platform
 import resource
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -94,7 +93,6 @@ def test_full_and_sampled_softmax_never_predict_excluded_items() -> None:
     assert sampled.probs[0] == 0 and sampled.probs[3] == 0
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_freed_training_memory_is_reused_without_page_faults() -> None:
     """A 256 MB block freed and allocated again (a step's logits) stops being faulted in again.
 
@@ -111,6 +109,9 @@ def test_freed_training_memory_is_reused_without_page_faults() -> None:
         del block
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+    if platform.libc_ver()[0] != "glibc":  # mallopt is glibc's: elsewhere nothing is changed
+        assert keep_freed_memory_in_process() is False
+        return
     assert keep_freed_memory_in_process() is True
     faults = [faults_of_one_step() for _ in range(10)]
     assert sum(faults[-3:]) < pages // 10, faults  # later steps reuse it
