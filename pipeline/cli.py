@@ -185,6 +185,9 @@ def train(
     dropout: Annotated[float | None, typer.Option(help="dropout rate")] = None,
     content: Annotated[bool | None, typer.Option("--content/--no-content", help="mix content features into item vectors")] = None,
     negatives: Annotated[int | None, typer.Option(help="0 = full softmax; N = sampled softmax with logQ correction")] = None,
+    exclude_history: Annotated[bool | None, typer.Option(
+        "--exclude-history/--no-exclude-history",
+        help="never use the items of a training window as its negatives (as ranking leaves seen items out)")] = None,
     patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
@@ -200,7 +203,7 @@ def train(
         raise UserError("--device must be auto, cpu or cuda")
     s = settings_from(home, device=device, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
-        "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
+        "train.exclude_history": exclude_history, "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
     })
     fs = load_feature_set(current_feature_set(s))

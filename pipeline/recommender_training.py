@@ -81,7 +81,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     excluded = torch.from_numpy(cold).clone()
     excluded[0] = True
     counts = torch.from_numpy(np.bincount(train.values, minlength=fs.num_items + 1).astype(np.float64))
-    loss = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None)
+    loss = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
+                        exclude_history=cfg.exclude_history)
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=(10,)).metrics

@@ -247,17 +247,40 @@ class _Progress:
 # Next-item objectives for sequence models that expose ``item_vectors`` and ``encode``.
 
 
+def window_items_among(windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Which candidates occur in each window.
+
+    Args:
+        windows: (B, L) long item ids (padding 0 may occur).
+        candidates: (C,) long item ids, sorted ascending, no repeats.
+
+    Returns:
+        (B, C) bool: ``out[b, c]`` is True when ``candidates[c]`` is one of ``windows[b]``.
+    """
+    C = candidates.shape[0]
+    idx = torch.searchsorted(candidates, windows).clamp(max=C - 1)  # (B, L)
+    found = candidates[idx] == windows  # (B, L)
+    out = torch.zeros(windows.shape[0], C + 1, dtype=torch.bool, device=windows.device)  # last column: no match
+    out.scatter_(1, torch.where(found, idx, C), True)
+    return out[:, :C]
+
+
 class NextItemLoss:
     """Cross-entropy of the next item at every non-padding position.
 
     ``negatives == 0``: full softmax over the catalogue. ``negatives > 0``: sampled softmax
     with ``negatives`` items drawn per step from ``sampling_probs`` (shared by the batch),
     logQ-corrected, accidental hits removed. Items with ``excluded`` (padding, cold items)
-    are never predicted.
+    are never predicted. With ``exclude_history`` the items of a training window are never
+    negatives at its positions (only each position's own target counts): ranking leaves out
+    what the user has already seen, so training does not spend itself pushing those items
+    down (the published 3,000-negative SASRec samples its negatives outside the sequence).
     """
 
-    def __init__(self, excluded: torch.Tensor, negatives: int = 0, sampling_probs: torch.Tensor | None = None) -> None:
+    def __init__(self, excluded: torch.Tensor, negatives: int = 0, sampling_probs: torch.Tensor | None = None,
+                 exclude_history: bool = False) -> None:
         self.negatives = negatives
+        self.exclude_history = exclude_history
         self.excluded = torch.nonzero(excluded).squeeze(1)  # (E,) item indices never predicted
         if negatives:
             probs = sampling_probs if sampling_probs is not None else torch.ones(excluded.shape[0])
@@ -275,12 +298,26 @@ class NextItemLoss:
         if self.negatives == 0:
             logits = (h @ table.T).float()  # (M, N+1)
             logits.index_fill_(1, self.excluded.to(h.device), float("-inf"))
+            if self.exclude_history:
+                in_window = _in_window(inputs, targets, valid, torch.arange(table.shape[0], device=h.device))  # (M, N+1)
+                in_window[torch.arange(len(y), device=h.device), y] = False
+                logits.masked_fill_(in_window, float("-inf"))
             return F.cross_entropy(logits, y)
         probs = self.probs.to(h.device)
         neg = torch.multinomial(probs, self.negatives, replacement=True)  # (S,)
         log_q = self.log_q.to(h.device)
         pos_logit = (h * table[y]).sum(-1) - log_q[y]  # (M,)
         neg_logit = h @ table[neg].T - log_q[neg]  # (M, S)
-        neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
+        drop = neg.unsqueeze(0) == y.unsqueeze(1)  # (M, S) accidental hits
+        if self.exclude_history:
+            distinct, which = torch.unique(neg, return_inverse=True)  # (U,), (S,)
+            drop |= _in_window(inputs, targets, valid, distinct)[:, which]  # (M, S)
+        neg_logit = neg_logit.masked_fill(drop, float("-inf"))
         logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)  # (M, 1+S)
         return F.cross_entropy(logits.float(), torch.zeros_like(y))
+
+
+def _in_window(inputs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(M, C) bool: for each valid position of (B, T) ``valid``, which ``candidates`` are in its window."""
+    windows = torch.cat([inputs, targets], dim=1)  # (B, 2T) every item of each window
+    return window_items_among(windows, candidates)[valid.nonzero()[:, 0]]  # (M, C)
