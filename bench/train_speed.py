@@ -35,7 +35,7 @@ class TargetReached(Exception):
     pass
 
 
-def throughput(settings, fs, device: torch.device, steps: int) -> float:
+def throughput(settings, fs, device: torch.device, steps: int, exclude_history: bool = False) -> float:
     """Training sequences per second over ``steps`` steps after 3 warm-up steps."""
     torch.manual_seed(0)
     model = build_sasrec(fs, settings.model).to(device).train()
@@ -43,7 +43,7 @@ def throughput(settings, fs, device: torch.device, steps: int) -> float:
     windows = training_windows(train, settings.model.max_len, settings.train.all_windows)
     excluded = torch.from_numpy(fs.cold_mask).clone()
     excluded[0] = True
-    loss_fn = NextItemLoss(excluded)
+    loss_fn = NextItemLoss(excluded, exclude_history=exclude_history)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     use_cuda = device.type == "cuda"
     step_fn = torch.compile(loss_fn, dynamic=True) if use_cuda and settings.train.compile else loss_fn
@@ -120,6 +120,8 @@ def main() -> None:
     rate = throughput(settings, fs, device, max(args.steps, 10))
     kept = ", freed memory kept in the process as training does" if device.type == "cpu" else ""
     print(f"throughput: {rate:,.0f} training sequences/s ({shape}{kept})")
+    rate_xh = throughput(settings, fs, device, max(args.steps, 10), exclude_history=True)
+    print(f"throughput with --exclude-history: {rate_xh:,.0f} training sequences/s ({rate_xh / rate:.2f}x)")
     if args.steps:
         return
 

@@ -58,7 +58,7 @@ class TrainSettings(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     negatives: int = Field(0, ge=0, description="0 = full softmax; N = sampled softmax with logQ correction")
-    exclude_history: bool = Field(False, description="items of a training window are never negatives at its positions (ranking excludes seen items)")
+    exclude_history: bool = Field(True, description="items of a training window are never negatives at its positions (ranking excludes seen items)")
     patience: int = Field(20, ge=1, description="epochs without validation NDCG@10 gain before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 42
