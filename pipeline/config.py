@@ -47,8 +47,9 @@ class ModelSettings(BaseModel):
 class TrainSettings(BaseModel):
     """Training loop settings.
 
-    The defaults are the full-softmax SASRec+ recipe with a 200-epoch cosine; measured ML-1M
-    results (shorter schedules on CPU) are in docs/benchmarks.md.
+    The defaults are the full-softmax SASRec+ recipe with a 200-epoch cosine, a training
+    window's own items left out of its negatives; measured results (shorter schedules on
+    CPU) are in docs/benchmarks.md.
     """
 
     epochs: int = Field(200, ge=0)
