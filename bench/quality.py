@@ -60,6 +60,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``--set KEY=VALUE`` items as settings overrides (numbers, booleans and lists parsed as JSON)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("t", "f") else value
+    return out
+
+
 def prepare(home: Path, dataset: str) -> None:
     """Ingest the dataset and its item content into a fresh state folder, build LOO features."""
     spec = DATASETS[dataset]
@@ -99,9 +108,7 @@ def main() -> None:
         overrides["train.epochs"] = args.epochs
     if args.seed is not None:
         overrides["train.seed"] = args.seed
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" and value not in ("t", "f") else value
+    overrides.update(parse_overrides(args.set))
 
     if not (home / "features" / "CURRENT").exists():
         t = time.perf_counter()

@@ -11,6 +11,7 @@ on the device the settings resolve to (``--device auto``: the GPU when torch see
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import sys
 import time
@@ -22,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.quality import machine, prepare  # noqa: E402
-from pipeline.batches import epoch_batches, training_sequences, training_windows  # noqa: E402
+from bench.quality import machine, parse_overrides, prepare  # noqa: E402
+from pipeline.batches import epoch_batches, pack, training_sequences, training_windows  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.feature_store import load_feature_set  # noqa: E402
 from pipeline.model_store import build_sasrec  # noqa: E402
@@ -35,8 +36,9 @@ class TargetReached(Exception):
     pass
 
 
-def throughput(settings, fs, device: torch.device, steps: int, exclude_history: bool = False) -> float:
-    """Training sequences per second over ``steps`` steps after 3 warm-up steps."""
+def throughput(settings, fs, device: torch.device, steps: int | None, exclude_history: bool,
+               group_by_length: bool = False) -> float:
+    """Training sequences per second over ``steps`` steps (None: one whole epoch) after 3 warm-up steps."""
     torch.manual_seed(0)
     model = build_sasrec(fs, settings.model).to(device).train()
     train = training_sequences(fs.sequences, fs.train_end, fs.cold_mask)
@@ -47,14 +49,18 @@ def throughput(settings, fs, device: torch.device, steps: int, exclude_history: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     use_cuda = device.type == "cuda"
     step_fn = torch.compile(loss_fn, dynamic=True) if use_cuda and settings.train.compile else loss_fn
-    batches = epoch_batches(train, windows, settings.train.batch_size, np.random.default_rng(0))
+    batch_size = settings.train.batch_size
+    warm = [pack(train, windows, np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(3)]
+    batches = epoch_batches(train, windows, batch_size, np.random.default_rng(0), group_by_length)
+    if steps is not None:
+        batches = itertools.islice(batches, steps)
     seqs, t0 = 0, 0.0
-    for i in range(steps + 3):
+    for i, batch in enumerate(itertools.chain(warm, batches)):
         if i == 3:
             if use_cuda:
                 torch.cuda.synchronize()
             t0, seqs = time.perf_counter(), 0
-        inputs, targets = (torch.from_numpy(a).to(device) for a in next(batches))
+        inputs, targets = (torch.from_numpy(a).to(device) for a in batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
             loss = step_fn(model, (inputs, targets))
         opt.zero_grad(set_to_none=True)
@@ -96,6 +102,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="only measure throughput over this many steps")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any setting, e.g. --set train.group_by_length=true (repeatable)")
     ap.add_argument("--from-run", type=Path, default=None,
                     help="report from a finished run's training.json instead of training again")
     args = ap.parse_args()
@@ -108,20 +116,27 @@ def main() -> None:
         return
     if not (home / "features" / "CURRENT").exists():
         prepare(home, args.dataset)
-    settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs})
+    settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs, **parse_overrides(args.set)})
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
     shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
              f"full softmax over {fs.num_items:,} items, {device}")
+    xh = settings.train.exclude_history
+    steps = max(args.steps, 10)
     if device.type == "cpu":  # side by side: glibc's defaults, then freed memory kept (what training does)
-        rate = throughput(settings, fs, device, max(args.steps, 10))
+        rate = throughput(settings, fs, device, steps, xh)
         print(f"throughput, glibc malloc defaults: {rate:,.0f} training sequences/s ({shape})")
         keep_freed_memory_in_process()
-    rate = throughput(settings, fs, device, max(args.steps, 10))
+    rate = throughput(settings, fs, device, steps, xh)
     kept = ", freed memory kept in the process as training does" if device.type == "cpu" else ""
-    print(f"throughput: {rate:,.0f} training sequences/s ({shape}{kept})")
-    rate_xh = throughput(settings, fs, device, max(args.steps, 10), exclude_history=True)
-    print(f"throughput with --exclude-history: {rate_xh:,.0f} training sequences/s ({rate_xh / rate:.2f}x)")
+    print(f"throughput: {rate:,.0f} training sequences/s ({shape}, exclude_history={xh}{kept})")
+    rate_other = throughput(settings, fs, device, steps, not xh)
+    print(f"throughput with exclude_history={not xh}: {rate_other:,.0f} training sequences/s ({rate_other / rate:.2f}x)")
+    # batch lengths vary from batch to batch once grouped, so compare whole epochs
+    epoch_random = throughput(settings, fs, device, None, xh, group_by_length=False)
+    epoch_grouped = throughput(settings, fs, device, None, xh, group_by_length=True)
+    print(f"one whole epoch each: random batches {epoch_random:,.0f}, --group-by-length {epoch_grouped:,.0f} "
+          f"training sequences/s ({epoch_grouped / epoch_random:.2f}x)")
     if args.steps:
         return
 

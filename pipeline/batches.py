@@ -81,12 +81,29 @@ def pack(train: Ragged, win: Windows, rows: np.ndarray) -> tuple[np.ndarray, np.
     return inputs, targets
 
 
-def epoch_batches(train: Ragged, win: Windows, batch_size: int, rng: np.random.Generator
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled (inputs, targets) batches covering every window once."""
+def epoch_batches(train: Ragged, win: Windows, batch_size: int, rng: np.random.Generator,
+                  group_by_length: bool = False, chunk_batches: int = 50) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled (inputs, targets) batches covering every window once.
+
+    A batch is padded to its longest window. With ``group_by_length`` the shuffled windows
+    are cut into chunks of ``chunk_batches`` batches, each chunk is sorted by window length
+    and cut into batches, and the batches are shuffled: each batch holds windows of similar
+    length, so far fewer padding positions go through the encoder.
+    """
     order = rng.permutation(len(win))
-    for i in range(0, len(order), batch_size):
-        yield pack(train, win, order[i:i + batch_size])
+    if not group_by_length:
+        for i in range(0, len(order), batch_size):
+            yield pack(train, win, order[i:i + batch_size])
+        return
+    lens = win.stop - win.start  # (N,) events per window
+    chunk = batch_size * chunk_batches
+    groups: list[np.ndarray] = []
+    for c in range(0, len(order), chunk):
+        part = order[c:c + chunk]
+        part = part[np.argsort(-lens[part], kind="stable")]  # longest first; ties keep the shuffle
+        groups.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    for g in rng.permutation(len(groups)):
+        yield pack(train, win, groups[g])
 
 
 def prefix_batch(sequences: Ragged, users: np.ndarray, ends: np.ndarray, max_len: int) -> np.ndarray:

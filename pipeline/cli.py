@@ -188,6 +188,9 @@ def train(
     exclude_history: Annotated[bool | None, typer.Option(
         "--exclude-history/--no-exclude-history",
         help="never use the items of a training window as its negatives (as ranking leaves seen items out)")] = None,
+    group_by_length: Annotated[bool | None, typer.Option(
+        "--group-by-length/--no-group-by-length",
+        help="batch windows of similar length together (less padding, faster steps)")] = None,
     patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
@@ -203,7 +206,8 @@ def train(
         raise UserError("--device must be auto, cpu or cuda")
     s = settings_from(home, device=device, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
-        "train.exclude_history": exclude_history, "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
+        "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
+        "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
     })
     fs = load_feature_set(current_feature_set(s))

@@ -75,7 +75,7 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
 
     def batches(epoch: int):
         rng = np.random.default_rng(cfg.seed * 1_000_003 + epoch)
-        for inputs, targets in epoch_batches(train, windows, cfg.batch_size, rng):
+        for inputs, targets in epoch_batches(train, windows, cfg.batch_size, rng, cfg.group_by_length):
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
     excluded = torch.from_numpy(cold).clone()

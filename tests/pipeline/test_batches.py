@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.batches import pack, prefix_batch, training_sequences, training_windows
+from pipeline.batches import epoch_batches, pack, prefix_batch, training_sequences, training_windows
 from pipeline.feature_store import Ragged
 
 
@@ -45,3 +45,26 @@ def test_prefix_batch() -> None:
     seqs = ragged([[1, 2, 3, 4, 5], [6, 7]])
     out = prefix_batch(seqs, np.array([0, 1]), np.array([4, 1]), max_len=3)
     assert out.tolist() == [[2, 3, 4], [0, 0, 6]]
+
+
+def test_length_grouped_batches_cover_every_window_once_with_less_padding() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 40, size=300)
+    train = ragged([list(range(1, n + 1)) for n in lengths])
+    win = training_windows(train, max_len=50)
+
+    def epoch(grouped: bool) -> tuple[list[tuple[int, ...]], int]:
+        rows, padded = [], 0
+        for inputs, targets in epoch_batches(train, win, 16, np.random.default_rng(1), grouped, chunk_batches=4):
+            assert inputs.shape[0] <= 16 and (targets[:, -1] > 0).all()  # every row ends in a real target
+            padded += int((inputs == 0).sum())
+            rows += [tuple(r[r > 0]) for r in targets]
+        return rows, padded
+
+    plain, plain_pad = epoch(False)
+    grouped, grouped_pad = epoch(True)
+    assert sorted(grouped) == sorted(plain) and len(grouped) == len(win)  # same windows, once each
+    assert grouped_pad < plain_pad / 3  # chunks of 64 windows sorted by length: little padding left
+    first = [b[0].shape[1] for b in epoch_batches(train, win, 16, np.random.default_rng(2), True, chunk_batches=4)]
+    again = [b[0].shape[1] for b in epoch_batches(train, win, 16, np.random.default_rng(3), True, chunk_batches=4)]
+    assert first != again  # batch order is shuffled from epoch to epoch
