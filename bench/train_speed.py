@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.18, help="validation NDCG@10 to reach")
     ap.add_argument("--steps", type=int, default=0, help="only measure throughput over this many steps")
     ap.add_argument("--home", type=Path, default=None)
-    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--max-epochs", type=int, default=None, help="default: the training default")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any setting, e.g. --set train.group_by_length=true (repeatable)")
     ap.add_argument("--from-run", type=Path, default=None,
@@ -117,7 +117,7 @@ def main() -> None:
         return
     if not (home / "features" / "CURRENT").exists():
         prepare(home, args.dataset)
-    settings = load_settings(home=home, device=args.device, **{"train.epochs": args.max_epochs, **parse_overrides(args.set)})
+    settings = load_settings(home=home, device=args.device, **({"train.epochs": args.max_epochs} if args.max_epochs else {}), **parse_overrides(args.set))
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
     shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
@@ -160,7 +160,7 @@ def main() -> None:
         print(f"reached valid NDCG@10 {reached['ndcg']:.4f} >= {args.target} after epoch {reached['epoch']} "
               f"in {reached['seconds']:.1f} s on {device}")
     else:
-        print(f"did not reach {args.target} within {args.max_epochs} epochs ({time.perf_counter() - started:.0f} s)")
+        print(f"did not reach {args.target} within {settings.train.epochs} epochs ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
-    """Train the content-aware SASRec on the current feature set (defaults: full-softmax SASRec+ with window items left out of the negatives, 200 epochs)."""
+    """Train the content-aware SASRec on the current feature set (defaults: full-softmax SASRec+ with window items left out of the negatives, 80 epochs)."""
     from pipeline.feature_store import current_feature_set, load_feature_set
     from pipeline.tracking import tracked_train
 
