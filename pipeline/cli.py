@@ -190,7 +190,7 @@ def train(
         help="never use the items of a training window as its negatives (as ranking leaves seen items out)")] = None,
     group_by_length: Annotated[bool | None, typer.Option(
         "--group-by-length/--no-group-by-length",
-        help="batch windows of similar length together (less padding, faster steps)")] = None,
+        help="batch windows of similar length together: faster steps (1.25x on ML-1M), lower NDCG on ML-100K (-9%)")] = None,
     patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,

@@ -64,7 +64,7 @@ class TrainSettings(BaseModel):
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     seed: int = 42
     all_windows: bool = Field(True, description="long histories give all their windows of max_len, not only the newest")
-    group_by_length: bool = Field(False, description="batches of windows of similar length (less padding, faster steps)")
+    group_by_length: bool = Field(False, description="batches of windows of similar length: less padding, faster steps, lower quality on ML-100K (docs/benchmarks.md)")
     compile: bool = Field(True, description="torch.compile on CUDA")
 
 
