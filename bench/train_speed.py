@@ -117,7 +117,7 @@ def main() -> None:
         return
     if not (home / "features" / "CURRENT").exists():
         prepare(home, args.dataset)
-    settings = load_settings(home=home, device=args.device, **({"train.epochs": args.max_epochs} if args.max_epochs else {}), **parse_overrides(args.set))
+    settings = load_settings(home=home, device=args.device, **{**({"train.epochs": args.max_epochs} if args.max_epochs else {}), **parse_overrides(args.set)})
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
     shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
