@@ -51,7 +51,7 @@ T_START = 1_704_067_200                            # 2024-01-01T00:00:00Z
 T_SPAN = 365 * 86_400
 PARQUET_ROW_GROUP = 1_000_000
 PACKAGES = ("duckdb", "polars", "pandas", "pyarrow", "numpy")
-INGEST_CODE = ("pipeline/ingest.py", "pipeline/ingest_formats.py", "pipeline/warehouse.py", "pipeline/errors.py")
+INGEST_CODE = ("pipeline/data/ingest.py", "pipeline/data/ingest_formats.py", "pipeline/data/warehouse.py", "pipeline/errors.py")
 BUSY_LOAD = 0.5                                    # 1-minute load average above which we warn
 
 
@@ -211,8 +211,8 @@ class Stopwatch:
 
 def run_attnrec(path: Path, state: Path) -> dict[str, Any]:
     """``ingest_paths`` of one file into the warehouse of ``state`` (created if new)."""
-    from pipeline.ingest import IngestOptions, ingest_paths
-    from pipeline.warehouse import connect
+    from pipeline.data.ingest import IngestOptions, ingest_paths
+    from pipeline.data.warehouse import connect
 
     con = connect(state / "warehouse.duckdb")
     base = rss_now_mb()

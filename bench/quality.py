@@ -24,13 +24,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from pipeline.catalog import ingest_items  # noqa: E402
+from pipeline.data.catalog import ingest_items  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.feature_store import build_feature_set, load_feature_set  # noqa: E402
-from pipeline.ingest import IngestOptions, ingest_paths  # noqa: E402
-from pipeline.recommender_training import baseline_model, evaluate_model, sasrec_scorer, train_sasrec  # noqa: E402
-from pipeline.training import resolve_device  # noqa: E402
-from pipeline.warehouse import connect  # noqa: E402
+from pipeline.data.feature_store import build_feature_set, load_feature_set  # noqa: E402
+from pipeline.data.ingest import IngestOptions, ingest_paths  # noqa: E402
+from pipeline.training.recipe import baseline_model, evaluate_model, sasrec_scorer, train_sasrec  # noqa: E402
+from pipeline.training.loop import resolve_device  # noqa: E402
+from pipeline.data.warehouse import connect  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {

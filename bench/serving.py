@@ -15,7 +15,7 @@ For each catalogue (``--sizes``) and index kind (``--kinds``, default exact ``fl
 * **recall@10** of HNSW against exact search, twice: of the raw index on the real query
   vectors (the user vectors of the benchmark histories), and of the served answer (top-10
   after seen items are removed) against the flat bundle's answer to the same history;
-* **HTTP**: the real server (``python -m pipeline.cli serve`` in a child process on
+* **HTTP**: the real server (``python -m pipeline.app.cli serve`` in a child process on
   127.0.0.1) driven by an asyncio + httpx load generator in this process, over loopback only:
   - *open loop*: Poisson arrivals at ``--rate`` req/s; latency is measured from each
     request's scheduled send time (no coordinated omission), so while the server keeps up
@@ -74,12 +74,12 @@ import torch  # noqa: E402
 from bench.quality import machine, prepare  # noqa: E402
 from models.item_tower import ItemTower  # noqa: E402
 from models.sasrec import SASRec  # noqa: E402
-from pipeline.batch_recommend import recommend_all  # noqa: E402
+from pipeline.serving.batch import recommend_all  # noqa: E402
 from pipeline.config import ModelSettings, load_settings  # noqa: E402
-from pipeline.feature_store import load_feature_set  # noqa: E402
-from pipeline.index import FLAT_MAX_ITEMS, build_index, choose_kind, recall_at_k, save_index  # noqa: E402
-from pipeline.model_store import MODEL_FILE_VERSION, build_sasrec, file_sha256, load_model, save_model  # noqa: E402
-from pipeline.recommend import Filters, HistoryStore, ModelBundle  # noqa: E402
+from pipeline.data.feature_store import load_feature_set  # noqa: E402
+from pipeline.registry.index import FLAT_MAX_ITEMS, build_index, choose_kind, recall_at_k, save_index  # noqa: E402
+from pipeline.registry.model_store import MODEL_FILE_VERSION, build_sasrec, file_sha256, load_model, save_model  # noqa: E402
+from pipeline.serving.query import Filters, HistoryStore, ModelBundle  # noqa: E402
 
 K = 10
 BATCH_K = 50
@@ -587,7 +587,7 @@ def proc_rss_mb(pid: int) -> float:
 
 
 class Server:
-    """``python -m pipeline.cli serve --model DIR`` on 127.0.0.1 (a context manager)."""
+    """``python -m pipeline.app.cli serve --model DIR`` on 127.0.0.1 (a context manager)."""
 
     def __init__(self, bundle: Path, home: Path, log: Path, threads: int = 0) -> None:
         self.bundle, self.home, self.log, self.threads = bundle, home, log, threads
@@ -600,7 +600,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("ATTNREC_API_TOKEN", "ATTNREC_SERVE__API_TOKEN")}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(self.bundle), "--home", str(self.home),
+        cmd = [sys.executable, "-m", "pipeline.app.cli", "serve", "--model", str(self.bundle), "--home", str(self.home),
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -952,7 +952,7 @@ def notes(cases: list[Case], args: argparse.Namespace) -> list[str]:
     out.append("synthetic catalogues use a pure-ID SASRec: the item table is precomputed at load, so content features "
                "change load time and explain=True (which recomputes every item vector), not the plain query path")
     if not args.skip_http:
-        out.append(f"HTTP: `python -m pipeline.cli serve` (uvicorn, 1 worker) on 127.0.0.1; load generator: asyncio + "
+        out.append(f"HTTP: `python -m pipeline.app.cli serve` (uvicorn, 1 worker) on 127.0.0.1; load generator: asyncio + "
                    f"httpx in this process on the same {os.cpu_count()} cores, its CPU per request shown next to the "
                    f"server's; closed-loop latency with {args.clients} clients is queueing (Little's law), the open-loop "
                    f"run shows latency below saturation; server logs in {args.workdir / 'logs'}")

@@ -24,12 +24,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.quality import machine, parse_overrides, prepare  # noqa: E402
-from pipeline.batches import epoch_batches, pack, training_sequences, training_windows  # noqa: E402
+from pipeline.training.batches import epoch_batches, pack, training_sequences, training_windows  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
-from pipeline.feature_store import load_feature_set  # noqa: E402
-from pipeline.model_store import build_sasrec  # noqa: E402
-from pipeline.recommender_training import train_sasrec  # noqa: E402
-from pipeline.training import NextItemLoss, keep_freed_memory_in_process, resolve_device  # noqa: E402
+from pipeline.data.feature_store import load_feature_set  # noqa: E402
+from pipeline.registry.model_store import build_sasrec  # noqa: E402
+from pipeline.training.recipe import train_sasrec  # noqa: E402
+from pipeline.training.loop import NextItemLoss, keep_freed_memory_in_process, resolve_device  # noqa: E402
 
 
 class TargetReached(Exception):

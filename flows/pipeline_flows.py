@@ -1,4 +1,4 @@
-"""Prefect flows: thin wrappers of ``pipeline.pipeline_steps``.
+"""Prefect flows: thin wrappers of ``pipeline.app.steps``.
 
 Flows: ``ingest``, ``build-features``, ``train``, ``evaluate``, ``build-index``,
 ``recommend-all`` and ``attnrec-pipeline``, which chains them: ingest new files from the
@@ -19,11 +19,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from pipeline import pipeline_steps as steps
+from pipeline.app import steps
 from pipeline.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from pipeline.training import EpochRecord
+    from pipeline.training.loop import EpochRecord
 
 
 def _settings(home: str | None, overrides: dict[str, Any] | None) -> Settings:

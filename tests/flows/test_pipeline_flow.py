@@ -63,9 +63,9 @@ def test_unchanged_warehouse_reuses_features_and_skips_training(pipeline_run: tu
 
 
 def test_worse_model_is_not_promoted_and_serving_keeps_the_champion(pipeline_run: tuple[Path, dict, dict]) -> None:
-    from pipeline.model_resolution import resolve_bundle
-    from pipeline.pipeline_steps import train
-    from pipeline.recommend import ModelBundle
+    from pipeline.registry.resolution import resolve_bundle
+    from pipeline.app.steps import train
+    from pipeline.serving.query import ModelBundle
 
     home, first, _ = pipeline_run
     worse = train(load_settings(home=home, **{**TINY, "train.epochs": 0}))

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.catalog import ingest_items
+from pipeline.data.catalog import ingest_items
 from pipeline.config import load_settings
-from pipeline.feature_store import FeatureSet, build_feature_set, load_feature_set
-from pipeline.ingest import IngestOptions, ingest_paths
-from pipeline.model_store import build_sasrec, save_model
-from pipeline.recommend import write_bundle
-from pipeline.warehouse import connect
+from pipeline.data.feature_store import FeatureSet, build_feature_set, load_feature_set
+from pipeline.data.ingest import IngestOptions, ingest_paths
+from pipeline.registry.model_store import build_sasrec, save_model
+from pipeline.serving.query import write_bundle
+from pipeline.data.warehouse import connect
 from tests.support import Attnrec
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,345 @@
+"""Versioned feature sets on disk: built from the warehouse, memory-mapped by the trainer.
+
+Layout of ``HOME/features/<version>/``::
+
+    manifest.json        source fingerprint, parameters, counts, split times (no wall-clock times,
+                         so the same warehouse and parameters give the same bytes)
+    items.parquet        item_idx, item_key, item_id, title, categories, in_events, cold, train_count
+    item_features.arrow  one row per item_idx (row 0 = padding): category_ids, text_tokens, numeric
+    histories.arrow      user_idx, user_key, user_id, items (oldest first), times
+    splits.parquet       user_idx, train_end, valid_pos, test_pos
+    categories.parquet   category_id, name
+
+``version`` hashes the warehouse fingerprint with the parameters and the feature code
+version, so an unchanged warehouse reuses its feature set instead of rebuilding it.
+``HOME/features/CURRENT`` names the latest built version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from features.histories import item_popularity, user_histories
+from features.item_content import category_ids, category_vocabulary, numeric_fields, text_tokens
+from features.splits import cold_items, leave_one_out, temporal, time_quantiles
+from features.vocabulary import item_vocabulary, user_vocabulary
+from pipeline.config import FeatureSettings, Settings
+from pipeline.errors import UserError
+from pipeline.data.warehouse import DICT_KEY_BASE, query_frame
+
+FEATURES_CODE_VERSION = 1
+COLD_SEED = 20240601
+
+
+def feature_params(fs: FeatureSettings) -> dict[str, Any]:
+    p = fs.model_dump(mode="json")
+    p["code_version"] = FEATURES_CODE_VERSION
+    p["polars"] = pl.__version__
+    return p
+
+
+def source_fingerprint(con: duckdb.DuckDBPyConnection, event_types: list[str] | None) -> dict[str, Any]:
+    """Order-independent digest of the events (and catalog) the feature set is built from."""
+    where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if event_types else ""
+    params = [event_types] if event_types else []
+    n, digest = con.execute(
+        f"SELECT count(*), coalesce(sum(hash(user_key, item_key, ts, event_type))::VARCHAR, '0') FROM events {where}",
+        params,
+    ).fetchall()[0]
+    n_items, items_digest = con.execute(
+        "SELECT count(*), coalesce(sum(hash(item_key, title, categories::VARCHAR, text, numeric::VARCHAR))::VARCHAR, '0') FROM items_v"
+    ).fetchall()[0]
+    fp = hashlib.sha256(f"{n}|{digest}|{n_items}|{items_digest}".encode()).hexdigest()
+    return {"fingerprint": fp, "events": int(n), "catalog_items": int(n_items)}
+
+
+def feature_version(source: dict[str, Any], params: dict[str, Any]) -> str:
+    blob = json.dumps({"source": source["fingerprint"], "params": params}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_arrow(df: pl.DataFrame, path: Path) -> None:
+    """One-record-batch Arrow IPC file, uncompressed, 64-bit list offsets: memory-mappable."""
+    table = df.to_arrow()
+    fields = []
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            t = pa.large_list(t.value_type)
+        elif pa.types.is_string(t) or pa.types.is_large_string(t):
+            t = pa.large_string()
+        fields.append(pa.field(f.name, t))
+    table = table.cast(pa.schema(fields)).combine_chunks()
+    with ipc.new_file(str(path), table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=max(1, table.num_rows)):
+            writer.write_batch(batch)
+
+
+def _split_times(histories: pl.DataFrame, fs: FeatureSettings) -> tuple[int, int]:
+    def us(dt: datetime) -> int:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return int(dt.timestamp() * 1_000_000)
+
+    if fs.split_time is not None:
+        test_time = us(fs.split_time)
+        valid_time = us(fs.valid_time) if fs.valid_time else time_quantiles(
+            histories.with_columns(pl.col("times").list.eval(pl.element().filter(pl.element() < test_time))),
+            fs.test_fraction)[1]
+        return valid_time, test_time
+    return time_quantiles(histories, fs.test_fraction)
+
+
+def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force: bool = False) -> tuple[Path, bool]:
+    """Build (or reuse) the feature set for the warehouse as it is now.
+
+    Returns (folder, built): ``built`` is False when an identical feature set already existed.
+    The folder is written under a temporary name and renamed into place, so a crash never
+    leaves a half-written feature set.
+    """
+    fs = settings.features
+    params = feature_params(fs)
+    source = source_fingerprint(con, fs.event_types)
+    if source["events"] == 0:
+        raise UserError(f"the warehouse {settings.duckdb_path} has no events: run `attnrec ingest` first")
+    version = feature_version(source, params)
+    root = settings.features_dir
+    final = root / version
+    if final.exists() and not force:
+        set_current(root, version)
+        return final, False
+
+    where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if fs.event_types else ""
+    events = query_frame(
+        con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}",
+        [fs.event_types] if fs.event_types else [],
+    )
+    catalog = query_frame(
+        con, "SELECT item_key, title, categories, text, map_keys(numeric) AS num_keys, map_values(numeric) AS num_values FROM items_v"
+    )
+    item_ids = query_frame(con, 
+        f"""SELECT k.item_key, CASE WHEN k.item_key < {DICT_KEY_BASE} THEN k.item_key::VARCHAR ELSE d.item_id END AS item_id
+            FROM item_ids_v k LEFT JOIN item_dict d USING (item_key)"""
+    )
+    user_ids = query_frame(con, 
+        f"""SELECT DISTINCT e.user_key, CASE WHEN e.user_key < {DICT_KEY_BASE} THEN e.user_key::VARCHAR ELSE d.user_id END AS user_id
+            FROM (SELECT DISTINCT user_key FROM events) e LEFT JOIN user_dict d USING (user_key)"""
+    )
+
+    # Vocabularies and histories
+    items = item_vocabulary(events.select("item_key"), catalog.select("item_key"))
+    users = user_vocabulary(events.select("user_key"))
+    histories = user_histories(events, items, users)
+    histories = histories.filter(pl.col("items").list.len() >= fs.min_user_events).with_columns(
+        pl.int_range(0, pl.len(), dtype=pl.Int32).alias("user_idx"))
+    histories = histories.join(user_ids, on="user_key", how="left").select(
+        "user_idx", "user_key", pl.col("user_id").fill_null(pl.col("user_key").cast(pl.String)), "items", "times"
+    )
+
+    # Splits
+    split_info: dict[str, Any] = {"kind": fs.split}
+    if fs.split == "loo":
+        splits = leave_one_out(histories)
+    else:
+        valid_time, test_time = _split_times(histories, fs)
+        splits = temporal(histories, valid_time, test_time)
+        split_info.update({"valid_time_us": valid_time, "test_time_us": test_time,
+                           "valid_time": datetime.fromtimestamp(valid_time / 1e6, UTC).isoformat(),
+                           "test_time": datetime.fromtimestamp(test_time / 1e6, UTC).isoformat()})
+
+    # Items: content, cold hold-out, training popularity (cold items never count)
+    cold = cold_items(items, fs.cold_item_fraction, COLD_SEED)
+    items = items.with_columns(cold)
+    content = items.join(catalog, on="item_key", how="left").sort("item_idx")
+    cat_vocab = category_vocabulary(content)
+    num_names, numeric = numeric_fields(content)
+    pad = pl.DataFrame({"item_idx": [0]}, schema={"item_idx": pl.Int32})
+    item_features = pl.concat([
+        pad.with_columns(pl.lit([], pl.List(pl.Int32)).alias("category_ids"), pl.lit([], pl.List(pl.Int32)).alias("text_tokens"),
+                         pl.lit([0.0] * len(num_names), pl.List(pl.Float32)).alias("numeric")),
+        content.select("item_idx").with_columns(
+            category_ids(content, cat_vocab, fs.max_categories),
+            text_tokens(content, fs.text_buckets, fs.max_text_tokens),
+            numeric.alias("numeric"),
+        ),
+    ])
+    train_lengths = splits["train_end"]
+    pop = item_popularity(histories, train_lengths, items.height)
+    cold_idx = items.filter(pl.col("cold"))["item_idx"]
+    pop = pop.with_columns(pl.when(pl.col("item_idx").is_in(cold_idx.implode())).then(0).otherwise(pl.col("count")).alias("count"))
+    items_table = (
+        content.select("item_idx", "item_key", "title", "categories", "in_events", "cold")
+        .join(item_ids, on="item_key", how="left")
+        .join(pop.rename({"count": "train_count"}), on="item_idx", how="left")
+        .select("item_idx", "item_key", pl.col("item_id").fill_null(pl.col("item_key").cast(pl.String)), "title",
+                "categories", "in_events", "cold", "train_count")
+        .sort("item_idx")
+    )
+
+    counts = {
+        "users": histories.height,
+        "items": items.height,
+        "events": int(histories["items"].list.len().sum()),
+        "train_events": int(train_lengths.sum()),
+        "valid_targets": int(splits["valid_pos"].is_not_null().sum()),
+        "test_targets": int(splits["test_pos"].is_not_null().sum()),
+        "categories": cat_vocab.height,
+        "numeric_fields": len(num_names),
+        "cold_items": int(cold.sum()),
+        "catalog_only_items": int((~items["in_events"]).sum()),
+    }
+    manifest = {
+        "format_version": 1,
+        "version": version,
+        "source": source,
+        "params": params,
+        "split": split_info,
+        "counts": counts,
+        "numeric_fields": num_names,
+        "text_buckets": fs.text_buckets,
+    }
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        items_table.write_parquet(tmp / "items.parquet", statistics=False)
+        cat_vocab.write_parquet(tmp / "categories.parquet", statistics=False)
+        splits.write_parquet(tmp / "splits.parquet", statistics=False)
+        _write_arrow(item_features, tmp / "item_features.arrow")
+        _write_arrow(histories, tmp / "histories.arrow")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_current(root, version)
+    return final, True
+
+
+def set_current(root: Path, version: str) -> None:
+    tmp = root / f".CURRENT-{os.getpid()}"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, root / "CURRENT")
+
+
+def current_feature_set(settings: Settings) -> Path:
+    pointer = settings.features_dir / "CURRENT"
+    if not pointer.exists():
+        raise UserError(f"no feature set in {settings.features_dir}: run `attnrec features` first")
+    path = settings.features_dir / pointer.read_text().strip()
+    if not (path / "manifest.json").exists():
+        raise UserError(f"feature set {path} is missing or incomplete: run `attnrec features --force`")
+    return path
+
+
+@dataclass
+class Ragged:
+    """A list column as CSR arrays: row r is ``values[offsets[r]:offsets[r+1]]``."""
+
+    offsets: np.ndarray  # (R+1,) int64
+    values: np.ndarray   # (nnz,)
+
+    def row(self, r: int) -> np.ndarray:
+        return self.values[self.offsets[r]:self.offsets[r + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _ragged(column: pa.Array) -> Ragged:
+    arr = column if isinstance(column, pa.Array) else column.combine_chunks()
+    offsets = arr.offsets.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return Ragged(offsets - offsets[0], values[offsets[0]:offsets[-1]] if len(values) else values)
+
+
+def _read_arrow(path: Path) -> pa.RecordBatch:
+    reader = ipc.open_file(pa.memory_map(str(path), "r"))
+    if reader.num_record_batches != 1:
+        return pa.Table.from_batches([reader.get_batch(i) for i in range(reader.num_record_batches)]).combine_chunks().to_batches()[0]
+    return reader.get_batch(0)
+
+
+@dataclass
+class FeatureSet:
+    """A loaded feature set. Sequence arrays are memory-mapped views of ``histories.arrow``."""
+
+    path: Path
+    manifest: dict[str, Any]
+    items: pl.DataFrame
+    categories: pl.DataFrame
+    item_categories: Ragged
+    item_tokens: Ragged
+    item_numeric: np.ndarray  # (num_items + 1, F) float32, row 0 = padding
+    sequences: Ragged         # items per user, oldest first (int32 item_idx)
+    times: Ragged             # event times per user (int64)
+    user_keys: np.ndarray     # (U,) int64
+    user_ids: list[str]
+    train_end: np.ndarray     # (U,) int32
+    valid_pos: np.ndarray     # (U,) int32, -1 = no target
+    test_pos: np.ndarray      # (U,) int32, -1 = no target
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_keys)
+
+    @property
+    def cold_mask(self) -> np.ndarray:
+        """(num_items + 1,) bool: items held out of training (index 0 = padding, False)."""
+        mask = np.zeros(self.num_items + 1, dtype=bool)
+        mask[self.items["item_idx"].to_numpy()] = self.items["cold"].to_numpy()
+        return mask
+
+
+def load_feature_set(path: Path) -> FeatureSet:
+    manifest_path = path / "manifest.json"
+    if not manifest_path.exists():
+        raise UserError(f"{path} is not a feature set (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    hist = _read_arrow(path / "histories.arrow")
+    feats = _read_arrow(path / "item_features.arrow")
+    splits = pl.read_parquet(path / "splits.parquet")
+    num = _ragged(feats.column("numeric"))
+    n_fields = len(manifest["numeric_fields"])
+    numeric = num.values.astype(np.float32).reshape(-1, n_fields) if n_fields else np.zeros((feats.num_rows, 0), np.float32)
+    return FeatureSet(
+        path=path,
+        manifest=manifest,
+        items=pl.read_parquet(path / "items.parquet"),
+        categories=pl.read_parquet(path / "categories.parquet"),
+        item_categories=_ragged(feats.column("category_ids")),
+        item_tokens=_ragged(feats.column("text_tokens")),
+        item_numeric=numeric,
+        sequences=_ragged(hist.column("items")),
+        times=_ragged(hist.column("times")),
+        user_keys=hist.column("user_key").to_numpy(),
+        user_ids=hist.column("user_id").to_pylist(),
+        train_end=splits["train_end"].to_numpy(),
+        valid_pos=splits["valid_pos"].fill_null(-1).to_numpy(),
+        test_pos=splits["test_pos"].fill_null(-1).to_numpy(),
+    )

@@ -1,0 +1,442 @@
+"""Exactly-once ingest of event logs into the DuckDB warehouse.
+
+One file is one transaction: the file's events, its quarantined rows, new dictionary ids
+and its ``sources`` row are committed together or not at all, so an interrupted ingest
+leaves the warehouse as it was before that file.
+
+Identity: an event is its (user, item, time, event type), or its ``--event-id-col`` value
+when one is given. Duplicates inside the file and against the warehouse are found by
+sorting 64-bit hashes of the identity (numpy), and only hash matches are checked exactly
+in SQL, so the common case (new data) is a plain streaming ``INSERT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import InputFileError
+from pipeline.data.ingest_formats import (
+    NOT_JSON,
+    STAGE_COLUMNS,
+    ColumnFlags,
+    SourceSpec,
+    detect,
+    estimate_rows,
+    infer_time_unit,
+    text_batches,
+    unit_from_magnitude,
+)
+from pipeline.data.warehouse import CANONICAL_INT_REGEX, DICT_KEY_BASE, next_source_id, register_ids, transaction
+
+TIME_UNITS = ("auto", "s", "ms", "us", "ns")
+INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
+FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+TIME_TYPES = ("TIMESTAMP", "DATE")
+MAX_US = 9_000_000_000_000_000_000  # below BIGINT's limit: larger values are unparseable times
+
+
+@dataclass
+class IngestReport:
+    """What one file's ingest did. ``examples`` are the first quarantined rows: (line, column, reason)."""
+
+    path: str
+    format: str
+    description: str
+    rows: int = 0
+    loaded: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    source_id: int | None = None
+    identical_to: int | None = None
+    seconds: float = 0.0
+    examples: list[tuple[int, str | None, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        head = f"{self.path}: {self.loaded:,} loaded, {self.duplicates:,} duplicate, {self.quarantined:,} quarantined"
+        if self.identical_to is not None:
+            head += f" (identical to source #{self.identical_to}, already ingested)"
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        return head + f" in {self.seconds:.2f} s ({rate:,.0f} rows/s)"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How to read event files; everything a user can set on ``attnrec ingest``."""
+
+    format: str = "auto"
+    columns: ColumnFlags = ColumnFlags()
+    delimiter: str | None = None
+    has_header: bool | None = None
+    event_type: str | None = None
+    time_unit: str = "auto"
+    strict: bool = False
+
+
+def file_fingerprint(path: Path, options_key: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(options_key.encode())
+    return h.hexdigest()
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _column_types(con: duckdb.DuckDBPyConnection, relation: str) -> dict[str, str]:
+    return {r[0]: r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {relation}").fetchall()}
+
+
+def _is_numeric(dtype: str) -> bool:
+    return dtype in INT_TYPES or dtype in FLOAT_TYPES or dtype.startswith("DECIMAL")
+
+
+def _id_exprs(col: str, dtype: str) -> tuple[str, str, str]:
+    """(key, raw id text for the dictionary, missing) SQL for an id column of type ``dtype``."""
+    if dtype in INT_TYPES:
+        ok = f"({col} >= 0 AND {col} < {DICT_KEY_BASE})"
+        return f"CASE WHEN {ok} THEN {col}::BIGINT END", f"CASE WHEN NOT {ok} THEN {col}::VARCHAR END", f"{col} IS NULL"
+    s = f"nullif(trim({col}::VARCHAR), '')"
+    is_int = f"regexp_full_match({s}, '{CANONICAL_INT_REGEX}')"
+    return f"CASE WHEN {is_int} THEN {s}::BIGINT END", f"CASE WHEN NOT {is_int} THEN {s} END", f"{s} IS NULL"
+
+
+def _unit_scale(unit: str, value: str) -> str:
+    """SQL turning a numeric time in ``unit`` into microseconds, NULL when out of range."""
+    factor = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}[unit]
+    return f"CASE WHEN abs({value}) * {factor} < {MAX_US} THEN ({value} * {factor})::BIGINT END"
+
+
+def _infer_unit(con: duckdb.DuckDBPyConnection, relation: str, col: str) -> str:
+    """Unix time unit of a Parquet column from the magnitude of its first values."""
+    row = con.execute(
+        f"SELECT median(abs(TRY_CAST(t AS DOUBLE))) FROM (SELECT {col} AS t FROM {relation} LIMIT 10000)"
+    ).fetchall()[0]
+    return unit_from_magnitude(row[0] if row else None)
+
+
+@dataclass
+class _Canonical:
+    sql: str               # SELECT producing the canonical columns
+    time_unit: str | None  # chosen unit of numeric times (None: typed or order-only)
+
+
+def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: str, staged: bool,
+                   opts: IngestOptions) -> _Canonical:
+    """SQL over ``relation`` giving: line, user_key, user_raw, item_key, item_raw, ts, event_type,
+    weight, event_id, reason, bad_column, raw. ``reason`` is NULL for good rows."""
+    types = {} if staged else _column_types(con, relation)
+    if staged:
+        col = {r: _ident(r) for r in STAGE_COLUMNS if spec.mapping.get(r)}
+        names = {r: spec.mapping.get(r) for r in STAGE_COLUMNS}
+        line, raw, nfields = "line", "raw", "nfields"
+    else:
+        col = {r: _ident(spec.mapping[r]) for r in STAGE_COLUMNS if spec.mapping.get(r)}
+        names = {r: spec.mapping.get(r) for r in STAGE_COLUMNS}
+        line = "file_row_number + 1"
+        raw = "concat_ws(',', " + ", ".join(f"coalesce({_ident(c)}::VARCHAR, '')" for c in spec.columns) + ")"
+        nfields = "NULL::BIGINT"
+    ctype = {r: types.get(spec.mapping[r] if not staged else r, "VARCHAR") for r in col}
+
+    ukey, uraw, umiss = _id_exprs(col["user"], ctype["user"])
+    ikey, iraw, imiss = _id_exprs(col["item"], ctype["item"])
+
+    unit: str | None = None
+    if spec.mapping.get("time"):
+        t, tt = col["time"], ctype["time"]
+        t_text = f"nullif(trim({t}::VARCHAR), '')"
+        if tt.startswith(TIME_TYPES):
+            ts = f"epoch_us({t})"
+            tmiss = f"{t} IS NULL"
+        else:
+            if opts.time_unit != "auto":
+                unit = opts.time_unit
+            else:
+                unit = infer_time_unit(spec) if staged else _infer_unit(con, relation, t)
+            if _is_numeric(tt):
+                ts = _unit_scale(unit, t)
+                tmiss = f"{t} IS NULL"
+            else:
+                ts = (f"coalesce({_unit_scale(unit, f'TRY_CAST({t_text} AS BIGINT)')}, "
+                      f"{_unit_scale(unit, f'TRY_CAST({t_text} AS DOUBLE)')}, "
+                      f"epoch_us(TRY_CAST({t_text} AS TIMESTAMPTZ)))")
+                tmiss = f"{t_text} IS NULL"
+    else:
+        ts, tmiss, t_text = f"({line})::BIGINT", "false", "NULL"
+
+    default_type = _sql_str(opts.event_type or spec.default_event_type)
+    et = f"coalesce(nullif(trim({col['event']}::VARCHAR), ''), {default_type})" if "event" in col else default_type
+    if "weight" in col and _is_numeric(ctype["weight"]):
+        weight, wbad, w_text = f"{col['weight']}::DOUBLE", "false", "NULL"
+    elif "weight" in col:
+        w_text = f"nullif(trim({col['weight']}::VARCHAR), '')"
+        weight = f"TRY_CAST({w_text} AS DOUBLE)"
+        wbad = f"({w_text} IS NOT NULL AND {weight} IS NULL)"
+    else:
+        weight, wbad, w_text = "NULL::DOUBLE", "false", "NULL"
+    if "event_id" in col:
+        eid = f"nullif(trim({col['event_id']}::VARCHAR), '')"
+        eidmiss = f"{eid} IS NULL"
+    else:
+        eid, eidmiss = "NULL::VARCHAR", "false"
+
+    nexpected = len(spec.columns)
+    checks = [
+        (f"{nfields} IS NOT NULL AND {nfields} = {NOT_JSON}", None, "'not a JSON object'"),
+        (f"{nfields} IS NOT NULL AND {nfields} <> {nexpected}", None,
+         f"'expected {nexpected} fields, found ' || {nfields}"),
+        (umiss, names["user"], "'missing user id'"),
+        (imiss, names["item"], "'missing item id'"),
+        (tmiss, names["time"], "'missing time'"),
+        (f"({ts}) IS NULL", names["time"], f"'unparseable time ''' || {t_text} || ''''"),
+        (wbad, names["weight"], f"'unparseable weight ''' || {w_text} || ''''"),
+        (eidmiss, names["event_id"], "'missing event id'"),
+    ]
+    reason = "CASE " + " ".join(f"WHEN {c} THEN {r}" for c, _, r in checks) + " END"
+    bad_col = "CASE " + " ".join(f"WHEN {c} THEN {_sql_str(n) if n else 'NULL'}" for c, n, _ in checks) + " END"
+    sql = f"""
+        SELECT * EXCLUDE (raw_all), CASE WHEN reason IS NOT NULL THEN raw_all END AS raw FROM (
+        SELECT ({line})::BIGINT AS line, {ukey} AS user_key, {uraw} AS user_raw, {ikey} AS item_key, {iraw} AS item_raw,
+               {ts} AS ts, {et} AS event_type, {weight} AS weight, {eid} AS event_id,
+               {reason} AS reason, {bad_col} AS bad_column, {raw} AS raw_all
+        FROM {relation})"""
+    return _Canonical(sql, unit)
+
+
+@contextmanager
+def _progress_bar(path: Path, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = estimate_rows(path)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(f"reading {path.name}", total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _sorted_unique(a: np.ndarray) -> np.ndarray:
+    """Distinct values of a sorted array (numpy's ``unique`` hashes, which is slower here)."""
+    if len(a) < 2:
+        return a
+    keep = np.empty(len(a), dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
+def _members(sorted_haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Boolean mask: which ``needles`` occur in ``sorted_haystack``."""
+    idx = np.searchsorted(sorted_haystack, needles)
+    idx[idx == len(sorted_haystack)] = 0
+    return sorted_haystack[idx] == needles
+
+
+def _identity_hash(spec: SourceSpec, user: str = "ukey", item: str = "item_key") -> str:
+    """SQL hashing an event's identity: its id column, else (user, item, time, type)."""
+    if spec.mapping.get("event_id"):
+        return "hash(event_id)"
+    return f"hash({user}, {item}, ts, event_type)"
+
+
+def _identity_equal(spec: SourceSpec) -> str:
+    """SQL: warehouse event ``e`` is the same event as new row ``c``."""
+    if spec.mapping.get("event_id"):
+        return "e.event_id = c.event_id"
+    return "e.user_key = c.ukey AND e.item_key = c.ikey AND e.ts = c.ts AND e.event_type = c.event_type"
+
+
+def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, tmp_dir: Path,
+                progress: bool = False) -> IngestReport:
+    """Ingest one detected file in one transaction. Raises ``InputFileError`` (nothing written) on
+    a strict-mode reject or an unreadable file."""
+    started = time.perf_counter()
+    report = IngestReport(str(spec.path), spec.format, spec.describe())
+    fingerprint = file_fingerprint(spec.path, spec.options_key())
+    prior = con.execute(
+        "SELECT source_id, rows_read, loaded + duplicates, quarantined FROM sources WHERE fingerprint = ? AND kind = 'events'",
+        [fingerprint],
+    ).fetchall()
+    if prior:
+        prior = prior[0]
+        if opts.strict and prior[3]:
+            raise InputFileError(spec.path, f"--strict: identical to source #{prior[0]}, ingested earlier with "
+                                            f"{prior[3]:,} quarantined rows (in the quarantine table); nothing written")
+        report.identical_to, report.rows, report.duplicates, _ = prior
+        report.duplicates = int(report.duplicates)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    view = f"canon_{os.getpid()}_{time.time_ns()}"
+    staged = spec.format != "parquet"
+    try:
+        with _progress_bar(spec.path, progress and staged) as on_rows:
+            if staged:
+                # Text: stream it once through Polars into a typed temp table inside the transaction.
+                relation = f"reader_{view}"
+                con.register(relation, text_batches(spec, on_rows))
+            else:
+                relation = f"read_parquet({_sql_str(str(spec.path))}, file_row_number = true)"
+            canon = _canonical_sql(con, spec, relation, staged, opts)
+            if canon.time_unit and opts.time_unit == "auto":
+                report.description += f"; numeric times read as unix {canon.time_unit}"
+            with transaction(con):
+                con.execute(f"CREATE TEMP {'TABLE' if staged else 'VIEW'} {view} AS {canon.sql}")
+                _load(con, spec, opts, view, fingerprint, report)
+    except duckdb.Error as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else None
+        if cause is not None:
+            raise cause from None
+        raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from exc
+    finally:
+        con.execute(f"DROP {'TABLE' if staged else 'VIEW'} IF EXISTS {view}")
+        if staged:
+            con.unregister(f"reader_{view}")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, view: str,
+          fingerprint: str, report: IngestReport) -> None:
+    rows, bad, raw_users, raw_items, ts_lo, ts_hi = con.execute(
+        f"""SELECT count(*), count(*) FILTER (reason IS NOT NULL),
+                   count(user_raw) FILTER (reason IS NULL), count(item_raw) FILTER (reason IS NULL),
+                   min(ts) FILTER (reason IS NULL), max(ts) FILTER (reason IS NULL) FROM {view}"""
+    ).fetchall()[0]
+    report.rows, report.quarantined = int(rows), int(bad)
+    if bad:
+        report.examples = [
+            (int(r[0]), r[1], r[2]) for r in con.execute(
+                f"SELECT line, bad_column, reason FROM {view} WHERE reason IS NOT NULL ORDER BY line LIMIT 5"
+            ).fetchall()
+        ]
+        if opts.strict:
+            shown = "; ".join(f"line {ln}" + (f", column {c!r}" if c else "") + f": {r}" for ln, c, r in report.examples)
+            raise InputFileError(spec.path, f"--strict: {bad:,} bad rows, file rejected, nothing written ({shown})")
+
+    source_id = next_source_id(con)
+    report.source_id = source_id
+    if raw_users:
+        register_ids(con, "user", f"(SELECT user_raw AS id FROM {view} WHERE reason IS NULL)")
+    if raw_items:
+        register_ids(con, "item", f"(SELECT item_raw AS id FROM {view} WHERE reason IS NULL)")
+    joins = ""
+    ukey, ikey = "v.user_key", "v.item_key"
+    if raw_users:
+        joins += " LEFT JOIN user_dict du ON v.user_raw IS NOT NULL AND du.user_id = v.user_raw"
+        ukey = "coalesce(v.user_key, du.user_key)"
+    if raw_items:
+        joins += " LEFT JOIN item_dict di ON v.item_raw IS NOT NULL AND di.item_id = v.item_raw"
+        ikey = "coalesce(v.item_key, di.item_key)"
+    keyed = (f"(SELECT {ukey} AS ukey, {ikey} AS ikey, v.ts, v.event_type, v.weight, v.event_id, v.line "
+             f"FROM {view} v{joins} WHERE v.reason IS NULL)")
+
+    good = rows - bad
+    inserted = 0
+    if good:
+        hash_sql = _identity_hash(spec, "ukey", "ikey")
+        hash_wh = _identity_hash(spec, "user_key", "item_key")
+        new_h = np.sort(con.execute(f"SELECT {hash_sql} AS h FROM {keyed}").fetchnumpy()["h"])
+        repeated = _sorted_unique(new_h[1:][new_h[1:] == new_h[:-1]])  # hashes seen twice inside the file
+        where = "event_id IS NOT NULL" if spec.mapping.get("event_id") else f"ts BETWEEN {int(ts_lo)} AND {int(ts_hi)}"
+        old_h = np.sort(con.execute(f"SELECT {hash_wh} AS h FROM events WHERE {where}").fetchnumpy()["h"])
+        in_warehouse = np.zeros(0, dtype=new_h.dtype)
+        if len(old_h):
+            new_u = _sorted_unique(new_h)
+            in_warehouse = new_u[_members(old_h, new_u)]
+            in_warehouse = in_warehouse[~_members(repeated, in_warehouse)] if len(repeated) else in_warehouse
+        inserted = _insert_new_events(con, spec, keyed, hash_sql, where, source_id, repeated, in_warehouse)
+    report.loaded = int(inserted)
+    report.duplicates = int(good - inserted)
+    if bad:
+        con.execute(
+            f"""INSERT INTO quarantine SELECT {source_id}, {_sql_str(str(spec.path))}, line, bad_column, reason, raw
+                FROM {view} WHERE reason IS NOT NULL"""
+        )
+    con.execute(
+        "INSERT INTO sources VALUES (?, 'events', ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+        [source_id, str(spec.path), fingerprint, spec.format, spec.time_kind, report.rows, report.loaded,
+         report.duplicates, report.quarantined],
+    )
+
+
+def _insert_new_events(con: duckdb.DuckDBPyConnection, spec: SourceSpec, keyed: str, hash_sql: str, where: str,
+                       source_id: int, repeated: np.ndarray, in_warehouse: np.ndarray) -> int:
+    """Insert the file's new events; returns how many.
+
+    Rows whose identity hash is in neither set are new for sure (a plain insert). Rows whose
+    hash is already in the warehouse (once in the file) need an exact anti-join. Rows whose
+    hash repeats inside the file are grouped (first line wins), then anti-joined.
+    """
+    out = f"ukey, ikey, ts, event_type, weight, event_id, {source_id}, line"
+    if len(repeated) == 0 and len(in_warehouse) == 0:
+        return int(con.execute(f"INSERT INTO events SELECT {out} FROM {keyed}").fetchall()[0][0])
+    con.register("ingest_hashes", pa.table({
+        "h": np.concatenate([repeated, in_warehouse]),
+        "repeated": np.concatenate([np.ones(len(repeated), bool), np.zeros(len(in_warehouse), bool)]),
+    }))
+    con.execute("CREATE OR REPLACE TEMP TABLE ingest_candidates AS SELECT h, repeated FROM ingest_hashes")
+    con.unregister("ingest_hashes")
+    if spec.mapping.get("event_id"):
+        group = ("event_id, arg_min(ukey, line) AS ukey, arg_min(ikey, line) AS ikey, arg_min(ts, line) AS ts, "
+                 "arg_min(event_type, line) AS event_type")
+        by = "event_id"
+    else:
+        group, by = "ukey, ikey, ts, event_type, arg_min(event_id, line) AS event_id", "ukey, ikey, ts, event_type"
+    warehouse = f"(SELECT * FROM events WHERE {where}) e ON {_identity_equal(spec)}"
+    try:
+        tagged = f"(SELECT c.*, k.repeated FROM {keyed} c LEFT JOIN ingest_candidates k ON k.h = {hash_sql})"
+        plain = con.execute(f"INSERT INTO events SELECT {out} FROM {tagged} WHERE repeated IS NULL").fetchall()[0][0]
+        known = con.execute(
+            f"INSERT INTO events SELECT {out} FROM (SELECT * FROM {tagged} WHERE repeated = false) c ANTI JOIN {warehouse}"
+        ).fetchall()[0][0]
+        grouped = con.execute(
+            f"""INSERT INTO events SELECT {out} FROM (
+                    SELECT {group}, arg_min(weight, line) AS weight, min(line) AS line
+                    FROM {tagged} WHERE repeated GROUP BY {by}) c ANTI JOIN {warehouse}"""
+        ).fetchall()[0][0]
+    finally:
+        con.execute("DROP TABLE IF EXISTS ingest_candidates")
+    return int(plain + known + grouped)
+
+
+def detect_all(paths: list[Path], opts: IngestOptions) -> list[SourceSpec]:
+    """Detect every file before writing anything, so a bad file stops the run up front."""
+    return [detect(p, opts.format, opts.columns, opts.delimiter, opts.has_header) for p in paths]
+
+
+def ingest_paths(con: duckdb.DuckDBPyConnection, paths: list[Path], opts: IngestOptions, tmp_dir: Path,
+                 progress: bool = False, on_report: Callable[[IngestReport], None] | None = None) -> list[IngestReport]:
+    """Ingest files in order, one transaction each; stops at the first file that fails."""
+    con.execute("SET TimeZone = 'UTC'")
+    specs = detect_all(paths, opts)
+    reports = []
+    for spec in specs:
+        report = ingest_file(con, spec, opts, tmp_dir, progress)
+        reports.append(report)
+        if on_report:
+            on_report(report)
+    return reports

@@ -1,0 +1,129 @@
+"""Left-padded sequence batches from a feature set's ragged arrays (numpy, no torch).
+
+Training samples are windows of each user's training events (cold items removed): the
+input is window[:-1] and the target window[1:]. Evaluation inputs are the events before a
+target position. Everything is right-aligned: the newest item sits in the last column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.feature_store import Ragged
+
+
+def training_sequences(sequences: Ragged, train_end: np.ndarray, cold: np.ndarray) -> Ragged:
+    """Each user's first ``train_end[u]`` events without cold items, as a new ``Ragged``."""
+    lengths = sequences.lengths()
+    user = np.repeat(np.arange(len(lengths)), lengths)  # (nnz,)
+    pos = np.arange(len(sequences.values)) - sequences.offsets[user]  # position within user
+    keep = (pos < train_end[user]) & ~cold[sequences.values]
+    counts = np.bincount(user[keep], minlength=len(lengths))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Ragged(offsets, sequences.values[keep].astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Training windows: rows ``[start, stop)`` of user ``user`` in the training sequences."""
+
+    user: np.ndarray
+    start: np.ndarray
+    stop: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def training_windows(train: Ragged, max_len: int, all_windows: bool = True) -> Windows:
+    """Windows of up to ``max_len + 1`` events ending at each user's newest training event.
+
+    With ``all_windows`` a long history also yields its earlier, non-overlapping windows
+    (every training event is a target once); otherwise only the newest window (SASRec).
+    Windows with fewer than 2 events (no target) are dropped.
+    """
+    lengths = train.lengths()
+    users, starts, stops = [], [], []
+    span = max_len + 1
+    stop = lengths.copy()
+    active = stop >= 2
+    while active.any():
+        u = np.nonzero(active)[0]
+        s = np.maximum(stop[u] - span, 0)
+        users.append(u)
+        starts.append(s)
+        stops.append(stop[u])
+        if not all_windows:
+            break
+        # the next window ends where this one's first *target* was, so windows share one event
+        stop[u] = s + 1
+        active = np.zeros_like(active)
+        active[u] = stop[u] >= 2
+        active[u] &= s > 0
+    return Windows(np.concatenate(users), np.concatenate(starts), np.concatenate(stops))
+
+
+def pack(train: Ragged, win: Windows, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets (B, T) int64 for the windows ``rows``; T = longest window - 1."""
+    lens = win.stop[rows] - win.start[rows]  # (B,)
+    T = int(lens.max()) - 1
+    inputs = np.zeros((len(rows), T), dtype=np.int64)
+    targets = np.zeros((len(rows), T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        seq = train.values[train.offsets[win.user[r]] + win.start[r]: train.offsets[win.user[r]] + win.stop[r]]
+        n = len(seq) - 1
+        inputs[b, T - n:] = seq[:-1]
+        targets[b, T - n:] = seq[1:]
+    return inputs, targets
+
+
+def epoch_batches(train: Ragged, win: Windows, batch_size: int, rng: np.random.Generator,
+                  group_by_length: bool = False, chunk_batches: int = 50) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled (inputs, targets) batches covering every window once.
+
+    A batch is padded to its longest window. With ``group_by_length`` the shuffled windows
+    are cut into chunks of ``chunk_batches`` batches, each chunk is sorted by window length
+    and cut into batches, and the batches are shuffled: each batch holds windows of similar
+    length, so far fewer padding positions go through the encoder.
+    """
+    order = rng.permutation(len(win))
+    if not group_by_length:
+        for i in range(0, len(order), batch_size):
+            yield pack(train, win, order[i:i + batch_size])
+        return
+    lens = win.stop - win.start  # (N,) events per window
+    chunk = batch_size * chunk_batches
+    groups: list[np.ndarray] = []
+    for c in range(0, len(order), chunk):
+        part = order[c:c + chunk]
+        part = part[np.argsort(-lens[part], kind="stable")]  # longest first; ties keep the shuffle
+        groups.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    for g in rng.permutation(len(groups)):
+        yield pack(train, win, groups[g])
+
+
+def prefix_batch(sequences: Ragged, users: np.ndarray, ends: np.ndarray, max_len: int) -> np.ndarray:
+    """(B, T) newest ``max_len`` events before position ``ends[b]`` of user ``users[b]``, left-padded.
+
+    T is the longest prefix in the batch (at most ``max_len``), at least 1.
+    """
+    lens = np.minimum(ends, max_len)
+    T = max(1, int(lens.max()) if len(lens) else 1)
+    out = np.zeros((len(users), T), dtype=np.int64)
+    for b, (u, e, n) in enumerate(zip(users, ends, lens, strict=True)):
+        if n:
+            base = sequences.offsets[u]
+            out[b, T - n:] = sequences.values[base + e - n: base + e]
+    return out
+
+
+def seen_pairs(sequences: Ragged, users: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, item) pairs of every event before ``ends[b]`` (whole history, not just max_len)."""
+    rows = np.repeat(np.arange(len(users)), ends)
+    starts = sequences.offsets[users]
+    idx = np.concatenate([np.arange(s, s + e) for s, e in zip(starts, ends, strict=True)]) if len(users) else np.zeros(0, np.int64)
+    return rows, sequences.values[idx].astype(np.int64)

@@ -1,0 +1,94 @@
+"""Full-ranking metrics against a tiny hand-computed example."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipeline.training.evaluation import evaluate, rank_metrics, target_ranks
+from pipeline.data.feature_store import FeatureSet, Ragged
+
+NUM_ITEMS = 5
+
+
+def tiny_feature_set(histories: list[list[int]], valid_pos: list[int], test_pos: list[int]) -> FeatureSet:
+    lengths = [len(h) for h in histories]
+    offsets = np.zeros(len(histories) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.array([i for h in histories for i in h], dtype=np.int32)
+    empty = Ragged(np.zeros(NUM_ITEMS + 2, dtype=np.int64), np.zeros(0, dtype=np.int32))
+    items = pl.DataFrame({"item_idx": list(range(1, NUM_ITEMS + 1)), "cold": [False] * NUM_ITEMS})
+    return FeatureSet(
+        path=Path("."), manifest={"version": "tiny", "counts": {"items": NUM_ITEMS}}, items=items,
+        categories=pl.DataFrame(), item_categories=empty, item_tokens=empty, item_numeric=np.zeros((NUM_ITEMS + 1, 0)),
+        sequences=Ragged(offsets, values), times=Ragged(offsets, values.astype(np.int64)),
+        user_keys=np.arange(len(histories)), user_ids=[str(u) for u in range(len(histories))],
+        train_end=np.array([max(0, n - 2) for n in lengths], dtype=np.int32),
+        valid_pos=np.array(valid_pos, dtype=np.int32), test_pos=np.array(test_pos, dtype=np.int32),
+    )
+
+
+class FixedScorer:
+    """Scores item i as table[i], the same for every history."""
+
+    def __init__(self, table: list[float]) -> None:
+        self.table = torch.tensor(table)
+
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.table.unsqueeze(0).repeat(seq.shape[0], 1)
+
+
+def test_rank_metrics_by_hand() -> None:
+    m = rank_metrics(torch.tensor([0, 1, 3, 12]), ks=(1, 2, 10))
+    assert m["hr@1"] == pytest.approx(1 / 4)
+    assert m["hr@2"] == pytest.approx(2 / 4)
+    assert m["hr@10"] == pytest.approx(3 / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(5)) / 4)
+    assert m["mrr@10"] == pytest.approx((1 + 1 / 2 + 1 / 4) / 4)
+
+
+def test_seen_items_are_excluded_but_never_the_target() -> None:
+    scores = torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    # seen: items 1 and 4 (4 is the target itself: must stay rankable)
+    rank = target_ranks(scores.clone(), torch.tensor([4]), torch.tensor([0, 0]), torch.tensor([1, 4]))
+    assert rank.item() == 2  # items 2 and 3 score higher; item 1 was seen, item 0 is padding
+
+
+def test_evaluate_hand_example() -> None:
+    # scores: item 1 > 2 > 3 > 4 > 5 for everyone
+    scorer = FixedScorer([100.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    fs = tiny_feature_set(
+        histories=[[1, 2, 3], [4, 5, 1, 2], [5, 4]],
+        valid_pos=[1, 2, -1], test_pos=[2, 3, 1],
+    )
+    # test: u0 history [1,2] -> target 3; unseen ranking 3,4,5 -> rank 0
+    #       u1 history [4,5,1] -> target 2; unseen 2,3 -> rank 0
+    #       u2 history [5] -> target 4; unseen 1,2,3,4 -> rank 3
+    res = evaluate(scorer, fs, "test", max_len=10, device=torch.device("cpu"), ks=(1, 3, 5))
+    assert res.metrics["users"] == 3
+    assert res.metrics["hr@1"] == pytest.approx(2 / 3)
+    assert res.metrics["hr@3"] == pytest.approx(2 / 3)
+    assert res.metrics["hr@5"] == pytest.approx(1.0)
+    assert res.metrics["ndcg@5"] == pytest.approx((1 + 1 + 1 / math.log2(5)) / 3)
+    assert res.metrics["mrr@5"] == pytest.approx((1 + 1 + 1 / 4) / 3)
+    # valid: u0 history [1] -> target 2, rank 0; u1 history [4,5] -> target 1, rank 0
+    val = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1,))
+    assert val.metrics["users"] == 2 and val.metrics["hr@1"] == 1.0
+    # coverage@1: top-1 lists are u0 -> 3, u1 -> 2, u2 -> 1 on test: 3 distinct of 5 items
+    assert res.metrics["coverage@1"] == pytest.approx(3 / 5)
+
+
+def test_evaluate_respects_max_len_for_input_but_excludes_whole_history() -> None:
+    seen_inputs = []
+
+    def scorer(seq: torch.Tensor) -> torch.Tensor:
+        seen_inputs.append(seq.clone())
+        return torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0]]).repeat(seq.shape[0], 1)
+
+    fs = tiny_feature_set(histories=[[1, 2, 3, 4, 5]], valid_pos=[-1], test_pos=[4])
+    res = evaluate(scorer, fs, "test", max_len=2, device=torch.device("cpu"), ks=(1,))
+    assert seen_inputs[0].tolist() == [[3, 4]]  # newest two events
+    assert res.ranks.tolist() == [0]  # items 1..4 excluded although outside the window
