@@ -1,9 +1,10 @@
-"""Prefect flows: thin wrappers of ``pipeline.app.steps``.
+"""Prefect flows: thin wrappers of the step functions in ``pipeline.app.steps`` (the ones the CLI calls).
 
 Flows: ``ingest``, ``build-features``, ``train``, ``evaluate``, ``build-index``,
 ``recommend-all`` and ``attnrec-pipeline``, which chains them: ingest new files from the
-inbox -> features (cached while the warehouse is unchanged) -> train + promotion gate ->
-index -> batch recommendations. Tasks that do I/O retry; the training task does not.
+inbox -> features (cached while the warehouse is unchanged) -> train + promotion gate (the
+bundle's index is built there) -> the champion's index kept, or rebuilt when another kind is
+asked for -> batch recommendations. Tasks that do I/O retry; the training task does not.
 
 Every flow takes ``home`` (the attnrec state folder) and ``overrides`` (settings, e.g.
 ``{"train.epochs": 5}``), so one Prefect server can drive several installations.
@@ -32,7 +33,7 @@ def _settings(home: str | None, overrides: dict[str, Any] | None) -> Settings:
 
 @task(name="ingest-events", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def ingest_events_task(settings: Settings, paths: list[str]) -> list[dict[str, Any]]:
-    reports = steps.ingest_events(settings, paths)
+    reports = [r.as_dict() for r in steps.ingest_events(settings, paths)]
     log = get_run_logger()
     for r in reports:
         log.info("%s: %s loaded, %s duplicate, %s quarantined", r["path"], r["loaded"], r["duplicates"], r["quarantined"])
@@ -41,7 +42,7 @@ def ingest_events_task(settings: Settings, paths: list[str]) -> list[dict[str, A
 
 @task(name="ingest-items", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def ingest_items_task(settings: Settings, paths: list[str], id_map: str | None = None) -> list[dict[str, Any]]:
-    return steps.ingest_catalog(settings, paths, id_map)
+    return [r.as_dict() for r in steps.ingest_catalog(settings, paths, id_map=id_map)]
 
 
 def _features_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -53,7 +54,7 @@ def _features_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 @task(name="build-features", retries=2, retry_delay_seconds=5, cache_key_fn=_features_cache_key, persist_result=True)
 def build_features_task(settings: Settings) -> dict[str, Any]:
-    result = steps.build_features(settings)
+    result = {k: v for k, v in steps.build_features(settings).items() if k != "manifest"}
     get_run_logger().info("feature set %s %s", result["version"], "built" if result["built"] else "reused")
     return result
 
@@ -68,7 +69,7 @@ def features_for(settings: Settings) -> dict[str, Any]:
 
 
 @task(name="train-and-gate", cache_policy=NO_CACHE)
-def train_task(settings: Settings) -> dict[str, Any]:
+def train_task(settings: Settings, index_kind: str = "auto") -> dict[str, Any]:
     log = get_run_logger()
 
     def log_epoch(rec: EpochRecord) -> None:
@@ -76,7 +77,7 @@ def train_task(settings: Settings) -> dict[str, Any]:
         log.info("epoch %d/%d: loss %.4f, %.0f sequences/s%s", rec.epoch, settings.train.epochs, rec.loss,
                  rec.samples_per_s, f", valid NDCG@10 {valid:.4f}" if valid is not None else "")
 
-    result = steps.train(settings, on_epoch=log_epoch)
+    result = steps.train(settings, on_epoch=log_epoch, index_kind=index_kind)
     log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_id"], result["test_ndcg@10"],
              settings.registry.model_name, result["version"], "promoted" if result["promoted"] else "not promoted",
              result["gate_reason"])
@@ -100,9 +101,10 @@ def evaluate_task(settings: Settings, split: str, baseline: str | None, model: s
 
 
 @task(name="build-index", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def build_index_task(settings: Settings, kind: str, model: str | None) -> dict[str, Any]:
-    meta = steps.build_index(settings, kind, model)
-    get_run_logger().info("%s index of %s items, recall@10 %.4f", meta["kind"], meta["num_items"], meta["recall_at_10"])
+def build_index_task(settings: Settings, kind: str, model: str | None, rebuild: bool = True) -> dict[str, Any]:
+    meta = steps.build_index(settings, kind, model) if rebuild else steps.ensure_index(settings, kind, model)
+    get_run_logger().info("%s index of %s items, recall@10 %.4f (%s)", meta["kind"], meta["num_items"],
+                          meta["recall_at_10"], "built" if meta["rebuilt"] else "kept: built with the model")
     return meta
 
 
@@ -173,14 +175,10 @@ def attnrec_pipeline(event_files: list[str] | None = None, item_files: list[str]
     features = features_for(s)
     trained: dict[str, Any] | None = None
     if force_train or steps.champion_feature_version(s) != features["version"]:
-        trained = train_task(s)
+        trained = train_task(s, index_kind)
     else:
         log.info("warehouse unchanged since the champion's feature set %s: training skipped", features["version"])
-    index = build_index_task(s, index_kind, None)
+    index = build_index_task(s, index_kind, None, rebuild=False)
     recs = recommend_all_task(s, k, None, None)
     return {"ingested": ingested, "features": features, "trained": trained, "index": index, "recommendations": recs,
             "mlflow_run_id": trained["mlflow_run_id"] if trained else None, "home": str(Path(s.home))}
-
-
-ALL_FLOWS = [ingest_flow, build_features_flow, train_flow, evaluate_flow, build_index_flow, recommend_all_flow,
-             attnrec_pipeline]

@@ -1,1 +1,1 @@
-"""Torch modules only: the item tower, the SASRec encoder and the baselines. No I/O here."""
+"""Torch modules and losses only: the item tower, the SASRec encoder, the next-item losses and the baselines. No I/O here."""

@@ -130,12 +130,16 @@ class SASRec(nn.Module):
         """State after the newest item: (B, T) -> (B, D). This is the FAISS query vector."""
         return self.encode(seq, item_table)[:, -1, :]
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """Next-item scores over the catalogue: (B, T) -> (B, N+1) (column 0 = padding)."""
-        table = self.item_vectors()  # (N+1, D)
+    def forward(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-item scores over the catalogue: (B, T) -> (B, N+1) (column 0 = padding).
+
+        score(i) = <h_{T-1}, item(i)>; ``item_table`` (N+1, D) saves recomputing the tower.
+        """
+        table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
         return self.user_vectors(seq, table) @ table.T  # (B, N+1)
 
-    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None,
+                states: torch.Tensor | None = None) -> torch.Tensor:
         """Which history items a candidate's score rests on ("attention filtering").
 
         For candidate c, the weight of history position t is
@@ -146,13 +150,23 @@ class SASRec(nn.Module):
             seq: (B, T) left-padded histories.
             items: (B, K) candidate item indices.
             item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
+            states: (B, T, D) ``encode(seq)`` when the caller has it (saves a second encoder pass).
         Returns:
             (B, K, T) weights.
         """
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
-        states = self.encode(seq, table)  # (B, T, D)
+        states = states if states is not None else self.encode(seq, table)  # (B, T, D)
         cand = table[items]  # (B, K, D)
         logits = cand @ states.transpose(1, 2) / math.sqrt(self.dim)  # (B, K, T)
         logits = logits.masked_fill((seq == 0).unsqueeze(1), float("-inf"))  # (B, K, T)
         weights = torch.softmax(logits, dim=-1)  # (B, K, T)
         return torch.nan_to_num(weights, nan=0.0)  # all-padding rows -> 0
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, object]]:
+        """AdamW parameter groups: the weight matrices of the linear maps decay; embedding
+        tables, biases and norms do not (an item's embedding row is updated only when the item
+        occurs, so decay would shrink rare items towards zero between their updates)."""
+        matrices = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = list(self.parameters())
+        return [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+                {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]

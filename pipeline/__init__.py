@@ -1,6 +1,30 @@
-"""attnrec's pipeline: configuration, ingest, training, evaluation, retrieval, serving, tracking and the CLI.
+"""attnrec's pipeline: all I/O and orchestration, in sub-packages by layer.
 
-All file, database and network I/O of attnrec lives in this package.
+    config, errors   typed settings; the errors a user can act on
+    data/            warehouse, identity rule, ingest, item catalogue, histories, feature sets
+    registry/        model files, bundles and their FAISS index, MLflow tracking and registry
+    training/        batches, the training loop, the SASRec recipe, the evaluator
+    serving/         the one query path, the Python API (``Recommender``), HTTP, MLflow pyfunc
+    app/             the steps under the CLI and the Prefect flows; the ``attnrec`` command
+
+Each layer imports only the layers listed above it. ``from pipeline import Recommender`` is
+the Python API (imported on first use, so ``import pipeline.config`` stays light).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["Recommender"]
+
+if TYPE_CHECKING:
+    from pipeline.serving.recommender import Recommender
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Recommender":
+        from pipeline.serving.recommender import Recommender
+
+        return Recommender
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

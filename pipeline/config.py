@@ -60,12 +60,16 @@ class TrainSettings(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     negatives: int = Field(0, ge=0, description="0 = full softmax; N = sampled softmax with logQ correction")
     exclude_history: bool = Field(True, description="items of a training window are never negatives at its positions (ranking excludes seen items)")
-    patience: int = Field(20, ge=1, description="epochs without validation NDCG@10 gain before stopping")
+    patience: int = Field(20, ge=1, description="epochs without a gain of the selection metric before stopping")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    selection_metric: str = Field(
+        "ndcg@10", pattern=r"^(hr|ndcg|mrr)@[1-9][0-9]*$",
+        description="validation metric that picks the best epoch, stops early and gates promotion (hr|ndcg|mrr@K)")
     seed: int = 42
     all_windows: bool = Field(True, description="long histories give all their windows of max_len, not only the newest")
     group_by_length: bool = Field(False, description="batches of windows of similar length: less padding, faster steps, lower quality on ML-100K (docs/benchmarks.md)")
-    compile: bool = Field(True, description="torch.compile on CUDA")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the training step; auto: on CUDA only")
 
 
 class FeatureSettings(BaseModel):

@@ -53,18 +53,16 @@ def ingest(
     home: HomeOpt = None,
 ) -> None:
     """Load event logs into the warehouse (exactly once; bad rows quarantined)."""
-    from pipeline.data.ingest import TIME_UNITS, IngestOptions, ingest_paths
-    from pipeline.data.ingest_formats import ColumnFlags, expand_paths
-    from pipeline.data.warehouse import open_warehouse
+    from pipeline.app.steps import ingest_events
+    from pipeline.data.ingest import TIME_UNITS, IngestOptions
+    from pipeline.data.ingest_formats import ColumnFlags
 
     if time_unit not in TIME_UNITS:
         raise UserError(f"--time-unit must be one of {', '.join(TIME_UNITS)}")
-    s = settings_from(home)
     opts = IngestOptions(
         format=format, columns=ColumnFlags(user_col, item_col, time_col, event_col, weight_col, event_id_col),
         delimiter=delimiter, has_header=header, event_type=event_type, time_unit=time_unit, strict=strict,
     )
-    files = expand_paths(paths)
 
     def show(report: Any) -> None:
         if as_json:
@@ -77,8 +75,7 @@ def ingest(
         if report.quarantined > len(report.examples):
             out.print(f"  ... {report.quarantined - len(report.examples):,} more in the quarantine table", highlight=False)
 
-    with open_warehouse(s.duckdb_path) as con:
-        reports = ingest_paths(con, files, opts, s.tmp_dir, progress=not as_json, on_report=show)
+    reports = ingest_events(settings_from(home), paths, opts, progress=not as_json, on_report=show)
     if as_json:
         _echo_json([r.as_dict() for r in reports])
 
@@ -95,18 +92,11 @@ def ingest_items_cmd(
     home: HomeOpt = None,
 ) -> None:
     """Load item content (titles, categories, text, numeric fields)."""
-    from pipeline.data.catalog import ingest_items
-    from pipeline.data.warehouse import open_warehouse
+    from pipeline.app.steps import ingest_catalog
 
-    s = settings_from(home)
     nums = [c.strip() for c in numeric_cols.split(",")] if numeric_cols else None
-    reports = []
-    with open_warehouse(s.duckdb_path) as con:
-        for path in paths:
-            report = ingest_items(con, path, format, id_map, item_col, nums, strict)
-            reports.append(report)
-            if not as_json:
-                out.print(report.summary(), highlight=False)
+    reports = ingest_catalog(settings_from(home), list(paths), format, id_map, item_col, nums, strict,
+                             on_report=None if as_json else lambda r: out.print(r.summary(), highlight=False))
     if as_json:
         _echo_json([r.as_dict() for r in reports])
 
@@ -117,11 +107,10 @@ def stats(
     home: HomeOpt = None,
 ) -> None:
     """Counts of the warehouse: events, users, items, time span, sources, quarantine."""
-    from pipeline.data.warehouse import open_warehouse, warehouse_stats
+    from pipeline.app.steps import warehouse_summary
 
     s = settings_from(home)
-    with open_warehouse(s.duckdb_path, read_only=True) as con:
-        st = warehouse_stats(con)
+    st = warehouse_summary(s)
     if as_json:
         _echo_json(st.as_dict())
         return
@@ -151,19 +140,17 @@ def features(
     home: HomeOpt = None,
 ) -> None:
     """Build the versioned feature set (vocabularies, content features, histories, splits)."""
-    from pipeline.data.feature_store import build_feature_set
-    from pipeline.data.warehouse import open_warehouse
+    from pipeline.app.steps import build_features
 
     if split is not None and split not in ("loo", "temporal"):
         raise UserError("--split must be loo or temporal")
     s = settings_from(home, **{"features.split": split, "features.split_time": split_time,
                                "features.valid_time": valid_time, "features.test_fraction": test_fraction,
                                "features.cold_item_fraction": cold_item_fraction})
-    with open_warehouse(s.duckdb_path, read_only=True) as con:
-        path, built = build_feature_set(con, s, force=force)
-    manifest = json.loads((path / "manifest.json").read_text())
+    result = build_features(s, force=force)
+    path, built, manifest = result["path"], result["built"], result["manifest"]
     if as_json:
-        _echo_json({"path": str(path), "built": built, **manifest})
+        _echo_json({"path": path, "built": built, **manifest})
         return
     c = manifest["counts"]
     out.print(f"feature set {manifest['version']} ({'built' if built else 'unchanged warehouse: reused'}) at {path}", highlight=False)
@@ -195,12 +182,12 @@ def train(
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
+    index_kind: Annotated[str, typer.Option("--index-kind", help="FAISS index of the bundle: auto | flat | hnsw | ivf")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
     """Train the content-aware SASRec on the current feature set (defaults: full-softmax SASRec+ with window items left out of the negatives, 80 epochs)."""
-    from pipeline.data.feature_store import current_feature_set, load_feature_set
-    from pipeline.registry.tracking import tracked_train
+    from pipeline.app.steps import train as train_step
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserError("--device must be auto, cpu or cuda")
@@ -210,9 +197,6 @@ def train(
         "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
     })
-    fs = load_feature_set(current_feature_set(s))
-    if resume is not None and not (resume / "checkpoint.pt").exists():
-        raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
 
     def show(rec: Any) -> None:
         if not as_json:
@@ -220,21 +204,16 @@ def train(
             out.print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  {rec.samples_per_s:,.0f} seq/s"
                       + (f"  valid ndcg@10 {v:.4f}" if v is not None else ""), highlight=False)
 
-    result = tracked_train(s, fs, run_dir=resume, resume=resume is not None, progress=not as_json, on_epoch=show)
-    summary = {
-        "mlflow_run_id": result.run_id, "registered_version": result.version, "promoted": result.promoted,
-        "gate_reason": result.gate_reason, "run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1), "valid": result.valid,
-        "test": {k: v for k, v in result.test.items() if k != "cold_start"}, "cold_start": result.test.get("cold_start"),
-    }
+    result = train_step(s, resume=resume, progress=not as_json, on_epoch=show, index_kind=index_kind)
     if as_json:
-        _echo_json(summary)
+        _echo_json({**result, "registered_version": result["version"]})
         return
-    out.print(f"best epoch {result.best_epoch} of {result.epochs_run}: valid ndcg@10 {result.valid['ndcg@10']:.4f}, "
-              f"test ndcg@10 {result.test['ndcg@10']:.4f} hr@10 {result.test['hr@10']:.4f} ({result.seconds:.0f} s)", highlight=False)
-    role = "champion" if result.promoted else "challenger"
-    out.print(f"registered {s.registry.model_name} v{result.version} as {role}: {result.gate_reason}", highlight=False)
-    out.print(f"MLflow run {result.run_id} in {s.mlflow_tracking_uri} (see it with `attnrec ui`)", highlight=False)
+    out.print(f"best epoch {result['best_epoch']} of {result['epochs_run']}: valid ndcg@10 {result['valid']['ndcg@10']:.4f}, "
+              f"test ndcg@10 {result['test']['ndcg@10']:.4f} hr@10 {result['test']['hr@10']:.4f} ({result['seconds']:.0f} s)",
+              highlight=False)
+    role = "champion" if result["promoted"] else "challenger"
+    out.print(f"registered {s.registry.model_name} v{result['version']} as {role}: {result['gate_reason']}", highlight=False)
+    out.print(f"MLflow run {result['mlflow_run_id']} in {s.mlflow_tracking_uri} (see it with `attnrec ui`)", highlight=False)
 
 
 @app.command()
@@ -248,12 +227,7 @@ def evaluate(
 ) -> None:
     """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
     from pipeline.app.steps import evaluate as evaluate_step
-    from pipeline.training.recipe import BASELINES
 
-    if split not in ("valid", "test"):
-        raise UserError("--split must be valid or test")
-    if baseline is not None and baseline not in BASELINES:
-        raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
     s = settings_from(home, device=device)
     report = evaluate_step(s, split, baseline, model)
     name = report["model"]
@@ -267,15 +241,6 @@ def evaluate(
     if report.get("cold_start"):
         c = report["cold_start"]
         out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
-
-
-def _bundle(s: Settings, model: str | None, device: str = "cpu", threads: int | None = None) -> Any:
-    from pipeline.registry.resolution import resolve_bundle
-    from pipeline.serving.query import ModelBundle, set_threads
-
-    if threads is not None:
-        set_threads(threads)
-    return ModelBundle(resolve_bundle(s, model), device)
 
 
 @app.command()
@@ -317,26 +282,21 @@ def recommend(
     home: HomeOpt = None,
 ) -> None:
     """Top-k recommendations for a user or an ad-hoc history, with reasons."""
-    from pipeline.serving.query import Filters, HistoryStore
+    from pipeline.serving.recommender import Recommender
 
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...")
     s = settings_from(home)
-    bundle = _bundle(s, model, threads=s.serve.threads)
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    filters = Filters(not include_seen, split(category), split(exclude_category), split(exclude))
-    if user is not None:
-        keys = HistoryStore(s.duckdb_path).history(user)
-        history = bundle.indices_of_keys(keys) if keys is not None else []
-        unknown: list[str] = []
-    else:
-        history, unknown = bundle.indices_of_ids(split(items) or [])
-        if unknown:
-            raise UserError(f"unknown item ids: {', '.join(unknown)}")
-    response = bundle.recommend(history, k, explain, filters)
+    recommender = Recommender.load(model, settings=s, threads=s.serve.threads)
+    response = recommender.recommend(user=user, items=(split(items) or []) if items is not None else None, k=k, explain=explain,
+                                     exclude_seen=not include_seen, include_categories=split(category),
+                                     exclude_categories=split(exclude_category), exclude_items=split(exclude))
     if as_json:
         _echo_json(response.as_dict())
         return
+    if response.known_user is False:
+        err.print(f"user {user} is not in the warehouse {s.duckdb_path}: the most popular items follow", highlight=False)
     _print_recommendations(response, f"user {user}" if user is not None else f"history {items}")
 
 
@@ -366,14 +326,11 @@ def recommend_all_cmd(
     home: HomeOpt = None,
 ) -> None:
     """Top-k for every user of the warehouse, to Parquet and a DuckDB table."""
-    from pipeline.serving.batch import recommend_all
-    from pipeline.serving.query import HistoryStore
+    from pipeline.app.steps import recommend_everyone
 
-    s = settings_from(home)
-    bundle = _bundle(s, model)
-    report = recommend_all(bundle, HistoryStore(s.duckdb_path), k, out_path.resolve(), s.duckdb_path, table)
-    out.print(f"{report.rows:,} recommendations for {report.users:,} users ({report.fallback_users} by popularity) "
-              f"in {report.seconds:.2f} s -> {report.parquet} and table {report.table}", highlight=False)
+    report = recommend_everyone(settings_from(home), k, out_path, model, table)
+    out.print(f"{report['rows']:,} recommendations for {report['users']:,} users ({report['fallback_users']} by popularity) "
+              f"in {report['seconds']:.2f} s -> {report['parquet']} and table {report['table']}", highlight=False)
 
 
 @app.command()
@@ -384,18 +341,10 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
-    import uvicorn
-
-    from pipeline.serving.query import HistoryStore
-    from pipeline.serving.http import create_app
+    from pipeline.app.steps import serve as serve_step
 
     s = settings_from(home, **{"serve.host": host, "serve.port": port})
-    bundle = _bundle(s, model, threads=s.serve.threads)
-    token = s.serve.api_token or os.environ.get("ATTNREC_API_TOKEN")
-    app_ = create_app(bundle, HistoryStore(s.duckdb_path, cache=True), token)
-    err.print(f"serving model {bundle.version} ({bundle.num_items:,} items) on http://{s.serve.host}:{s.serve.port} "
-              f"(docs at /docs){' with bearer token' if token else ''}", highlight=False)
-    uvicorn.run(app_, host=s.serve.host, port=s.serve.port, log_level="warning")
+    serve_step(s, model, announce=lambda line: err.print(line, highlight=False))
 
 
 @app.command()
@@ -470,7 +419,6 @@ def demo(
     import time
 
     from pipeline.app.prefect_setup import configure_prefect
-    from pipeline.serving.query import HistoryStore
 
     s = settings_from(home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # show each task and training epoch as it runs
@@ -485,11 +433,9 @@ def demo(
         k=10, home=str(s.home), overrides=DEMO_OVERRIDES,
     )
     trained = result["trained"]
-    bundle = _bundle(s, None)
-    keys = HistoryStore(s.duckdb_path).history(user)
-    history = bundle.indices_of_keys(keys) if keys is not None else []
-    response = bundle.recommend(history, 10, explain=True)
-    _print_recommendations(response, f"user {user}")
+    from pipeline.serving.recommender import Recommender
+
+    _print_recommendations(Recommender.load(settings=s).recommend(user=user, k=10, explain=True), f"user {user}")
     if trained:
         out.print(f"model {s.registry.model_name} v{trained['version']} ({'champion' if trained['promoted'] else 'challenger'}): "
                   f"test NDCG@10 {trained['test_ndcg@10']:.4f}, HR@10 {trained['test_hr@10']:.4f}", highlight=False)

@@ -1,12 +1,22 @@
-"""The pipeline's steps as plain functions of the settings: what the Prefect flows wrap.
+"""The application layer: one function per pipeline step, called by the CLI and the Prefect flows alike.
 
-Each step opens and closes what it needs (warehouse, feature set, model bundle) and
-returns a small JSON-able summary, so a flow's task results stay readable in Prefect.
+Each step takes the settings, opens and closes what it needs (warehouse, feature set, model
+bundle, MLflow store) and returns a small JSON-able summary, so a flow's task results stay
+readable in Prefect. The training orchestration (train -> bundle -> test metrics and
+baselines -> MLflow run -> registry -> promotion gate) and the gate itself live here;
+``pipeline.registry.tracking`` only does the MLflow I/O they ask for.
+
+Imports are made inside the steps, so a light command (``attnrec stats``) loads neither
+torch nor MLflow.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +24,22 @@ from pipeline.config import Settings
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
+    import polars as pl
+
+    from pipeline.data.catalog import CatalogReport
+    from pipeline.data.feature_store import FeatureSet
+    from pipeline.data.ingest import IngestOptions, IngestReport
+    from pipeline.data.warehouse import WarehouseStats
+    from pipeline.registry.model_store import Bundle
     from pipeline.training.loop import EpochRecord
+
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+ATTENTION_EXAMPLE_USERS = 3
+ATTENTION_EXAMPLE_ITEMS = 15
+
+
+# --------------------------------------------------------------------------------------
+# Data
 
 
 def inbox_files(settings: Settings) -> list[Path]:
@@ -27,7 +52,9 @@ def inbox_files(settings: Settings) -> list[Path]:
                   and not p.name.startswith("."))
 
 
-def ingest_events(settings: Settings, paths: list[str | Path]) -> list[dict[str, Any]]:
+def ingest_events(settings: Settings, paths: list[str | Path], options: IngestOptions | None = None,
+                  progress: bool = False, on_report: Callable[[IngestReport], None] | None = None) -> list[IngestReport]:
+    """Load event files (paths, folders, globs) exactly once; one transaction per file."""
     from pipeline.data.ingest import IngestOptions, ingest_paths
     from pipeline.data.ingest_formats import expand_paths
     from pipeline.data.warehouse import open_warehouse
@@ -36,15 +63,31 @@ def ingest_events(settings: Settings, paths: list[str | Path]) -> list[dict[str,
     if not files:
         return []
     with open_warehouse(settings.duckdb_path) as con:
-        return [r.as_dict() for r in ingest_paths(con, files, IngestOptions(), settings.tmp_dir)]
+        return ingest_paths(con, files, options or IngestOptions(), settings.tmp_dir, progress=progress, on_report=on_report)
 
 
-def ingest_catalog(settings: Settings, paths: list[str | Path], id_map: str | None = None) -> list[dict[str, Any]]:
+def ingest_catalog(settings: Settings, paths: list[str | Path], fmt: str = "auto", id_map: str | Path | None = None,
+                   item_col: str | None = None, numeric_cols: list[str] | None = None, strict: bool = False,
+                   on_report: Callable[[CatalogReport], None] | None = None) -> list[CatalogReport]:
+    """Load item content files (titles, categories, text, numeric fields)."""
     from pipeline.data.catalog import ingest_items
     from pipeline.data.warehouse import open_warehouse
 
+    reports = []
     with open_warehouse(settings.duckdb_path) as con:
-        return [ingest_items(con, Path(p), id_map=Path(id_map) if id_map else None).as_dict() for p in paths]
+        for p in paths:
+            report = ingest_items(con, Path(p), fmt, Path(id_map) if id_map else None, item_col, numeric_cols, strict)
+            reports.append(report)
+            if on_report:
+                on_report(report)
+    return reports
+
+
+def warehouse_summary(settings: Settings) -> WarehouseStats:
+    from pipeline.data.warehouse import open_warehouse, warehouse_stats
+
+    with open_warehouse(settings.duckdb_path, read_only=True) as con:
+        return warehouse_stats(con)
 
 
 def expected_feature_version(settings: Settings) -> str:
@@ -58,12 +101,14 @@ def expected_feature_version(settings: Settings) -> str:
 
 
 def build_features(settings: Settings, force: bool = False) -> dict[str, Any]:
+    """Build (or reuse, for an unchanged warehouse) the feature set; it becomes the current one."""
     from pipeline.data.feature_store import build_feature_set
     from pipeline.data.warehouse import open_warehouse
 
     with open_warehouse(settings.duckdb_path, read_only=True) as con:
         path, built = build_feature_set(con, settings, force=force)
-    return {"path": str(path), "version": path.name, "built": built}
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {"path": str(path), "version": path.name, "built": built, "manifest": manifest}
 
 
 def set_current_features(settings: Settings, version: str) -> None:
@@ -73,85 +118,310 @@ def set_current_features(settings: Settings, version: str) -> None:
     set_current(settings.features_dir, version)
 
 
+def _current_feature_set(settings: Settings) -> FeatureSet:
+    from pipeline.data.feature_store import current_feature_set, load_feature_set
+
+    return load_feature_set(current_feature_set(settings))
+
+
+# --------------------------------------------------------------------------------------
+# Training, tracking and the promotion gate
+
+
 def champion_feature_version(settings: Settings) -> str | None:
     """The feature set the current champion was trained on (None without a champion)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from pipeline.registry.tracking import champion
 
-    from pipeline.registry.tracking import configure
+    current = champion(settings)
+    return current[1].get("feature_version") if current else None
 
-    configure(settings)
+
+def train(settings: Settings, resume: Path | None = None, progress: bool = False,
+          on_epoch: Callable[[EpochRecord], None] | None = None, index_kind: str = "auto",
+          baselines: bool = True, register: bool = True) -> dict[str, Any]:
+    """Train on the current feature set, write the bundle (with its index, built once), measure
+    test metrics next to the baselines, track it all in one MLflow run, register the model and
+    apply the promotion gate. ``resume``: a run folder to continue from its checkpoint."""
+    from pipeline.registry import tracking
+    from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
+    from pipeline.training.evaluation import evaluation_report
+    from pipeline.training.recipe import baseline_model, sasrec_scorer, train_sasrec, validation_queries
+    from pipeline.training.loop import resolve_device
+
+    fs = _current_feature_set(settings)
+    if resume is not None and not (resume / "checkpoint.pt").exists():
+        raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
+    device = resolve_device(settings.device)
+    metric = settings.train.selection_metric
+    tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version}
+    with tracking.tracked_run(settings, None, tags) as run_id:
+        params = tracking.flatten(settings.model_dump(mode="json", include={"model", "train", "features", "device"}))
+        params.update({"feature_set.version": fs.version, "feature_set.fingerprint": fs.manifest["source"]["fingerprint"],
+                       **{f"feature_set.{k}": v for k, v in fs.manifest["counts"].items()},
+                       "feature_set.split": fs.manifest["split"]["kind"], "index.kind": index_kind})
+        tracking.log_params(params)
+
+        def log_epoch(rec: EpochRecord) -> None:
+            metrics = {"loss": rec.loss, "throughput_seq_per_s": rec.samples_per_s, "epoch_seconds": rec.seconds,
+                       "valid_seconds": rec.valid_seconds}
+            metrics.update({tracking.metric_name(k, "valid_"): v for k, v in rec.valid.items() if k != "users"})
+            tracking.log_metrics(metrics, step=rec.epoch)
+            if on_epoch:
+                on_epoch(rec)
+
+        # --- train, then write the bundle: model, item table, FAISS index (recall on real queries)
+        outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress, on_epoch=log_epoch)
+        fit = outcome.fit
+        bundle = write_bundle(outcome.run_dir / BUNDLE_DIR, outcome.model, outcome.shape, fs.items, fs.version,
+                              validation_queries(outcome.model, fs), index_kind,
+                              extra={"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run})
+        (outcome.run_dir / "training.json").write_text(json.dumps({
+            "feature_version": fs.version, "device": str(device), "best_epoch": fit.best_epoch,
+            "epochs_run": fit.epochs_run, "stopped_early": fit.stopped_early, "seconds": fit.seconds,
+            "valid": outcome.valid, "settings": settings.model_dump(mode="json", include={"model", "train", "features"}),
+            "history": [vars(h) for h in fit.history],
+        }, indent=2, default=str))
+        (settings.runs_dir / "LATEST").write_text(outcome.run_dir.name + "\n")
+        tracking.set_tags({"run_dir": str(outcome.run_dir)})
+        tracking.log_metrics({tracking.metric_name(k, "valid_"): v for k, v in outcome.valid.items() if k != "users"})
+        tracking.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "train_seconds": fit.seconds})
+
+        # --- test metrics, side by side with the baselines (the checkpoint was chosen on validation)
+        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device)
+        tracking.log_metrics({tracking.metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
+        rows = {"attnrec": test}
+        if baselines:
+            for name in ("popularity", "itemknn"):
+                rows[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len, device)
+                tracking.log_metrics({f"baseline_{name}_test_ndcg_at_10": rows[name]["ndcg@10"]})
+        _log_run_artefacts(outcome.run_dir, fs, bundle, rows, fit.history)
+
+        # --- register, then the gate decides who serves
+        version, promoted, reason = None, False, "not registered"
+        if register:
+            version = tracking.log_bundle_model(bundle.path, settings.registry.model_name)
+            promoted, reason = promotion_gate(settings, fs, version, outcome.valid[metric])
+            tracking.set_tags({"registered_version": str(version), "promoted": str(promoted), "gate_reason": reason})
+    return {"mlflow_run_id": run_id, "version": version, "promoted": promoted, "gate_reason": reason,
+            "run_dir": str(outcome.run_dir), "bundle": str(bundle.path), "best_epoch": fit.best_epoch,
+            "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1), "valid": outcome.valid,
+            "test": {k: v for k, v in test.items() if k != "cold_start"}, "cold_start": test.get("cold_start"),
+            "index": {"kind": bundle.index_meta.kind, "recall_at_10": bundle.index_meta.recall_at_10},
+            "valid_ndcg@10": outcome.valid["ndcg@10"], "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"],
+            "selection_metric": metric, "feature_version": fs.version,
+            "baselines": {k: v["ndcg@10"] for k, v in rows.items() if k != "attnrec"} if baselines else {}}
+
+
+def _log_run_artefacts(run_dir: Path, fs: FeatureSet, bundle: Bundle, rows: dict[str, dict[str, Any]],
+                       history: list[EpochRecord]) -> None:
+    """The evaluation report, the training curve, attention heatmaps of example users (answered
+    by the query path) and the index description, as artefacts of the active MLflow run."""
+    import tempfile
+
+    import numpy as np
+
+    from pipeline.registry.model_store import INDEX_DIR
+    from pipeline.registry.run_report import AttentionExample, plot_attention, plot_training_curve, write_evaluation_report
+    from pipeline.registry.tracking import log_artifact
+    from pipeline.serving.query import recommend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        context = {"feature_version": fs.version, "users": fs.num_users, "items": fs.num_items,
+                   "split_protocol": fs.manifest["split"]["kind"]}
+        for path in write_evaluation_report(folder / "evaluation", rows, context):
+            log_artifact(path, "evaluation")
+        log_artifact(plot_training_curve(folder / "training_curve.png", history), "plots")
+        users = [int(u) for u in np.nonzero(fs.test_pos >= 3)[0][:ATTENTION_EXAMPLE_USERS]]
+        if users:
+            histories = [fs.sequences.row(u)[:fs.test_pos[u]].astype(np.int64) for u in users]
+            answers = recommend(bundle, histories, k=5, explain=True, reasons=None)
+            examples = []
+            for u, hist, answer in zip(users, histories, answers, strict=True):
+                shown = hist[-min(ATTENTION_EXAMPLE_ITEMS, bundle.model.max_len):]
+                shown_ids = [bundle.item_ids[i - 1] for i in shown]
+                weights = np.array([[{r.item_id: r.weight for r in rec.reasons}.get(i, 0.0) for i in shown_ids]
+                                    for rec in answer.recommendations])  # (K, L)
+                examples.append(AttentionExample(fs.user_ids[u], [bundle.titles[i - 1] or bundle.item_ids[i - 1] for i in shown],
+                                                 [r.title or r.item_id for r in answer.recommendations], weights))
+            log_artifact(plot_attention(folder / "attention.png", examples), "plots")
+        log_artifact(bundle.path / INDEX_DIR / "index.json", "index")
+
+
+def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score: float) -> tuple[bool, str]:
+    """Give ``version`` the champion alias if its validation score (the selection metric) is not
+    worse than the champion's on ``fs``, within ``registry.promotion_tolerance``.
+
+    The champion's score is its tag when it was measured on ``fs``; otherwise the champion is
+    re-evaluated on ``fs``. A champion trained on another catalogue cannot be compared and is
+    replaced. Every version gets the tags ``role`` and ``gate_reason``.
+    """
+    from pipeline.registry import tracking
+
+    reg, metric = settings.registry, settings.train.selection_metric
+    score_tag = tracking.metric_name(metric, "valid_")
+    tracking.set_version_tags(settings, version, {score_tag: f"{valid_score:.6f}", "feature_version": fs.version,
+                                                  "selection_metric": metric})
+    current = tracking.champion(settings)
+    label = metric.upper()
+    if current is None:
+        promoted, reason = True, "first model: no champion yet"
+    else:
+        champ_version, champ_tags = current
+        if champ_tags.get("feature_version") == fs.version and score_tag in champ_tags:
+            champ_score: float | None = float(champ_tags[score_tag])
+        else:
+            champ_score = champion_score(settings, fs, champ_version)
+        if champ_score is None:
+            promoted, reason = True, f"champion v{champ_version} was trained on another catalogue; replaced"
+        elif valid_score >= champ_score - reg.promotion_tolerance:
+            promoted, reason = True, (f"valid {label} {valid_score:.4f} >= champion v{champ_version} "
+                                      f"{champ_score:.4f} - tolerance {reg.promotion_tolerance}")
+        else:
+            promoted, reason = False, (f"valid {label} {valid_score:.4f} < champion v{champ_version} "
+                                       f"{champ_score:.4f} - tolerance {reg.promotion_tolerance} on feature set {fs.version}")
+    if promoted:
+        tracking.set_champion(settings, version)
+        tracking.set_version_tags(settings, version, {"role": "champion"})
+        if current is not None:
+            tracking.set_version_tags(settings, current[0], {"role": "retired"})
+    else:
+        tracking.set_version_tags(settings, version, {"role": "challenger"})
+    tracking.set_version_tags(settings, version, {"gate_reason": reason})
+    return promoted, reason
+
+
+def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | None:
+    """Registered ``version``'s validation score (the selection metric) re-measured on ``fs``;
+    None when it was trained on another catalogue (its item indices mean other items)."""
+    from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model
+    from pipeline.registry.tracking import download_bundle
+    from pipeline.training.evaluation import evaluate, selection_ks
+    from pipeline.training.loop import resolve_device
+    from pipeline.training.recipe import sasrec_scorer
+
+    device = resolve_device(settings.device)
+    path = download_bundle(settings, f"models:/{settings.registry.model_name}/{version}")
+    model, meta = load_model(path / MODEL_FILE, device)
     try:
-        mv = MlflowClient().get_model_version_by_alias(settings.registry.model_name, settings.registry.champion_alias)
-    except MlflowException:
+        check_vocabulary(meta, fs)
+    except UserError:
         return None
-    return (mv.tags or {}).get("feature_version")
+    metric = settings.train.selection_metric
+    return evaluate(sasrec_scorer(model), fs, "valid", model.max_len, device, ks=selection_ks(metric)).metrics[metric]
 
 
-def train(settings: Settings, on_epoch: Callable[[EpochRecord], None] | None = None) -> dict[str, Any]:
-    """Train, track and gate a model on the current feature set; ``on_epoch`` sees every epoch's record."""
-    from pipeline.data.feature_store import current_feature_set, load_feature_set
-    from pipeline.registry.tracking import tracked_train
-
-    fs = load_feature_set(current_feature_set(settings))
-    result = tracked_train(settings, fs, progress=False, on_epoch=on_epoch)
-    return {"mlflow_run_id": result.run_id, "version": result.version, "promoted": result.promoted,
-            "gate_reason": result.gate_reason, "valid_ndcg@10": result.valid["ndcg@10"],
-            "test_ndcg@10": result.test["ndcg@10"], "test_hr@10": result.test["hr@10"],
-            "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1)}
+# --------------------------------------------------------------------------------------
+# Evaluation, index, recommendations
 
 
 def evaluate(settings: Settings, split: str = "test", baseline: str | None = None, model: str | None = None) -> dict[str, Any]:
-    from pipeline.data.feature_store import current_feature_set, load_feature_set
-    from pipeline.registry.resolution import resolve_bundle
-    from pipeline.registry.model_store import check_vocabulary, load_model
-    from pipeline.training.recipe import baseline_model, evaluate_model, sasrec_scorer
-    from pipeline.registry.tracking import tracked_evaluation
+    """Full-ranking metrics of a model (default: the champion) or a baseline on the current
+    feature set, recorded as an MLflow run."""
+    from pipeline.registry import tracking
+    from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model, resolve_bundle
+    from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
+    from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer
 
-    fs = load_feature_set(current_feature_set(settings))
+    if split not in ("valid", "test"):
+        raise UserError("--split must be valid or test")
+    if baseline is not None and baseline not in BASELINES:
+        raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
+    fs = _current_feature_set(settings)
     device = resolve_device(settings.device)
     if baseline:
         scorer, name, max_len = baseline_model(baseline, fs).to(device), baseline, settings.model.max_len
     else:
         path = resolve_bundle(settings, model)
-        net, meta = load_model(path / "model.pt", device)
+        net, meta = load_model(path / MODEL_FILE, device)
         check_vocabulary(meta, fs)
         label = path / "VERSION"
         name = label.read_text().strip() if label.exists() else str(path)
         scorer, max_len = sasrec_scorer(net), net.max_len
-    report = {"model": name, "split": split, "feature_set": fs.version, **evaluate_model(scorer, fs, split, max_len, device)}
-    report["mlflow_run_id"] = tracked_evaluation(settings, name, report)
+    report = {"model": name, "split": split, "feature_set": fs.version, **evaluation_report(scorer, fs, split, max_len, device)}
+    with tracking.tracked_run(settings, f"evaluate {name}", {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:
+        tracking.log_params({"split": split, "model": name})
+        tracking.log_metrics({tracking.metric_name(k, f"{split}_"): v for k, v in report.items()
+                              if isinstance(v, float) and k != "seconds"})
+    report["mlflow_run_id"] = run_id
     return report
 
 
 def build_index(settings: Settings, kind: str = "auto", model: str | None = None,
                 params: dict[str, int] | None = None) -> dict[str, Any]:
-    """(Re)build the FAISS index next to a model bundle; ``params`` as in ``rebuild_index``."""
-    from dataclasses import asdict
-
-    from pipeline.registry.resolution import resolve_bundle
-    from pipeline.serving.query import rebuild_index
+    """(Re)build the FAISS index of a model's bundle (``params``: FAISS parameters, see
+    ``pipeline.registry.model_store.rebuild_index``); its recall is measured with the
+    bundle's own validation queries, as at training time."""
+    from pipeline.registry.model_store import resolve_bundle, rebuild_index
 
     path = resolve_bundle(settings, model)
     meta = rebuild_index(path, kind, params=params)
-    return {"bundle": str(path), **asdict(meta)}
+    return {"bundle": str(path), "rebuilt": True, **asdict(meta)}
+
+
+def ensure_index(settings: Settings, kind: str = "auto", model: str | None = None) -> dict[str, Any]:
+    """The bundle's index as it is when it is of ``kind`` ('auto': whatever kind it has), else rebuilt.
+
+    The pipeline flow calls this after training, so an index is built once per run.
+    """
+    from pipeline.registry.index import KINDS, IndexMeta
+    from pipeline.registry.model_store import INDEX_DIR, resolve_bundle
+
+    if kind not in KINDS:
+        raise UserError(f"index kind must be one of {', '.join(KINDS)}")
+    path = resolve_bundle(settings, model)
+    meta_path = path / INDEX_DIR / "index.json"
+    if meta_path.exists():
+        meta = IndexMeta(**json.loads(meta_path.read_text()))
+        if kind in ("auto", meta.kind):
+            return {"bundle": str(path), "rebuilt": False, **asdict(meta)}
+    return build_index(settings, kind, model)
 
 
 def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None = None, model: str | None = None,
                        table: str = "recommendations") -> dict[str, Any]:
-    from pipeline.serving.batch import recommend_all
-    from pipeline.registry.resolution import resolve_bundle
-    from pipeline.serving.query import HistoryStore, ModelBundle
+    """Top ``k`` for every warehouse user through the query path (``Recommender.recommend_all``),
+    written to Parquet and to the DuckDB table ``table``."""
+    import time
 
-    bundle = ModelBundle(resolve_bundle(settings, model))
-    target = Path(out) if out else settings.home / "recommendations.parquet"
-    report = recommend_all(bundle, HistoryStore(settings.duckdb_path), k, target.resolve(), settings.duckdb_path, table)
-    return {"users": report.users, "rows": report.rows, "fallback_users": report.fallback_users,
-            "seconds": round(report.seconds, 2), "parquet": str(report.parquet), "table": report.table,
-            "model_version": bundle.version}
+    from pipeline.data.warehouse import replace_table
+    from pipeline.serving.recommender import Recommender
+
+    if not TABLE_NAME.fullmatch(table):
+        raise UserError(f"--table {table!r}: a table name is letters, digits and _ (not starting with a digit), "
+                        "at most 63 characters")
+    started = time.perf_counter()
+    recommender = Recommender.load(model, settings=settings)
+    frame = recommender.recommend_all(k)
+    target = Path(out).resolve() if out else settings.home / "recommendations.parquet"
+    _write_parquet(frame, target)
+    replace_table(settings.duckdb_path, table, frame)
+    users = frame["user_id"].n_unique()
+    fallback = frame.filter(frame["fallback"].is_not_null())["user_id"].n_unique()
+    return {"users": users, "rows": frame.height, "fallback_users": fallback,
+            "seconds": round(time.perf_counter() - started, 2), "parquet": str(target), "table": table,
+            "model_version": recommender.version}
 
 
-def require_events(settings: Settings) -> None:
-    if not settings.duckdb_path.exists():
-        raise UserError(f"no warehouse at {settings.duckdb_path}: ingest events first")
+def _write_parquet(frame: pl.DataFrame, target: Path) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    frame.write_parquet(tmp)
+    tmp.replace(target)
+
+
+def serve(settings: Settings, model: str | None = None, announce: Callable[[str], None] | None = None) -> None:
+    """Run the HTTP API (uvicorn) over ``Recommender.load(model)`` until interrupted."""
+    import uvicorn
+
+    from pipeline.serving.http import create_app
+    from pipeline.serving.recommender import Recommender
+
+    recommender = Recommender.load(model, settings=settings, cache_histories=True, threads=settings.serve.threads)
+    token = settings.serve.api_token or os.environ.get("ATTNREC_API_TOKEN")
+    if announce:
+        announce(f"serving model {recommender.version} ({recommender.num_items:,} items) on "
+                 f"http://{settings.serve.host}:{settings.serve.port} (docs at /docs){' with bearer token' if token else ''}")
+    uvicorn.run(create_app(recommender, token), host=settings.serve.host, port=settings.serve.port, log_level="warning")

@@ -23,7 +23,8 @@ import polars as pl
 
 from pipeline.errors import InputFileError, UserError
 from pipeline.data.ingest import file_fingerprint
-from pipeline.data.warehouse import CANONICAL_INT_REGEX, next_source_id, register_ids, transaction
+from pipeline.data.identity import MAX_ID_CHARS, id_text_expr, key_sql
+from pipeline.data.warehouse import next_source_id, register_ids, transaction
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -131,7 +132,7 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     if fmt == "movielens-movies-csv":
         df = pl.read_csv(io.StringIO(_read_text(path)), infer_schema=False).with_row_index("line", 2)
         return df.select(
-            pl.col("line").cast(pl.Int64), pl.col("movieId").str.strip_chars().alias("item_id"), pl.col("title"),
+            pl.col("line").cast(pl.Int64), pl.col("movieId").alias("item_id"), pl.col("title"),
             pl.when(pl.col("genres") == "(no genres listed)").then(pl.lit([], pl.List(pl.String)))
               .otherwise(pl.col("genres").str.split("|")).alias("categories"),
             pl.lit(None, pl.String).alias("text"), *empty_num,
@@ -139,7 +140,7 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     if fmt == "movielens-tags":
         df = pl.read_csv(io.StringIO(_read_text(path)), infer_schema=False).with_row_index("line", 2)
         return (
-            df.group_by(pl.col("movieId").str.strip_chars().alias("item_id"), maintain_order=True)
+            df.group_by(pl.col("movieId").alias("item_id"), maintain_order=True)
             .agg(pl.col("line").min().cast(pl.Int64), pl.col("tag").drop_nulls().unique(maintain_order=True).str.join(" ").alias("text"))
             .select("line", "item_id", pl.lit(None, pl.String).alias("title"),
                     pl.lit([], pl.List(pl.String)).alias("categories"), "text", *empty_num)
@@ -177,7 +178,7 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     else:
         cat_expr = pl.col(catc).cast(pl.String).str.split("|").list.eval(pl.element().str.strip_chars())
     return df.select(
-        pl.col("line").cast(pl.Int64), pl.col(idc).cast(pl.String).str.strip_chars().alias("item_id"),
+        pl.col("line").cast(pl.Int64), pl.col(idc).cast(pl.String).alias("item_id"),
         (pl.col(title).cast(pl.String) if title else pl.lit(None, pl.String)).alias("title"),
         cat_expr.alias("categories"),
         (pl.col(textc).cast(pl.String) if textc else pl.lit(None, pl.String)).alias("text"),
@@ -218,17 +219,21 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
         report.identical_to, report.rows = int(prior[0]), int(prior[1])
         report.seconds = time.perf_counter() - started
         return report
-    df = _frame(path, fmt, item_col, numeric_cols)
+    df = _frame(path, fmt, item_col, numeric_cols).with_columns(id_text_expr(pl.col("item_id")).alias("item_id"))
     report.rows = df.height
-    bad = df.filter(pl.col("item_id").is_null() | (pl.col("item_id") == ""))
+    df = df.with_columns(
+        pl.when(pl.col("item_id").is_null()).then(pl.lit("missing item id"))
+        .when(pl.col("item_id").str.len_chars() > MAX_ID_CHARS).then(pl.lit(f"item id longer than {MAX_ID_CHARS:,} characters"))
+        .alias("reason"))
+    bad = df.filter(pl.col("reason").is_not_null())
     if bad.height:
         report.quarantined = bad.height
-        report.examples = [(int(r), "missing item id") for r in bad["line"].head(5)]
+        report.examples = [(int(line), reason) for line, reason in bad.select("line", "reason").head(5).iter_rows()]
         if strict:
-            raise InputFileError(path, f"--strict: {bad.height} rows without an item id (lines {', '.join(str(x) for x, _ in report.examples)}); nothing written")
-    good = df.filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
+            raise InputFileError(path, f"--strict: {bad.height} rows with a bad item id (lines {', '.join(str(x) for x, _ in report.examples)}); nothing written")
+    good = df.filter(pl.col("reason").is_null()).drop("reason")
     if id_map is not None:
-        mapping = read_id_map(id_map)
+        mapping = read_id_map(id_map).with_columns(id_text_expr(pl.col("event_id")), id_text_expr(pl.col("file_id")))
         joined = good.join(mapping, left_on="item_id", right_on="file_id", how="inner")
         report.unmapped = good.height - joined.height
         good = joined.drop("item_id").rename({"event_id": "item_id"})
@@ -240,15 +245,14 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
             register_ids(con, "item", "(SELECT item_id AS id FROM catalog_rows)")
             con.execute(
                 f"""INSERT INTO items
-                    SELECT CASE WHEN regexp_full_match(c.item_id, '{CANONICAL_INT_REGEX}') THEN c.item_id::BIGINT
-                                ELSE d.item_key END,
+                    SELECT {key_sql("c.item_id", "d", "item")},
                            c.title, c.categories, c.text, map(c.num_keys, c.num_values), {source_id}
                     FROM catalog_rows c LEFT JOIN item_dict d ON d.item_id = c.item_id"""
             )
             if bad.height:
-                con.register("catalog_bad", bad.select("line").to_arrow())
+                con.register("catalog_bad", bad.select("line", "reason").to_arrow())
                 con.execute(
-                    "INSERT INTO quarantine SELECT ?, ?, line, 'item id', 'missing item id', NULL FROM catalog_bad",
+                    "INSERT INTO quarantine SELECT ?, ?, line, 'item id', reason, NULL FROM catalog_bad",
                     [source_id, str(path)],
                 )
                 con.unregister("catalog_bad")

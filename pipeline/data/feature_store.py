@@ -38,7 +38,7 @@ from features.splits import cold_items, leave_one_out, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
 from pipeline.errors import UserError
-from pipeline.data.warehouse import DICT_KEY_BASE, query_frame
+from pipeline.data.warehouse import query_frame
 
 FEATURES_CODE_VERSION = 1
 COLD_SEED = 20240601
@@ -130,14 +130,8 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     catalog = query_frame(
         con, "SELECT item_key, title, categories, text, map_keys(numeric) AS num_keys, map_values(numeric) AS num_values FROM items_v"
     )
-    item_ids = query_frame(con, 
-        f"""SELECT k.item_key, CASE WHEN k.item_key < {DICT_KEY_BASE} THEN k.item_key::VARCHAR ELSE d.item_id END AS item_id
-            FROM item_ids_v k LEFT JOIN item_dict d USING (item_key)"""
-    )
-    user_ids = query_frame(con, 
-        f"""SELECT DISTINCT e.user_key, CASE WHEN e.user_key < {DICT_KEY_BASE} THEN e.user_key::VARCHAR ELSE d.user_id END AS user_id
-            FROM (SELECT DISTINCT user_key FROM events) e LEFT JOIN user_dict d USING (user_key)"""
-    )
+    item_ids = query_frame(con, "SELECT item_key, item_id FROM item_ids_v")
+    user_ids = query_frame(con, "SELECT user_key, user_id FROM users_v")
 
     # Vocabularies and histories
     items = item_vocabulary(events.select("item_key"), catalog.select("item_key"))
@@ -146,7 +140,7 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     histories = histories.filter(pl.col("items").list.len() >= fs.min_user_events).with_columns(
         pl.int_range(0, pl.len(), dtype=pl.Int32).alias("user_idx"))
     histories = histories.join(user_ids, on="user_key", how="left").select(
-        "user_idx", "user_key", pl.col("user_id").fill_null(pl.col("user_key").cast(pl.String)), "items", "times"
+        "user_idx", "user_key", "user_id", "items", "times"
     )
 
     # Splits
@@ -184,7 +178,7 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
         content.select("item_idx", "item_key", "title", "categories", "in_events", "cold")
         .join(item_ids, on="item_key", how="left")
         .join(pop.rename({"count": "train_count"}), on="item_idx", how="left")
-        .select("item_idx", "item_key", pl.col("item_id").fill_null(pl.col("item_key").cast(pl.String)), "title",
+        .select("item_idx", "item_key", "item_id", "title",
                 "categories", "in_events", "cold", "train_count")
         .sort("item_idx")
     )

@@ -38,7 +38,8 @@ from pipeline.data.ingest_formats import (
     text_batches,
     unit_from_magnitude,
 )
-from pipeline.data.warehouse import CANONICAL_INT_REGEX, DICT_KEY_BASE, next_source_id, register_ids, transaction
+from pipeline.data.identity import MAX_ID_CHARS, id_text_sql, integer_column_key_sql, integer_key_sql, too_long_sql
+from pipeline.data.warehouse import next_source_id, register_ids, transaction
 
 TIME_UNITS = ("auto", "s", "ms", "us", "ns")
 INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
@@ -112,14 +113,15 @@ def _is_numeric(dtype: str) -> bool:
     return dtype in INT_TYPES or dtype in FLOAT_TYPES or dtype.startswith("DECIMAL")
 
 
-def _id_exprs(col: str, dtype: str) -> tuple[str, str, str]:
-    """(key, raw id text for the dictionary, missing) SQL for an id column of type ``dtype``."""
+def _id_exprs(col: str, dtype: str) -> tuple[str, str, str, str]:
+    """(key, id text for the dictionary, missing, too long) SQL for an id column of type ``dtype``,
+    by the identity rule (``pipeline.data.identity``)."""
     if dtype in INT_TYPES:
-        ok = f"({col} >= 0 AND {col} < {DICT_KEY_BASE})"
-        return f"CASE WHEN {ok} THEN {col}::BIGINT END", f"CASE WHEN NOT {ok} THEN {col}::VARCHAR END", f"{col} IS NULL"
-    s = f"nullif(trim({col}::VARCHAR), '')"
-    is_int = f"regexp_full_match({s}, '{CANONICAL_INT_REGEX}')"
-    return f"CASE WHEN {is_int} THEN {s}::BIGINT END", f"CASE WHEN NOT {is_int} THEN {s} END", f"{s} IS NULL"
+        key = integer_column_key_sql(col)
+        return key, f"CASE WHEN {key} IS NULL THEN {col}::VARCHAR END", f"{col} IS NULL", "false"
+    text = id_text_sql(col)
+    key = integer_key_sql(text)
+    return key, f"CASE WHEN {key} IS NULL THEN {text} END", f"{text} IS NULL", too_long_sql(text)
 
 
 def _unit_scale(unit: str, value: str) -> str:
@@ -159,8 +161,8 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         nfields = "NULL::BIGINT"
     ctype = {r: types.get(spec.mapping[r] if not staged else r, "VARCHAR") for r in col}
 
-    ukey, uraw, umiss = _id_exprs(col["user"], ctype["user"])
-    ikey, iraw, imiss = _id_exprs(col["item"], ctype["item"])
+    ukey, uraw, umiss, ulong = _id_exprs(col["user"], ctype["user"])
+    ikey, iraw, imiss, ilong = _id_exprs(col["item"], ctype["item"])
 
     unit: str | None = None
     if spec.mapping.get("time"):
@@ -208,6 +210,8 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
          f"'expected {nexpected} fields, found ' || {nfields}"),
         (umiss, names["user"], "'missing user id'"),
         (imiss, names["item"], "'missing item id'"),
+        (ulong, names["user"], f"'user id longer than {MAX_ID_CHARS:,} characters'"),
+        (ilong, names["item"], f"'item id longer than {MAX_ID_CHARS:,} characters'"),
         (tmiss, names["time"], "'missing time'"),
         (f"({ts}) IS NULL", names["time"], f"'unparseable time ''' || {t_text} || ''''"),
         (wbad, names["weight"], f"'unparseable weight ''' || {w_text} || ''''"),

@@ -1,4 +1,4 @@
-"""Event-log formats: detection, column mapping, and streaming text files into a staging Parquet.
+"""Event-log formats: detection, column mapping, and streaming text files into DuckDB.
 
 Every text format (CSV/TSV with any delimiter, MovieLens ``u.data`` / ``ratings.dat`` /
 ``ratings.csv``, the SASRec ``user item`` file, NDJSON) is read lazily by Polars with its
@@ -339,12 +339,12 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
             new_columns=["raw"], encoding="utf8-lossy", skip_rows=header_lines,
         ).with_row_index("__row")
         parts = pl.col("raw").str.split(spec.delimiter or ",")
-        fields = {c: parts.list.get(i, null_on_oob=True).str.strip_chars() for i, c in enumerate(spec.columns)}
+        fields = {c: parts.list.get(i, null_on_oob=True) for i, c in enumerate(spec.columns)}
         return lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != "")).select(
             (pl.col("__row").cast(pl.Int64) + 1 + header_lines).alias("line"),
             pl.col("raw"),
             parts.list.len().cast(pl.Int64).alias("nfields"),
-            *[(fields[spec.mapping[r]] if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r) for r in STAGE_COLUMNS],
+            *[_staged(r, fields[spec.mapping[r]] if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
         )
     lf = pl.scan_csv(
         path, has_header=spec.has_header, separator=spec.delimiter or ",", infer_schema=False,
@@ -357,9 +357,16 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
         (pl.col("__row").cast(pl.Int64) + 1 + header_lines).alias("line"),
         pl.concat_str([c.fill_null("") for c in cols], separator=spec.delimiter or ",").alias("raw"),
         pl.lit(None, pl.Int64).alias("nfields"),
-        *[(pl.col(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
-          for r in STAGE_COLUMNS],
+        *[_staged(r, pl.col(spec.mapping[r]) if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
     )
+
+
+def _staged(role: str, value: pl.Expr | None) -> pl.Expr:
+    """The staged column of ``role``: ids as read (the identity rule trims them in SQL), other
+    fields without surrounding whitespace, NULL for a role the file does not have."""
+    if value is None:
+        return pl.lit(None, pl.String).alias(role)
+    return (value if role in ("user", "item") else value.str.strip_chars()).alias(role)
 
 
 NOT_JSON = -1  # ``nfields`` of an NDJSON line that is not a JSON object (quarantined as such)
@@ -404,8 +411,7 @@ def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
         (pl.col("__row").cast(pl.Int64) + 1).alias("line"),
         pl.col("raw"),
         pl.when(pl.col("__record").is_null()).then(pl.lit(NOT_JSON, pl.Int64)).otherwise(pl.lit(None, pl.Int64)).alias("nfields"),
-        *[(pl.col("__record").struct.field(spec.mapping[r]).str.strip_chars() if spec.mapping.get(r) else pl.lit(None, pl.String)).alias(r)
-          for r in STAGE_COLUMNS],
+        *[_staged(r, pl.col("__record").struct.field(spec.mapping[r]) if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
     )
 
 

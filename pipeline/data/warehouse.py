@@ -12,9 +12,9 @@ Tables
 ``sources``      one row per ingested file: path, fingerprint, format, counts.
 ``quarantine``   rows that could not be loaded: source, file, line, column, reason, raw text.
 
-Keys: an id whose text is a canonical non-negative integer below 2**62 ("42", not "042")
-is its own key, so integer ids need no dictionary lookup on the hot ingest path; any other
-id gets a dictionary key at or above 2**62. ``users_v`` / ``events_v`` show the ids as text.
+Keys follow the one identity rule of ``pipeline.data.identity``: a canonical integer id
+below 2**62 is its own key, any other id gets a dictionary key at or above 2**62.
+``users_v`` and ``item_ids_v`` show the ids as text.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from pipeline.data.identity import DICT_KEY_BASE, id_of_key_sql, id_text_sql, integer_key_sql, key_sql
 from pipeline.errors import UserError
-
-DICT_KEY_BASE = 1 << 62
-CANONICAL_INT_REGEX = "0|[1-9][0-9]{0,17}"
 
 SCHEMA_SQL = f"""
 CREATE TABLE IF NOT EXISTS sources (
@@ -78,12 +76,10 @@ CREATE TABLE IF NOT EXISTS quarantine (
     raw VARCHAR
 );
 CREATE OR REPLACE VIEW users_v AS
-    SELECT DISTINCT e.user_key,
-           CASE WHEN e.user_key < {DICT_KEY_BASE} THEN e.user_key::VARCHAR ELSE d.user_id END AS user_id
-    FROM events e LEFT JOIN user_dict d ON d.user_key = e.user_key;
+    SELECT e.user_key, {id_of_key_sql("e.user_key", "d", "user")} AS user_id
+    FROM (SELECT DISTINCT user_key FROM events) e LEFT JOIN user_dict d ON d.user_key = e.user_key;
 CREATE OR REPLACE VIEW item_ids_v AS
-    SELECT k.item_key,
-           CASE WHEN k.item_key < {DICT_KEY_BASE} THEN k.item_key::VARCHAR ELSE d.item_id END AS item_id
+    SELECT k.item_key, {id_of_key_sql("k.item_key", "d", "item")} AS item_id
     FROM (SELECT item_key FROM events UNION SELECT item_key FROM items) k
     LEFT JOIN item_dict d ON d.item_key = k.item_key;
 CREATE OR REPLACE VIEW items_v AS
@@ -154,23 +150,25 @@ def query_frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | No
     return frame
 
 
+def replace_table(db_path: Path, name: str, frame: pl.DataFrame) -> None:
+    """(Re)write table ``name`` (a plain identifier) with ``frame`` plus ``created_at``, in one transaction."""
+    con = connect(db_path)
+    try:
+        con.register("frame_to_write", frame.to_arrow())
+        with transaction(con):
+            con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT *, now()::TIMESTAMP AS created_at FROM frame_to_write')
+        con.unregister("frame_to_write")
+    finally:
+        con.close()
+
+
 def next_source_id(con: duckdb.DuckDBPyConnection) -> int:
     return int(con.execute("SELECT coalesce(max(source_id), 0) + 1 FROM sources").fetchall()[0][0])
 
 
-def key_sql(raw: str, kind: str) -> str:
-    """SQL that turns the text column ``raw`` into a key, via ``{kind}_dict`` for non-integers.
-
-    Needs ``LEFT JOIN {kind}_dict d_{kind} ON d_{kind}.{kind}_id = raw`` in the query.
-    """
-    return (
-        f"CASE WHEN regexp_full_match({raw}, '{CANONICAL_INT_REGEX}') THEN {raw}::BIGINT "
-        f"ELSE d_{kind}.{kind}_key END"
-    )
-
-
 def register_ids(con: duckdb.DuckDBPyConnection, kind: str, ids_relation: str) -> int:
-    """Give dictionary keys to the non-integer ids of ``ids_relation`` (one VARCHAR column ``id``)."""
+    """Give dictionary keys to the ids of ``ids_relation`` (one canonical VARCHAR column ``id``)
+    that are not their own key and have none yet; returns how many were added."""
     table = f"{kind}_dict"
     row = con.execute(
         f"""
@@ -178,7 +176,7 @@ def register_ids(con: duckdb.DuckDBPyConnection, kind: str, ids_relation: str) -
         SELECT (SELECT coalesce(max({kind}_key) + 1, {DICT_KEY_BASE}) FROM {table})
                + row_number() OVER (ORDER BY n.id) - 1, n.id
         FROM (SELECT DISTINCT id FROM {ids_relation}
-              WHERE id IS NOT NULL AND NOT regexp_full_match(id, '{CANONICAL_INT_REGEX}')) n
+              WHERE id IS NOT NULL AND {integer_key_sql('id')} IS NULL) n
         ANTI JOIN {table} d ON d.{kind}_id = n.id
         """
     ).fetchall()
@@ -186,25 +184,20 @@ def register_ids(con: duckdb.DuckDBPyConnection, kind: str, ids_relation: str) -
 
 
 def lookup_keys(con: duckdb.DuckDBPyConnection, kind: str, ids: list[str]) -> dict[str, int]:
-    """External ids -> keys for the ids known to the warehouse (unknown ids are left out)."""
+    """Ids as given -> keys, for the ids known to the warehouse (unknown and invalid ids are left out)."""
     if not ids:
         return {}
     known_table = "events" if kind == "user" else "(SELECT item_key FROM events UNION SELECT item_key FROM items)"
     rows = con.execute(
         f"""
-        WITH q AS (SELECT unnest(?::VARCHAR[]) AS id)
-        SELECT q.id, {key_sql('q.id', kind)} AS k
-        FROM q LEFT JOIN {kind}_dict d_{kind} ON d_{kind}.{kind}_id = q.id
+        WITH q AS (SELECT given, {id_text_sql('given')} AS id FROM (SELECT unnest(?::VARCHAR[]) AS given))
+        SELECT q.given, {key_sql('q.id', 'd', kind)} AS k
+        FROM q LEFT JOIN {kind}_dict d ON d.{kind}_id = q.id
         WHERE k IN (SELECT {kind}_key FROM {known_table})
         """,
         [ids],
     ).fetchall()
     return {str(i): int(k) for i, k in rows if k is not None}
-
-
-def id_of_keys_sql(kind: str, key_col: str) -> str:
-    """SQL for the external id of ``key_col`` (needs ``LEFT JOIN {kind}_dict`` aliased ``dd``)."""
-    return f"CASE WHEN {key_col} < {DICT_KEY_BASE} THEN {key_col}::VARCHAR ELSE dd.{kind}_id END"
 
 
 @dataclass(frozen=True)

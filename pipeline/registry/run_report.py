@@ -1,10 +1,12 @@
 """Human-readable run artefacts: evaluation report (JSON, Markdown, HTML), training curve and
-attention heatmaps (PNG), written to a folder for MLflow to keep."""
+attention heatmaps (PNG), written to a folder for MLflow to keep. Rendering only: the
+numbers come from the evaluator and the query path (``pipeline.app.steps.train``)."""
 
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.sasrec import SASRec  # noqa: E402
-from pipeline.data.feature_store import FeatureSet  # noqa: E402
 
 REPORT_METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "hr@20", "ndcg@20")
 
@@ -63,26 +61,24 @@ def plot_training_curve(path: Path, history: list[Any]) -> Path:
     return path
 
 
-@torch.no_grad()
-def plot_attention(path: Path, model: SASRec, fs: FeatureSet, users: list[int], top_k: int = 5, last: int = 15) -> Path:
-    """For each user: the weights (``explain``) their top-k items put on their last history items."""
-    titles = fs.items["title"].to_list()
-    fig, axes = plt.subplots(len(users), 1, figsize=(11, 3.2 * len(users)), squeeze=False)
-    table = model.item_vectors()
-    for ax, u in zip(axes[:, 0], users, strict=True):
-        pos = int(fs.test_pos[u]) if fs.test_pos[u] >= 0 else len(fs.sequences.row(u))
-        hist = fs.sequences.row(u)[:pos][-model.max_len:].astype(np.int64)
-        seq = torch.from_numpy(hist).unsqueeze(0)
-        scores = model.user_vectors(seq, table) @ table.T  # (1, N+1)
-        scores[0, 0] = float("-inf")
-        scores[0, torch.from_numpy(hist)] = float("-inf")
-        top = torch.topk(scores, top_k).indices  # (1, K)
-        weights = model.explain(seq, top)[0, :, -last:].numpy()  # (K, last)
-        ax.imshow(weights, aspect="auto", cmap="viridis")
-        short = lambda i: (titles[i - 1] or str(i))[:22]  # noqa: E731
-        ax.set_yticks(range(top_k), [short(int(i)) for i in top[0]])
-        ax.set_xticks(range(weights.shape[1]), [short(int(i)) for i in hist[-last:]], rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"user {fs.user_ids[u]}: which recent items each recommendation rests on", fontsize=9)
+@dataclass
+class AttentionExample:
+    """One user's recommendations and the attention each puts on the user's newest history items."""
+
+    user_id: str
+    history_titles: list[str]      # (L,) the newest history items, oldest first
+    recommended_titles: list[str]  # (K,)
+    weights: np.ndarray            # (K, L) attention share of each history item, per recommendation
+
+
+def plot_attention(path: Path, examples: list[AttentionExample]) -> Path:
+    """One heatmap per user: which recent history items each recommendation rests on."""
+    fig, axes = plt.subplots(len(examples), 1, figsize=(11, 3.2 * len(examples)), squeeze=False)
+    for ax, ex in zip(axes[:, 0], examples, strict=True):
+        ax.imshow(ex.weights, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(ex.recommended_titles)), [t[:22] for t in ex.recommended_titles])
+        ax.set_xticks(range(len(ex.history_titles)), [t[:22] for t in ex.history_titles], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"user {ex.user_id}: which recent items each recommendation rests on", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

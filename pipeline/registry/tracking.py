@@ -1,14 +1,10 @@
-"""MLflow tracking and registry: every training and evaluation is an MLflow run.
+"""attnrec's MLflow I/O: the tracking store, runs and their artefacts, the model registry.
 
-A training run logs the whole typed config, the feature-set fingerprint and counts,
-per-epoch loss / validation metrics / throughput, final test metrics next to the
-baselines, system info, and artefacts: the model (an MLflow pyfunc returning top-k for a
-history, with signature and input example), the FAISS index and item map (inside the
-model's bundle), the evaluation report (JSON, Markdown, HTML), a training curve and
-attention heatmaps (PNG). The model is registered as ``attnrec``; the promotion gate gives
-the new version the ``champion`` alias only if its validation NDCG@10 is not worse than
-the current champion's on the same feature set (within a tolerance), else tags it
-``challenger`` with the reason. Serving loads ``models:/attnrec@champion`` by default.
+Nothing here decides anything: the training orchestration and the promotion gate that use
+these calls are the application layer's (``pipeline.app.steps``). The store is the one the
+settings name (by default SQLite and an artefact folder in the state folder); the
+experiment is ``attnrec``; models are registered under ``settings.registry.model_name``
+and the serving model carries the ``champion`` alias.
 """
 
 from __future__ import annotations
@@ -18,23 +14,18 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.config import Settings
 from pipeline.errors import UserError
-from pipeline.data.feature_store import FeatureSet
-from pipeline.training.loop import EpochRecord
 
 EXPERIMENT = "attnrec"
 ROOT = Path(__file__).resolve().parents[2]
-VALID_METRIC = "valid_ndcg_at_10"
 
 
 def metric_name(key: str, prefix: str = "") -> str:
@@ -57,6 +48,7 @@ def configure(settings: Settings) -> str:
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as MLflow parameters: {'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
@@ -90,187 +82,126 @@ def system_tags(device: str) -> dict[str, str]:
     }
 
 
-@dataclass
-class TrackedTraining:
-    run_id: str
-    version: str | None
-    promoted: bool
-    gate_reason: str
-    valid: dict[str, float]
-    test: dict[str, Any]
-    run_dir: Path
-    best_epoch: int
-    epochs_run: int
-    seconds: float
-
-
-def tracked_train(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
-                  progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None,
-                  baselines: bool = True, register: bool = True, run_name: str | None = None) -> TrackedTraining:
-    """Train, evaluate, log everything to MLflow, register the model and apply the promotion gate."""
+@contextmanager
+def tracked_run(settings: Settings, run_name: str | None, tags: dict[str, str]) -> Iterator[str]:
+    """An MLflow run in the attnrec experiment; yields its id. Logging calls below go to it."""
     import mlflow
-
-    from pipeline.training.recipe import baseline_model, evaluate_model, sasrec_scorer, train_sasrec
-    from pipeline.registry.run_report import plot_attention, plot_training_curve, write_evaluation_report
-    from pipeline.training.loop import resolve_device
 
     experiment = configure(settings)
-    device = resolve_device(settings.device)
     with mlflow.start_run(experiment_id=experiment, run_name=run_name) as run:
-        mlflow.set_tags({**system_tags(str(device)), "type": "train", "feature_version": fs.version})
-        params = flatten(settings.model_dump(mode="json", include={"model", "train", "features", "device"}))
-        params.update({"feature_set.version": fs.version, "feature_set.fingerprint": fs.manifest["source"]["fingerprint"],
-                       **{f"feature_set.{k}": v for k, v in fs.manifest["counts"].items()},
-                       "feature_set.split": fs.manifest["split"]["kind"]})
-        mlflow.log_params(params)
-
-        def log_epoch(rec: EpochRecord) -> None:
-            metrics = {"loss": rec.loss, "throughput_seq_per_s": rec.samples_per_s, "epoch_seconds": rec.seconds,
-                       "valid_seconds": rec.valid_seconds}
-            metrics.update({metric_name(k, "valid_"): v for k, v in rec.valid.items() if k != "users"})
-            mlflow.log_metrics(metrics, step=rec.epoch)
-            if on_epoch:
-                on_epoch(rec)
-
-        outcome = train_sasrec(settings, fs, run_dir=run_dir, resume=resume, progress=progress, on_epoch=log_epoch)
-        mlflow.set_tag("run_dir", str(outcome.run_dir))
-        mlflow.log_metrics({metric_name(k, "valid_"): v for k, v in outcome.valid.items() if k != "users"})
-        mlflow.log_metrics({"best_epoch": outcome.fit.best_epoch, "epochs_run": outcome.fit.epochs_run,
-                            "train_seconds": outcome.fit.seconds})
-
-        # Test metrics, side by side with the baselines (the checkpoint was chosen on validation).
-        test = evaluate_model(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device)
-        mlflow.log_metrics({metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
-        rows = {"attnrec": test}
-        if baselines:
-            for name in ("popularity", "itemknn"):
-                rows[name] = evaluate_model(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len, device)
-                mlflow.log_metric(f"baseline_{name}_test_ndcg_at_10", rows[name]["ndcg@10"])
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            context = {"feature_version": fs.version, "users": fs.num_users, "items": fs.num_items,
-                       "split_protocol": fs.manifest["split"]["kind"]}
-            for path in write_evaluation_report(folder / "evaluation", rows, context):
-                mlflow.log_artifact(str(path), "evaluation")
-            mlflow.log_artifact(str(plot_training_curve(folder / "training_curve.png", outcome.fit.history)), "plots")
-            users = [int(u) for u in np.nonzero(fs.test_pos >= 3)[0][:3]]
-            if users:
-                mlflow.log_artifact(str(plot_attention(folder / "attention.png", outcome.model.cpu(), fs, users)), "plots")
-            mlflow.log_artifact(str(outcome.run_dir / "index" / "index.json"), "index")
-
-        version = None
-        promoted, reason = False, "not registered"
-        if register:
-            info = log_pyfunc(outcome.run_dir, settings.registry.model_name)
-            version = str(info.registered_model_version)
-            promoted, reason = promotion_gate(settings, fs, version, outcome.valid["ndcg@10"])
-            mlflow.set_tags({"registered_version": version, "promoted": str(promoted), "gate_reason": reason})
-        return TrackedTraining(run.info.run_id, version, promoted, reason, outcome.valid, test, outcome.run_dir,
-                               outcome.fit.best_epoch, outcome.fit.epochs_run, outcome.fit.seconds)
+        mlflow.set_tags(tags)
+        yield run.info.run_id
 
 
-def log_pyfunc(bundle_dir: Path, registered_name: str | None) -> Any:
-    """Log the bundle as an MLflow pyfunc model (optionally registering it)."""
+def log_params(params: dict[str, Any]) -> None:
     import mlflow
-    from mlflow.models import infer_signature
 
-    from pipeline.serving.query import ModelBundle
+    mlflow.log_params(params)
 
-    from pipeline.serving.pyfunc import predict_frame
 
-    bundle = ModelBundle(bundle_dir)
-    example = pd.DataFrame({"items": [bundle.item_ids[:3]]})
-    signature = infer_signature(example, predict_frame(bundle, example, 10), params={"k": 10})
-    return mlflow.pyfunc.log_model(
-        name="model", python_model=str(ROOT / "pipeline" / "serving" / "pyfunc.py"),
-        artifacts={"bundle": str(_bundle_files(bundle_dir))},
-        code_paths=[str(ROOT / "pipeline"), str(ROOT / "models"), str(ROOT / "features")],
-        signature=signature, input_example=example, registered_model_name=registered_name,
-        pip_requirements=_requirements(),
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_artifact(path: Path, folder: str) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), folder)
+
+
+def log_bundle_model(bundle_dir: Path, registered_name: str | None) -> str | None:
+    """Log the bundle folder as the run's pyfunc model (``pipeline/serving/pyfunc.py``);
+    returns the registered version when ``registered_name`` is given.
+
+    The signature is declared, not inferred, and no input example is given (MLflow would load
+    and run the model to check one), so logging reads nothing back.
+    """
+    import warnings
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(Array(DataType.string), "items")]),
+        outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores")]),
+        params=ParamSchema([ParamSpec("k", DataType.long, 10)]),
     )
-
-
-def _bundle_files(run_dir: Path) -> Path:
-    """A folder with only what serving needs (model.pt, items.parquet, index/), not checkpoints."""
-    out = run_dir / "bundle_files"
-    out.mkdir(exist_ok=True)
-    for name in ("model.pt", "items.parquet"):
-        shutil.copy2(run_dir / name, out / name)
-    shutil.copytree(run_dir / "index", out / "index", dirs_exist_ok=True)
-    return out
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(ROOT / "pipeline" / "serving" / "pyfunc.py"),
+            artifacts={"bundle": str(bundle_dir)},
+            code_paths=[str(ROOT / "pipeline"), str(ROOT / "models"), str(ROOT / "features")],
+            signature=signature, registered_model_name=registered_name, pip_requirements=_requirements(),
+        )
+    return None if registered_name is None else str(info.registered_model_version)
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     names = ["torch", "numpy", "pandas", "polars", "pyarrow", "duckdb", "faiss-gpu", "pydantic", "pydantic-settings", "mlflow"]
     out = []
     for n in names:
         try:
             out.append(f"{n}=={version(n).split('+')[0]}")
-        except Exception:  # noqa: BLE001 - a package missing here is simply not pinned
+        except PackageNotFoundError:  # a package missing here is simply not pinned
             continue
     return out
 
 
-def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_ndcg: float) -> tuple[bool, str]:
-    """Give ``version`` the champion alias if it is not worse than the champion on ``fs``."""
+# --------------------------------------------------------------------------------------
+# Model registry
+
+
+def version_tags(settings: Settings, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    configure(settings)
+    return dict(MlflowClient().get_model_version(settings.registry.model_name, version).tags or {})
+
+
+def set_version_tags(settings: Settings, version: str, tags: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    configure(settings)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(settings.registry.model_name, version, key, value)
+
+
+def champion(settings: Settings) -> tuple[str, dict[str, str]] | None:
+    """(version, tags) of the model version holding the champion alias, or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    reg = settings.registry
-    client = MlflowClient()
-    client.set_model_version_tag(reg.model_name, version, VALID_METRIC, f"{valid_ndcg:.6f}")
-    client.set_model_version_tag(reg.model_name, version, "feature_version", fs.version)
+    configure(settings)
     try:
-        champion = client.get_model_version_by_alias(reg.model_name, reg.champion_alias)
+        mv = MlflowClient().get_model_version_by_alias(settings.registry.model_name, settings.registry.champion_alias)
     except MlflowException:
-        champion = None
-    if champion is None:
-        promoted, reason = True, "first model: no champion yet"
-    else:
-        champ_score = _champion_score(settings, fs, champion)
-        if champ_score is None:
-            promoted, reason = True, f"champion v{champion.version} was trained on another catalogue; replaced"
-        elif valid_ndcg >= champ_score - reg.promotion_tolerance:
-            promoted, reason = True, (f"valid NDCG@10 {valid_ndcg:.4f} >= champion v{champion.version} "
-                                      f"{champ_score:.4f} - tolerance {reg.promotion_tolerance}")
-        else:
-            promoted, reason = False, (f"valid NDCG@10 {valid_ndcg:.4f} < champion v{champion.version} "
-                                       f"{champ_score:.4f} - tolerance {reg.promotion_tolerance} on feature set {fs.version}")
-    if promoted:
-        client.set_registered_model_alias(reg.model_name, reg.champion_alias, version)
-        client.set_model_version_tag(reg.model_name, version, "role", "champion")
-        if champion is not None:
-            client.set_model_version_tag(reg.model_name, champion.version, "role", "retired")
-    else:
-        client.set_model_version_tag(reg.model_name, version, "role", "challenger")
-    client.set_model_version_tag(reg.model_name, version, "gate_reason", reason)
-    return promoted, reason
-
-
-def _champion_score(settings: Settings, fs: FeatureSet, champion: Any) -> float | None:
-    """The champion's validation NDCG@10 on ``fs`` (logged if same feature set, else re-evaluated)."""
-    tags = champion.tags or {}
-    if tags.get("feature_version") == fs.version and VALID_METRIC in tags:
-        return float(tags[VALID_METRIC])
-    from pipeline.training.evaluation import evaluate
-    from pipeline.registry.model_store import check_vocabulary
-    from pipeline.serving.query import ModelBundle
-    from pipeline.training.recipe import sasrec_scorer
-    from pipeline.training.loop import resolve_device
-
-    bundle = ModelBundle(download_bundle(settings, f"models:/{settings.registry.model_name}/{champion.version}"))
-    try:
-        check_vocabulary(bundle.meta, fs)
-    except UserError:
         return None
-    device = resolve_device(settings.device)
-    return evaluate(sasrec_scorer(bundle.model.to(device)), fs, "valid", bundle.model.max_len, device, ks=(10,)).metrics["ndcg@10"]
+    return str(mv.version), dict(mv.tags or {})
+
+
+def set_champion(settings: Settings, version: str) -> None:
+    from mlflow import MlflowClient
+
+    configure(settings)
+    MlflowClient().set_registered_model_alias(settings.registry.model_name, settings.registry.champion_alias, version)
 
 
 def download_bundle(settings: Settings, uri: str) -> Path:
-    """A local bundle folder for a ``models:/name@alias`` or ``models:/name/version`` URI (cached)."""
+    """A local bundle folder for a ``models:/name@alias`` or ``models:/name/version`` URI (cached
+    under ``HOME/model_cache``: a version is downloaded once)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -297,22 +228,8 @@ def download_bundle(settings: Settings, uri: str) -> Path:
             if cache.exists():
                 shutil.rmtree(cache)
             cache.mkdir(parents=True)
-            shutil.copytree(found, cache / "bundle")
+            shutil.move(str(found), cache / "bundle")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     (cache / "bundle" / "VERSION").write_text(f"{name} v{mv.version}\n")
     return cache / "bundle"
-
-
-def tracked_evaluation(settings: Settings, model_name: str, report: dict[str, Any]) -> str:
-    """Record an ``attnrec evaluate`` as an MLflow run; returns its run id."""
-    import mlflow
-
-    experiment = configure(settings)
-    with mlflow.start_run(experiment_id=experiment, run_name=f"evaluate {model_name}") as run:
-        mlflow.set_tags({"type": "evaluate", "model": model_name, "feature_version": report.get("feature_set", "")})
-        mlflow.log_params({"split": report.get("split"), "model": model_name})
-        mlflow.log_metrics({metric_name(k, f"{report.get('split')}_"): v for k, v in report.items()
-                            if isinstance(v, float) and k != "seconds"})
-        return run.info.run_id
-

@@ -5,7 +5,10 @@
     GET  /items/{item_id}/similar?k=10
     GET  /health, GET /metrics (Prometheus text), GET /docs (OpenAPI)
 
-Bad requests get a 4xx with ``{"error": message}``, never a 5xx. When an API token is set
+The server is a thin shell over the Python API (``Recommender``), hence over the one query
+path. Bad requests get a 4xx with ``{"error": message}``, never a 5xx; an unknown user gets
+a 404 whose body still carries the most popular items (``"fallback": "popular"``). When an
+API token is set
 (``ATTNREC_SERVE__API_TOKEN`` or ``ATTNREC_API_TOKEN``), every endpoint except ``/health``
 and the docs needs ``Authorization: Bearer <token>``.
 """
@@ -23,7 +26,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 
 from pipeline.errors import UserError
-from pipeline.serving.query import MAX_K, Filters, HistoryStore, ModelBundle
+from pipeline.serving.query import MAX_K
+from pipeline.serving.recommender import Recommender, UnknownItems
 
 OPEN_PATHS = {"/health", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"}
 
@@ -46,6 +50,7 @@ class RecommendationsOut(BaseModel):
     fallback: str | None = Field(None, description='"popular" when there was no usable history')
     model_version: str
     history_length: int = 0
+    known_user: bool | None = Field(None, description="whether the warehouse knows the user (null for an ad-hoc history)")
 
 
 class HistoryRequest(BaseModel):
@@ -62,8 +67,8 @@ def _csv(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def create_app(bundle: ModelBundle, histories: HistoryStore, api_token: str | None = None) -> FastAPI:
-    """The API over one loaded model bundle and a warehouse history store."""
+def create_app(recommender: Recommender, api_token: str | None = None) -> FastAPI:
+    """The API over one loaded ``Recommender`` (model bundle + warehouse histories)."""
     app = FastAPI(title="attnrec", version="0.1.0",
                   description="Top-k recommendations from a content-aware SASRec, with attention weights as reasons.")
     registry = CollectorRegistry()
@@ -100,8 +105,9 @@ def create_app(bundle: ModelBundle, histories: HistoryStore, api_token: str | No
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "model_version": bundle.version, "items": bundle.num_items,
-                "index": bundle.index_meta.kind, "index_device": bundle.index_meta.device}
+        meta = recommender.bundle.index_meta
+        return {"status": "ok", "model_version": recommender.version, "items": recommender.num_items,
+                "index": meta.kind, "index_device": meta.device}
 
     @app.get("/metrics")
     def metrics() -> PlainTextResponse:
@@ -117,26 +123,31 @@ def create_app(bundle: ModelBundle, histories: HistoryStore, api_token: str | No
         exclude_categories: str | None = Query(None, description="comma-separated"),
         exclude_items: str | None = Query(None, description="comma-separated item ids"),
     ) -> dict[str, Any]:
-        keys = histories.history(user_id)
-        history = bundle.indices_of_keys(keys) if keys is not None else []
-        filters = Filters(exclude_seen, _csv(include_categories), _csv(exclude_categories), _csv(exclude_items))
-        return ORJSONResponse(bundle.recommend(history, k, explain, filters).as_dict())
+        answer = recommender.recommend(user=user_id, k=k, explain=explain, exclude_seen=exclude_seen,
+                                       include_categories=_csv(include_categories),
+                                       exclude_categories=_csv(exclude_categories), exclude_items=_csv(exclude_items))
+        if answer.known_user is False:
+            return ORJSONResponse({"error": f"unknown user {user_id!r}: not in the warehouse (the most popular items follow)",
+                                   **answer.as_dict()}, status_code=404)
+        return ORJSONResponse(answer.as_dict())
 
     @app.post("/recommendations", response_model=RecommendationsOut)
     def history_recommendations(body: HistoryRequest) -> dict[str, Any]:
-        known, unknown = bundle.indices_of_ids([str(i) for i in body.items])
-        if unknown:
-            shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            return JSONResponse({"error": f"unknown item ids: {shown}", "unknown_items": unknown}, status_code=422)
-        filters = Filters(body.exclude_seen, body.include_categories, body.exclude_categories,
-                          [str(i) for i in body.exclude_items] if body.exclude_items else None)
-        return ORJSONResponse(bundle.recommend(known, body.k, body.explain, filters).as_dict())
+        try:
+            answer = recommender.recommend(
+                items=[str(i) for i in body.items], k=body.k, explain=body.explain, exclude_seen=body.exclude_seen,
+                include_categories=body.include_categories, exclude_categories=body.exclude_categories,
+                exclude_items=[str(i) for i in body.exclude_items] if body.exclude_items else None)
+        except UnknownItems as exc:
+            return JSONResponse({"error": str(exc), "unknown_items": exc.ids}, status_code=422)
+        return ORJSONResponse(answer.as_dict())
 
     @app.get("/items/{item_id}/similar", response_model=RecommendationsOut)
     def similar_items(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
-        if item_id not in bundle.id_to_idx:
+        try:
+            return ORJSONResponse(recommender.similar(item_id, k).as_dict())
+        except UnknownItems:
             return JSONResponse({"error": f"unknown item id {item_id!r}"}, status_code=404)
-        return ORJSONResponse(bundle.similar(item_id, k).as_dict())
 
     return app
 

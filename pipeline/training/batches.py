@@ -7,7 +7,7 @@ target position. Everything is right-aligned: the newest item sits in the last c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,18 +67,25 @@ def training_windows(train: Ragged, max_len: int, all_windows: bool = True) -> W
     return Windows(np.concatenate(users), np.concatenate(starts), np.concatenate(stops))
 
 
+def left_pad(rows: Sequence[np.ndarray], width: int | None = None) -> np.ndarray:
+    """(B, T) int64 item sequences, each right-aligned and left-padded with 0.
+
+    T is ``width`` or the longest row (at least 1); longer rows keep their last T items.
+    This is the one place where attnrec pads: training, evaluation and serving all call it.
+    """
+    T = width if width is not None else max([1, *map(len, rows)])
+    out = np.zeros((len(rows), T), dtype=np.int64)
+    for b, row in enumerate(rows):
+        row = row[len(row) - T:] if len(row) > T else row
+        if len(row):
+            out[b, T - len(row):] = row
+    return out
+
+
 def pack(train: Ragged, win: Windows, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets (B, T) int64 for the windows ``rows``; T = longest window - 1."""
-    lens = win.stop[rows] - win.start[rows]  # (B,)
-    T = int(lens.max()) - 1
-    inputs = np.zeros((len(rows), T), dtype=np.int64)
-    targets = np.zeros((len(rows), T), dtype=np.int64)
-    for b, r in enumerate(rows):
-        seq = train.values[train.offsets[win.user[r]] + win.start[r]: train.offsets[win.user[r]] + win.stop[r]]
-        n = len(seq) - 1
-        inputs[b, T - n:] = seq[:-1]
-        targets[b, T - n:] = seq[1:]
-    return inputs, targets
+    seqs = [train.values[train.offsets[win.user[r]] + win.start[r]: train.offsets[win.user[r]] + win.stop[r]] for r in rows]
+    return left_pad([s[:-1] for s in seqs]), left_pad([s[1:] for s in seqs])
 
 
 def epoch_batches(train: Ragged, win: Windows, batch_size: int, rng: np.random.Generator,
@@ -111,14 +118,9 @@ def prefix_batch(sequences: Ragged, users: np.ndarray, ends: np.ndarray, max_len
 
     T is the longest prefix in the batch (at most ``max_len``), at least 1.
     """
-    lens = np.minimum(ends, max_len)
-    T = max(1, int(lens.max()) if len(lens) else 1)
-    out = np.zeros((len(users), T), dtype=np.int64)
-    for b, (u, e, n) in enumerate(zip(users, ends, lens, strict=True)):
-        if n:
-            base = sequences.offsets[u]
-            out[b, T - n:] = sequences.values[base + e - n: base + e]
-    return out
+    starts = sequences.offsets[users] + np.maximum(ends - max_len, 0)
+    stops = sequences.offsets[users] + ends
+    return left_pad([sequences.values[s:e] for s, e in zip(starts, stops, strict=True)])
 
 
 def seen_pairs(sequences: Ragged, users: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,10 @@ in the reference implementations). Scoring runs in batches on the model's device
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,8 +86,6 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     lengths. Returns metrics plus ``coverage@K`` (share of the catalogue appearing in
     any user's top K).
     """
-    import time
-
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
     started = time.perf_counter()
@@ -113,3 +113,20 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items
     metrics["users"] = len(users)
     return EvalResult(metrics, all_ranks, users, all_targets, time.perf_counter() - started)
+
+
+def evaluation_report(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
+                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+    """``evaluate``'s metrics and seconds, plus the cold-start section (targets among held-out items)."""
+    result = evaluate(scorer, fs, split, max_len, device, ks)
+    report: dict[str, Any] = dict(result.metrics)
+    report["seconds"] = round(result.seconds, 3)
+    cold = fs.cold_mask
+    if cold.any():
+        report["cold_start"] = result.restricted(cold[result.targets], ks)
+    return report
+
+
+def selection_ks(metric: str) -> tuple[int, ...]:
+    """The cut-offs validation computes: 10 (always logged) and the selection metric's K ('ndcg@20' -> 20)."""
+    return tuple(sorted({10, int(metric.split("@")[1])}))

@@ -1,13 +1,16 @@
-"""The training loop: one model-agnostic function, plus the next-item objectives for SASRec.
+"""The training loop: one model-agnostic function.
 
 ``fit`` knows nothing about recommenders: it gets a model, a batch source, a loss function
 and a validation function, and does the steps every run needs: optimiser and schedule,
-mixed precision / compilation on CUDA, an epoch loop with a progress bar, validation with
-early stopping, the best checkpoint restored at the end, and resumable checkpoints.
+mixed precision and compilation (bf16 autocast and ``torch.compile``, on CUDA by default,
+on any device by setting), an epoch loop with a progress bar, validation with early
+stopping on the selection metric, the best checkpoint restored at the end, and resumable
+checkpoints. The next-item losses are modelling and live in ``models/losses.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import math
@@ -23,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.config import TrainSettings
 
@@ -58,6 +60,13 @@ def keep_freed_memory_in_process() -> bool:
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
+
+
+def precision_and_compilation(cfg: TrainSettings, device: torch.device) -> tuple[bool, bool]:
+    """(bf16 autocast, torch.compile) for ``device``: 'auto' means on CUDA only."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    return bf16, compiled
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +111,7 @@ def fit(
     cfg: TrainSettings,
     device: torch.device,
     steps_per_epoch: int,
-    metric: str = "ndcg@10",
+    param_groups: list[dict[str, Any]] | None = None,
     checkpoint_path: Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
@@ -113,8 +122,10 @@ def fit(
     Args:
         batches: epoch -> iterable of tensor tuples (on CPU; moved to ``device`` here).
         loss_fn: (model, batch) -> scalar loss.
-        validate: model -> metrics (must contain ``metric``); called in eval mode.
+        validate: model -> metrics (must contain ``cfg.selection_metric``); called in eval mode.
+        cfg: epochs, optimiser, schedule, patience, selection metric, precision and compilation.
         steps_per_epoch: batches per epoch (for the schedule and the progress bar).
+        param_groups: AdamW parameter groups (default: every parameter with ``cfg.weight_decay``).
         checkpoint_path: where the resumable state is written after every epoch.
         resume: continue from ``checkpoint_path`` if it exists.
     """
@@ -123,17 +134,13 @@ def fit(
     model.to(device)
     if device.type == "cpu":
         keep_freed_memory_in_process()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "bag" not in n and "position" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
-    )
+    groups = param_groups or [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
-    use_cuda = device.type == "cuda"
-    step_loss = torch.compile(loss_fn, dynamic=True) if (use_cuda and cfg.compile) else loss_fn
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_cuda else _null_context()
+    use_bf16, use_compile = precision_and_compilation(cfg, device)
+    step_loss = torch.compile(loss_fn, dynamic=True) if use_compile else loss_fn
+    metric = cfg.selection_metric
 
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = copy.deepcopy(model.state_dict())
@@ -157,7 +164,7 @@ def fit(
         bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
         for batch in batches(epoch):
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            with autocast:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
                 loss = step_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,14 +220,6 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     tmp.replace(path)
 
 
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class _Progress:
     """A rich progress bar with loss and throughput, on a terminal only."""
 
@@ -241,83 +240,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-# ---------------------------------------------------------------------------------------
-# Next-item objectives for sequence models that expose ``item_vectors`` and ``encode``.
-
-
-def window_items_among(windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Which candidates occur in each window.
-
-    Args:
-        windows: (B, L) long item ids (padding 0 may occur).
-        candidates: (C,) long item ids, sorted ascending, no repeats.
-
-    Returns:
-        (B, C) bool: ``out[b, c]`` is True when ``candidates[c]`` is one of ``windows[b]``.
-    """
-    C = candidates.shape[0]
-    idx = torch.searchsorted(candidates, windows).clamp(max=C - 1)  # (B, L)
-    found = candidates[idx] == windows  # (B, L)
-    out = torch.zeros(windows.shape[0], C + 1, dtype=torch.bool, device=windows.device)  # last column: no match
-    out.scatter_(1, torch.where(found, idx, C), True)
-    return out[:, :C]
-
-
-class NextItemLoss:
-    """Cross-entropy of the next item at every non-padding position.
-
-    ``negatives == 0``: full softmax over the catalogue. ``negatives > 0``: sampled softmax
-    with ``negatives`` items drawn per step from ``sampling_probs`` (shared by the batch),
-    logQ-corrected, accidental hits removed. Items with ``excluded`` (padding, cold items)
-    are never predicted. With ``exclude_history`` the items of a training window are never
-    negatives at its positions (only each position's own target counts): ranking leaves out
-    what the user has already seen, so training does not spend itself pushing those items
-    down (the published 3,000-negative SASRec samples its negatives outside the sequence).
-    """
-
-    def __init__(self, excluded: torch.Tensor, negatives: int = 0, sampling_probs: torch.Tensor | None = None,
-                 exclude_history: bool = False) -> None:
-        self.negatives = negatives
-        self.exclude_history = exclude_history
-        self.excluded = torch.nonzero(excluded).squeeze(1)  # (E,) item indices never predicted
-        if negatives:
-            probs = sampling_probs if sampling_probs is not None else torch.ones(excluded.shape[0])
-            probs = probs.clone().to(torch.float64).masked_fill(excluded, 0.0)
-            self.probs = (probs / probs.sum()).to(torch.float32)  # (N+1,)
-            self.log_q = torch.log(self.probs.clamp(min=1e-12))
-
-    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        inputs, targets = batch
-        table = model.item_vectors()  # (N+1, D)
-        hidden = model.encode(inputs, table)  # (B, T, D)
-        valid = targets != 0  # (B, T)
-        h = hidden[valid]  # (M, D)
-        y = targets[valid]  # (M,)
-        if self.negatives == 0:
-            logits = (h @ table.T).float()  # (M, N+1)
-            logits.index_fill_(1, self.excluded.to(h.device), float("-inf"))
-            if self.exclude_history:
-                in_window = _in_window(inputs, targets, valid, torch.arange(table.shape[0], device=h.device))  # (M, N+1)
-                in_window[torch.arange(len(y), device=h.device), y] = False
-                logits.masked_fill_(in_window, float("-inf"))
-            return F.cross_entropy(logits, y)
-        probs = self.probs.to(h.device)
-        neg = torch.multinomial(probs, self.negatives, replacement=True)  # (S,)
-        log_q = self.log_q.to(h.device)
-        pos_logit = (h * table[y]).sum(-1) - log_q[y]  # (M,)
-        neg_logit = h @ table[neg].T - log_q[neg]  # (M, S)
-        drop = neg.unsqueeze(0) == y.unsqueeze(1)  # (M, S) accidental hits
-        if self.exclude_history:
-            distinct, which = torch.unique(neg, return_inverse=True)  # (U,), (S,)
-            drop |= _in_window(inputs, targets, valid, distinct)[:, which]  # (M, S)
-        neg_logit = neg_logit.masked_fill(drop, float("-inf"))
-        logits = torch.cat([pos_logit.unsqueeze(1), neg_logit], dim=1)  # (M, 1+S)
-        return F.cross_entropy(logits.float(), torch.zeros_like(y))
-
-
-def _in_window(inputs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(M, C) bool: for each valid position of (B, T) ``valid``, which ``candidates`` are in its window."""
-    windows = torch.cat([inputs, targets], dim=1)  # (B, 2T) every item of each window
-    return window_items_among(windows, candidates)[valid.nonzero()[:, 0]]  # (M, C)

@@ -1,41 +1,74 @@
-"""Train attnrec's SASRec on a feature set, and fit the baselines, with the shared loop and metrics."""
+"""attnrec's training recipe: SASRec over a feature set with the shared loop, and the baselines.
+
+``train_sasrec`` builds the model for the feature set, cuts its training windows into
+batches, sets up the next-item loss and the validation on the selection metric, and runs
+``fit``. It returns the trained model in memory; writing the bundle, tracking and the
+promotion gate are the application layer's (``pipeline.app.steps.train``).
+"""
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from models.item_knn import ItemKNN
+from models.losses import NextItemLoss
 from models.popularity import MostPopular
 from models.sasrec import SASRec
-from pipeline.training.batches import epoch_batches, training_sequences, training_windows
-from pipeline.config import Settings
-from pipeline.training.evaluation import DEFAULT_KS, EvalResult, Scorer, evaluate
-from pipeline.data.feature_store import FeatureSet
-from pipeline.registry.model_store import build_sasrec, save_model
-from pipeline.serving.query import write_bundle
-from pipeline.training.loop import EpochRecord, FitResult, NextItemLoss, fit, resolve_device, seed_everything
+from pipeline.config import ModelSettings, Settings
+from pipeline.data.feature_store import FeatureSet, Ragged
+from pipeline.registry.model_store import SASRecShape
+from pipeline.training.batches import epoch_batches, prefix_batch, training_sequences, training_windows
+from pipeline.training.evaluation import Scorer, evaluate, selection_ks
+from pipeline.training.loop import EpochRecord, FitResult, fit, resolve_device, seed_everything
 
 BASELINES = ("popularity", "itemknn")
+RECALL_QUERY_USERS = 1000
+
+
+def padded(ragged: Ragged, width: int | None = None) -> torch.Tensor:
+    """A ragged int column as a (R, width) long tensor padded with 0 (width >= 1)."""
+    lengths = ragged.lengths()
+    w = max(1, int(lengths.max()) if len(lengths) else 1) if width is None else width
+    out = np.zeros((len(lengths), w), dtype=np.int64)
+    for r in range(len(lengths)):
+        row = ragged.row(r)[:w]
+        out[r, :len(row)] = row
+    return torch.from_numpy(out)
+
+
+def content_tensors(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(category ids (N+1, Kc), token ids (N+1, Kt), numeric (N+1, F)) of the catalogue."""
+    return padded(fs.item_categories), padded(fs.item_tokens), torch.from_numpy(np.ascontiguousarray(fs.item_numeric))
+
+
+def build_sasrec(fs: FeatureSet, ms: ModelSettings) -> tuple[SASRec, SASRecShape]:
+    """A fresh model shaped for ``fs``: content buffers loaded, cold items marked; and its shape."""
+    cats, toks, nums = content_tensors(fs)
+    shape = SASRecShape(
+        num_items=fs.num_items, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
+        num_heads=ms.num_heads, dropout=ms.dropout, ff_mult=ms.ff_mult, use_content=ms.use_content,
+        id_dropout=ms.id_dropout, num_categories=int(fs.manifest["counts"]["categories"]),
+        text_buckets=int(fs.manifest["text_buckets"]), num_numeric=nums.shape[1],
+        max_categories=cats.shape[1], max_tokens=toks.shape[1],
+    )
+    model = shape.build()
+    model.item_tower.set_content(cats, toks, nums)
+    model.item_tower.set_cold(torch.from_numpy(fs.cold_mask))
+    return model, shape
 
 
 def sasrec_scorer(model: SASRec) -> Scorer:
-    """Scores over the catalogue for a batch of histories; item vectors computed once."""
+    """Scores over the catalogue for a batch of histories (``SASRec.forward``); item vectors computed once."""
     with torch.no_grad():
         table = model.item_vectors()  # (N+1, D)
-
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        return model.user_vectors(seq, table) @ table.T  # (B, N+1)
-
-    return score
+    return lambda seq: model(seq, table)  # (B, T) -> (B, N+1)
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -48,73 +81,67 @@ def new_run_dir(settings: Settings) -> Path:
 @dataclass
 class TrainOutcome:
     model: SASRec
+    shape: SASRecShape
     fit: FitResult
     valid: dict[str, float]
     run_dir: Path
-    model_path: Path
-    model_sha256: str
-    device: str
+    device: torch.device
 
 
 def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
                  progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainOutcome:
-    """Train on ``fs``'s training events, early-stop on validation NDCG@10, save ``model.pt``.
+    """Train on ``fs``'s training events, early-stop on the validation selection metric.
 
-    Checkpoints are chosen on the validation split only; the test split is never read here.
+    The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
+    the validation split only; the test split is never read here.
     """
     cfg, ms = settings.train, settings.model
     seed_everything(cfg.seed)
     device = resolve_device(settings.device)
     run_dir = run_dir or new_run_dir(settings)
-    model = build_sasrec(fs, ms)
+    model, shape = build_sasrec(fs, ms)
 
+    # --- batches: every training window once per epoch, shuffled by a per-epoch seed
     cold = fs.cold_mask
     train = training_sequences(fs.sequences, fs.train_end, cold)
     windows = training_windows(train, ms.max_len, cfg.all_windows)
     steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng(cfg.seed * 1_000_003 + epoch)
         for inputs, targets in epoch_batches(train, windows, cfg.batch_size, rng, cfg.group_by_length):
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
+    # --- loss: next item at every position; padding and cold items are never predicted
     excluded = torch.from_numpy(cold).clone()
     excluded[0] = True
     counts = torch.from_numpy(np.bincount(train.values, minlength=fs.num_items + 1).astype(np.float64))
-    loss = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
-                        exclude_history=cfg.exclude_history)
+    next_item = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
+                             exclude_history=cfg.exclude_history).to(device)
 
+    def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, targets = batch
+        table = m.item_vectors()  # (N+1, D)
+        return next_item(m.encode(inputs, table), table, inputs, targets)
+
+    # --- validation on the selection metric
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=(10,)).metrics
+        return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric)).metrics
 
-    result = fit(model, batches, loss, validate, cfg, device, steps, metric="ndcg@10",
+    result = fit(model, batches, loss, validate, cfg, device, steps, param_groups=model.optimizer_groups(cfg.weight_decay),
                  checkpoint_path=run_dir / "checkpoint.pt", resume=resume, on_epoch=on_epoch, progress=progress)
-    valid = validate(model)
-    model_path = run_dir / "model.pt"
-    sha = save_model(model_path, model, ms, fs, extra={"best_epoch": result.best_epoch, "epochs_run": result.epochs_run})
-    write_bundle(run_dir, fs, model, sha)  # items.parquet + FAISS index next to the model
-    (run_dir / "training.json").write_text(json.dumps({
-        "feature_version": fs.version, "device": str(device), "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run, "stopped_early": result.stopped_early, "seconds": result.seconds,
-        "valid": valid, "settings": settings.model_dump(mode="json", include={"model", "train", "features"}),
-        "history": [vars(h) for h in result.history],
-    }, indent=2, default=str))
-    (settings.runs_dir / "LATEST").write_text(run_dir.name + "\n")
-    return TrainOutcome(model, result, valid, run_dir, model_path, sha, str(device))
+    return TrainOutcome(model, shape, result, validate(model), run_dir, device)
 
 
-def latest_run_dir(settings: Settings) -> Path:
-    """The folder of the most recent ``attnrec train`` run in this state folder."""
-    pointer = settings.runs_dir / "LATEST"
-    if not pointer.exists():
-        from pipeline.errors import UserError
-
-        raise UserError(f"no trained model in {settings.runs_dir}: run `attnrec train` first")
-    return settings.runs_dir / pointer.read_text().strip()
-
-
-def latest_model_path(settings: Settings) -> Path:
-    return latest_run_dir(settings) / "model.pt"
+@torch.no_grad()
+def validation_queries(model: SASRec, fs: FeatureSet, users: int = RECALL_QUERY_USERS) -> np.ndarray:
+    """(Q, D) float32 user vectors of up to ``users`` users' validation inputs: real queries for index recall."""
+    chosen = np.nonzero(fs.valid_pos >= 0)[0][:users]
+    if not len(chosen):
+        return np.zeros((0, model.dim), dtype=np.float32)
+    device = next(model.parameters()).device
+    seq = torch.from_numpy(prefix_batch(fs.sequences, chosen, fs.valid_pos[chosen].astype(np.int64), model.max_len))
+    return model.user_vectors(seq.to(device)).cpu().numpy().astype(np.float32)
 
 
 def baseline_model(name: str, fs: FeatureSet) -> torch.nn.Module:
@@ -126,15 +153,3 @@ def baseline_model(name: str, fs: FeatureSet) -> torch.nn.Module:
         users = np.repeat(np.arange(len(train.lengths())), train.lengths())
         return ItemKNN.fit(torch.from_numpy(users), torch.from_numpy(train.values), fs.num_users, fs.num_items)
     raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-
-
-def evaluate_model(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-                   ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, Any]:
-    """Metrics on ``split`` plus the cold-start report (targets among held-out items)."""
-    result: EvalResult = evaluate(scorer, fs, split, max_len, device, ks)
-    report: dict[str, Any] = dict(result.metrics)
-    report["seconds"] = round(result.seconds, 3)
-    cold = fs.cold_mask
-    if cold.any():
-        report["cold_start"] = result.restricted(cold[result.targets], ks)
-    return report

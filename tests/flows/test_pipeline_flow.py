@@ -63,9 +63,8 @@ def test_unchanged_warehouse_reuses_features_and_skips_training(pipeline_run: tu
 
 
 def test_worse_model_is_not_promoted_and_serving_keeps_the_champion(pipeline_run: tuple[Path, dict, dict]) -> None:
-    from pipeline.registry.resolution import resolve_bundle
+    from pipeline import Recommender
     from pipeline.app.steps import train
-    from pipeline.serving.query import ModelBundle
 
     home, first, _ = pipeline_run
     worse = train(load_settings(home=home, **{**TINY, "train.epochs": 0}))
@@ -75,6 +74,6 @@ def test_worse_model_is_not_promoted_and_serving_keeps_the_champion(pipeline_run
     version = client.get_model_version("attnrec", worse["version"])
     assert version.tags["role"] == "challenger" and version.tags["gate_reason"] == worse["gate_reason"]
     assert str(client.get_model_version_by_alias("attnrec", "champion").version) == first["trained"]["version"]
-    bundle = ModelBundle(resolve_bundle(settings, None))
-    assert bundle.version == f"attnrec v{first['trained']['version']}"
-    assert len(bundle.recommend(bundle.indices_of_ids(["1", "2"])[0], 5).recommendations) == 5
+    recommender = Recommender.load(settings=settings)
+    assert recommender.version == f"attnrec v{first['trained']['version']}"
+    assert len(recommender.recommend(items=["1", "2"], k=5).recommendations) == 5

@@ -16,8 +16,8 @@ from pipeline.data.catalog import ingest_items
 from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet, build_feature_set, load_feature_set
 from pipeline.data.ingest import IngestOptions, ingest_paths
-from pipeline.registry.model_store import build_sasrec, save_model
-from pipeline.serving.query import write_bundle
+from pipeline.registry.model_store import write_bundle
+from pipeline.training.recipe import build_sasrec, validation_queries
 from pipeline.data.warehouse import connect
 from tests.support import Attnrec
 
@@ -27,11 +27,10 @@ REPO = Path(__file__).resolve().parents[2]
 def make_bundle(home: Path, fs: FeatureSet, name: str, seed: int, hidden: int = 16) -> Path:
     settings = load_settings(home=home, **{"model.hidden_size": hidden, "model.max_len": 30, "model.num_heads": 2})
     torch.manual_seed(seed)
-    model = build_sasrec(fs, settings.model).eval()
+    model, shape = build_sasrec(fs, settings.model)
+    model.eval()
     run = home / "runs" / name
-    run.mkdir(parents=True)
-    sha = save_model(run / "model.pt", model, settings.model, fs)
-    write_bundle(run, fs, model, sha)
+    write_bundle(run, model, shape, fs.items, fs.version, validation_queries(model, fs))
     return run
 
 

@@ -1,4 +1,4 @@
-"""The recommend path: seen items, filters, ad-hoc histories, fallback, reasons, fresh events, batch."""
+"""The one query path: seen items, filters, ad-hoc histories, fallback, reasons, fresh events, batch."""
 
 import json
 from pathlib import Path
@@ -8,14 +8,21 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.data.histories import HistoryStore
 from pipeline.errors import UserError
-from pipeline.serving.query import Filters, HistoryStore, ModelBundle
+from pipeline.registry.model_store import Bundle
+from pipeline.serving.query import Filters, Recommendations, indices_of_ids, recommend
 from tests.support import Attnrec
 
 
+def ask(bundle: Bundle, history, k: int = 10, **kw) -> Recommendations:  # noqa: ANN001
+    """One query through the core (a batch of one)."""
+    return recommend(bundle, [history], k, **kw)[0]
+
+
 @pytest.fixture(scope="module")
-def bundle(small_home: Path) -> ModelBundle:
-    return ModelBundle(small_home / "runs" / "model-a")
+def bundle(small_home: Path) -> Bundle:
+    return Bundle.load(small_home / "runs" / "model-a")
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +30,21 @@ def store(small_home: Path) -> HistoryStore:
     return HistoryStore(small_home / "warehouse.duckdb")
 
 
-def test_seen_items_are_never_returned(bundle: ModelBundle, store: HistoryStore) -> None:
+def test_seen_items_are_never_returned(bundle: Bundle, store: HistoryStore) -> None:
     for user in ["1", "414", "599", "68"]:  # some of the longest histories in ml-latest-small
         keys = store.history(user)
         history = bundle.indices_of_keys(keys)
-        recs = bundle.recommend(history, k=100).recommendations
+        recs = ask(bundle, history, k=100).recommendations
         seen = {bundle.item_ids[i - 1] for i in history}
         assert len(recs) == 100
         assert not seen & {r.item_id for r in recs}
 
 
-def test_scores_are_sorted_and_match_the_model(bundle: ModelBundle, store: HistoryStore) -> None:
+def test_scores_are_sorted_and_match_the_model(bundle: Bundle, store: HistoryStore) -> None:
     import torch
 
     history = bundle.indices_of_keys(store.history("7"))
-    recs = bundle.recommend(history, k=10, filters=Filters(exclude_seen=False)).recommendations
+    recs = ask(bundle, history, k=10, filters=Filters(exclude_seen=False)).recommendations
     scores = [r.score for r in recs]
     assert scores == sorted(scores, reverse=True)
     seq = torch.from_numpy(history[-bundle.model.max_len:]).unsqueeze(0)
@@ -47,43 +54,43 @@ def test_scores_are_sorted_and_match_the_model(bundle: ModelBundle, store: Histo
     assert [r.item_id for r in recs] == expected
 
 
-def test_category_filters(bundle: ModelBundle, store: HistoryStore) -> None:
+def test_category_filters(bundle: Bundle, store: HistoryStore) -> None:
     history = bundle.indices_of_keys(store.history("1"))
     cats = {iid: set(c) for iid, c in zip(bundle.item_ids, bundle.categories, strict=True)}
-    only = bundle.recommend(history, 20, filters=Filters(include_categories=["Documentary"])).recommendations
+    only = ask(bundle, history, 20, filters=Filters(include_categories=["Documentary"])).recommendations
     assert len(only) == 20 and all("Documentary" in cats[r.item_id] for r in only)
-    without = bundle.recommend(history, 50, filters=Filters(exclude_categories=["Comedy", "Drama"])).recommendations
+    without = ask(bundle, history, 50, filters=Filters(exclude_categories=["Comedy", "Drama"])).recommendations
     assert len(without) == 50 and not any({"Comedy", "Drama"} & cats[r.item_id] for r in without)
-    first = bundle.recommend(history, 5).recommendations
+    first = ask(bundle, history, 5).recommendations
     banned = [r.item_id for r in first[:3]]
-    after = bundle.recommend(history, 5, filters=Filters(exclude_items=banned)).recommendations
+    after = ask(bundle, history, 5, filters=Filters(exclude_items=banned)).recommendations
     assert not set(banned) & {r.item_id for r in after}
     assert after[0].item_id == first[3].item_id
 
 
-def test_adhoc_history_and_unknown_user(bundle: ModelBundle, store: HistoryStore) -> None:
+def test_adhoc_history_and_unknown_user(bundle: Bundle, store: HistoryStore) -> None:
     assert store.history("999999") is None  # no such user in the warehouse
-    known, unknown = bundle.indices_of_ids(["1", "260", "1196", "nope"])
+    known, unknown = indices_of_ids(bundle, ["1", "260", "1196", "nope"])
     assert unknown == ["nope"] and len(known) == 3
-    resp = bundle.recommend(known, k=5, explain=True)
+    resp = ask(bundle, known, k=5, explain=True)
     assert resp.fallback is None and resp.history_length == 3 and len(resp.recommendations) == 5
     assert not {"1", "260", "1196"} & {r.item_id for r in resp.recommendations}
-    single = bundle.recommend(known[:1], k=3)
+    single = ask(bundle, known[:1], k=3)
     assert len(single.recommendations) == 3
 
 
-def test_no_history_gets_most_popular_and_says_so(bundle: ModelBundle) -> None:
-    resp = bundle.recommend([], k=5)
+def test_no_history_gets_most_popular_and_says_so(bundle: Bundle) -> None:
+    resp = ask(bundle, [], k=5)
     assert resp.fallback == "popular"
     counts = dict(zip(bundle.item_ids, bundle.items["train_count"].to_list(), strict=True))
     top = sorted(counts, key=lambda i: -counts[i])[:5]
     assert [r.item_id for r in resp.recommendations] == top
 
 
-def test_reasons_are_real_history_items_with_weights_at_most_one(bundle: ModelBundle, store: HistoryStore) -> None:
+def test_reasons_are_real_history_items_with_weights_at_most_one(bundle: Bundle, store: HistoryStore) -> None:
     history = bundle.indices_of_keys(store.history("15"))
     window = {bundle.item_ids[i - 1] for i in history[-bundle.model.max_len:]}
-    resp = bundle.recommend(history, k=10, explain=True)
+    resp = ask(bundle, history, k=10, explain=True)
     for rec in resp.recommendations:
         assert 1 <= len(rec.reasons) <= 3
         assert {r.item_id for r in rec.reasons} <= window
@@ -92,18 +99,18 @@ def test_reasons_are_real_history_items_with_weights_at_most_one(bundle: ModelBu
         assert [r.weight for r in rec.reasons] == sorted((r.weight for r in rec.reasons), reverse=True)
 
 
-def test_bad_k_is_a_user_error(bundle: ModelBundle) -> None:
+def test_bad_k_is_a_user_error(bundle: Bundle) -> None:
     with pytest.raises(UserError):
-        bundle.recommend([1], k=0)
+        ask(bundle, [1], k=0)
     with pytest.raises(UserError):
-        bundle.recommend([1], k=1001)
+        ask(bundle, [1], k=1001)
 
 
 def test_new_events_change_recommendations_without_retraining(small_cli: Attnrec, tmp_path: Path) -> None:
     store = HistoryStore(small_cli.db, cache=True, refresh_seconds=0.0)
-    bundle = ModelBundle(small_cli.home / "runs" / "model-a")
+    bundle = Bundle.load(small_cli.home / "runs" / "model-a")
     before_hist = store.history("5")
-    before = bundle.recommend(bundle.indices_of_keys(before_hist), k=10).recommendations
+    before = ask(bundle, bundle.indices_of_keys(before_hist), k=10).recommendations
     new_items = [r.item_id for r in before[:3]]  # the user now watches the top three
     events = tmp_path / "new.csv"
     events.write_text("userId,movieId,rating,timestamp\n" + "".join(
@@ -111,7 +118,7 @@ def test_new_events_change_recommendations_without_retraining(small_cli: Attnrec
     small_cli.run("ingest", events)  # a separate writer process while the store is alive
     after_hist = store.history("5")
     assert len(after_hist) == len(before_hist) + 3
-    after = bundle.recommend(bundle.indices_of_keys(after_hist), k=10).recommendations
+    after = ask(bundle, bundle.indices_of_keys(after_hist), k=10).recommendations
     assert not set(new_items) & {r.item_id for r in after}
     assert [r.item_id for r in after] != [r.item_id for r in before]
 

@@ -12,8 +12,8 @@ from pipeline.config import load_settings
 from pipeline.training.evaluation import evaluate, rank_metrics
 from pipeline.data.feature_store import build_feature_set, load_feature_set
 from pipeline.data.ingest import IngestOptions, ingest_paths
-from pipeline.registry.model_store import build_sasrec
-from pipeline.training.recipe import evaluate_model, sasrec_scorer
+from pipeline.training.evaluation import evaluation_report
+from pipeline.training.recipe import build_sasrec, sasrec_scorer
 from pipeline.data.warehouse import connect
 
 REPO = Path(__file__).resolve().parents[3]
@@ -49,7 +49,7 @@ def test_five_percent_of_items_are_held_out_of_training(cold_fs) -> None:
 def test_cold_items_are_scored_from_content_only(cold_fs) -> None:
     settings, fs = cold_fs
     torch.manual_seed(0)
-    model = build_sasrec(fs, settings.model.model_copy(update={"hidden_size": 16, "max_len": 20})).eval()
+    model = build_sasrec(fs, settings.model.model_copy(update={"hidden_size": 16, "max_len": 20}))[0].eval()
     cold_idx = torch.from_numpy(np.nonzero(fs.cold_mask)[0])
     before = model.item_vectors()[cold_idx].detach().clone()
     with torch.no_grad():
@@ -60,8 +60,8 @@ def test_cold_items_are_scored_from_content_only(cold_fs) -> None:
 def test_cold_start_report_is_restricted_to_cold_targets(cold_fs) -> None:
     settings, fs = cold_fs
     torch.manual_seed(0)
-    model = build_sasrec(fs, settings.model.model_copy(update={"hidden_size": 16, "max_len": 20})).eval()
-    report = evaluate_model(sasrec_scorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
+    model = build_sasrec(fs, settings.model.model_copy(update={"hidden_size": 16, "max_len": 20}))[0].eval()
+    report = evaluation_report(sasrec_scorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
     cold = report["cold_start"]
     full = evaluate(sasrec_scorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
     mask = fs.cold_mask[full.targets]

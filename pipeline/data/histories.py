@@ -1,0 +1,145 @@
+"""Users' histories read back from the warehouse, for serving and batch scoring.
+
+A history is the user's warehouse item keys, oldest first (ties in time broken by file
+order, as the feature store does). User ids become keys by the one identity rule
+(``pipeline.data.identity``), so the cached store of the HTTP server and the uncached one
+of the CLI give the same history for every id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from pipeline.data.identity import canonical_id, id_of_key_sql, integer_key
+from pipeline.data.warehouse import lookup_keys
+from pipeline.errors import UserError
+
+HISTORY_ORDER = "ts, source_id, line"
+
+
+class HistoryStore:
+    """User histories from the warehouse file at ``db_path``.
+
+    The DuckDB file is opened read-only only while reading, so ``attnrec ingest`` can
+    write meanwhile. With ``cache=True`` (the HTTP server) all histories are held in
+    memory and re-read for the users touched by new sources once the warehouse file
+    changes (checked at most every ``refresh_seconds``); while a writer holds the file,
+    the cached histories keep being served.
+    """
+
+    def __init__(self, db_path: Path, cache: bool = False, refresh_seconds: float = 0.5) -> None:
+        self.db_path = db_path
+        self.cache = cache
+        self.refresh_seconds = refresh_seconds
+        self._lock = threading.Lock()
+        self._histories: dict[int, np.ndarray] = {}
+        self._dictionary: dict[str, int] = {}  # user_dict: id -> key, for ids that are not their own key
+        self._last_source = 0
+        self._stamp: tuple[int, ...] = ()
+        self._checked = 0.0
+        if cache:
+            self._refresh(force=True)
+
+    def _file_stamp(self) -> tuple[int, ...]:
+        stamp: list[int] = []
+        for p in (self.db_path, self.db_path.with_name(self.db_path.name + ".wal")):
+            try:
+                st = p.stat()
+                stamp += [st.st_mtime_ns, st.st_size]
+            except FileNotFoundError:
+                stamp += [0, 0]
+        return tuple(stamp)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection | None:
+        if not self.db_path.exists():
+            return None
+        try:
+            return duckdb.connect(str(self.db_path), read_only=True)
+        except duckdb.IOException:  # a writer holds the file right now
+            return None
+
+    def _refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checked < self.refresh_seconds:
+            return
+        self._checked = now
+        stamp = self._file_stamp()
+        if not force and stamp == self._stamp:
+            return
+        con = self._connect()
+        if con is None:
+            return
+        try:
+            last = con.execute("SELECT coalesce(max(source_id), 0) FROM sources WHERE kind = 'events'").fetchall()[0][0]
+            users_sql = "SELECT DISTINCT user_key FROM events WHERE source_id > ?"
+            rows = con.execute(
+                f"""SELECT user_key, item_key FROM events WHERE user_key IN ({users_sql})
+                    ORDER BY user_key, {HISTORY_ORDER}""", [self._last_source],
+            ).fetchnumpy()
+            dictionary = con.execute("SELECT user_id, user_key FROM user_dict").fetchall()
+        finally:
+            con.close()
+        users, items = rows["user_key"], rows["item_key"]
+        starts, ends = _runs(users)
+        with self._lock:
+            for s, e in zip(starts, ends, strict=True):
+                self._histories[int(users[s])] = items[s:e].copy()
+            self._dictionary = {uid: int(k) for uid, k in dictionary}
+            self._last_source = int(last)
+            self._stamp = stamp
+
+    def history(self, user_id: str) -> np.ndarray | None:
+        """Item keys of ``user_id`` oldest first, or None for a user the warehouse does not know.
+
+        Raises ``InvalidId`` for an id the identity rule refuses (empty, too long).
+        """
+        uid = canonical_id(user_id, "user id")
+        if self.cache:
+            self._refresh()
+            with self._lock:
+                key = integer_key(uid)
+                key = self._dictionary.get(uid) if key is None else key
+                return None if key is None else self._histories.get(key)
+        con = self._connect()
+        if con is None:
+            raise UserError(f"cannot read the warehouse {self.db_path} (missing, or locked by a writer): try again")
+        try:
+            keys = lookup_keys(con, "user", [uid])
+            if not keys:
+                return None
+            rows = con.execute(
+                f"SELECT item_key FROM events WHERE user_key = ? ORDER BY {HISTORY_ORDER}", [keys[uid]]
+            ).fetchnumpy()
+        finally:
+            con.close()
+        return rows["item_key"]
+
+    def all_histories(self) -> tuple[list[str], list[np.ndarray]]:
+        """Every user's (id, item keys) from the warehouse, in key order (batch scoring)."""
+        con = self._connect()
+        if con is None:
+            raise UserError(f"cannot read the warehouse {self.db_path} (missing, or locked by a writer)")
+        try:
+            rows = con.execute(
+                f"""SELECT e.user_key, {id_of_key_sql('e.user_key', 'd', 'user')} AS uid, e.item_key
+                    FROM events e LEFT JOIN user_dict d USING (user_key)
+                    ORDER BY e.user_key, {HISTORY_ORDER}"""
+            ).fetchnumpy()
+        finally:
+            con.close()
+        users, items, uids = rows["user_key"], rows["item_key"], rows["uid"]
+        starts, ends = _runs(users)
+        return [str(uids[s]) for s in starts], [items[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of equal values in a sorted key array."""
+    if not len(sorted_keys):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return starts, np.r_[starts[1:], len(sorted_keys)]

@@ -1,0 +1,124 @@
+"""The Python API: ``from pipeline import Recommender``.
+
+    rec = Recommender.load()                              # the registry champion of ./.attnrec
+    rec.recommend(user="42", k=10, explain=True)          # a warehouse user's history
+    rec.recommend(items=["1", "260"], k=10)               # an ad-hoc history, oldest first
+    rec.similar("1", k=10)                                # items near an item
+    rec.recommend_all(k=50)                               # every user: a Polars frame
+
+Ids are always in the user's terms (the identity rule of ``pipeline.data.identity``);
+answers are plain dataclasses (``pipeline.serving.query``). The CLI, the HTTP server and
+batch scoring are thin shells over this class, and it is a thin shell over the one query
+path, ``pipeline.serving.query.recommend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import Settings, load_settings
+from pipeline.data.histories import HistoryStore
+from pipeline.errors import UserError
+from pipeline.registry.model_store import Bundle, resolve_bundle
+from pipeline.serving.query import Filters, Recommendations, check_k, indices_of_ids, recommend, set_threads, similar
+
+
+class UnknownItems(UserError):
+    """Item ids the model does not know; ``ids`` lists them."""
+
+    def __init__(self, ids: list[str]) -> None:
+        shown = ", ".join(ids[:20]) + (" ..." if len(ids) > 20 else "")
+        super().__init__(f"unknown item ids: {shown}")
+        self.ids = ids
+
+
+class Recommender:
+    """A loaded model bundle and the warehouse's user histories, queried in the user's ids."""
+
+    def __init__(self, bundle: Bundle, histories: HistoryStore | None = None) -> None:
+        self.bundle = bundle
+        self.histories = histories
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, home: str | Path | None = None, settings: Settings | None = None,
+             device: str = "cpu", cache_histories: bool = False, threads: int | None = None) -> Recommender:
+        """Load a model and connect the warehouse of a state folder.
+
+        Args:
+            model: None (the registry champion), ``models:/attnrec/3``, ``models:/attnrec@champion``,
+                ``latest`` (the newest local run) or a bundle / run folder.
+            home: the state folder (default ``$ATTNREC_HOME`` or ``./.attnrec``); or ``settings``.
+            cache_histories: hold every history in memory, refreshed as the warehouse changes
+                (a long-running server); otherwise each query reads the warehouse.
+            threads: torch and FAISS threads per query (default: the libraries' own).
+        """
+        settings = settings or load_settings(home=home)
+        if threads is not None:
+            set_threads(threads)
+        bundle = Bundle.load(resolve_bundle(settings, model), device)
+        return cls(bundle, HistoryStore(settings.duckdb_path, cache=cache_histories))
+
+    @property
+    def version(self) -> str:
+        """The model's name: ``attnrec v3`` for a registry model, else its file hash."""
+        return self.bundle.version
+
+    @property
+    def num_items(self) -> int:
+        return self.bundle.num_items
+
+    def recommend(self, user: str | None = None, items: Sequence[str] | None = None, k: int = 10, explain: bool = False,
+                  exclude_seen: bool = True, include_categories: list[str] | None = None,
+                  exclude_categories: list[str] | None = None, exclude_items: list[str] | None = None) -> Recommendations:
+        """Top ``k`` for a warehouse ``user`` or for an ad-hoc history of ``items`` (oldest first).
+
+        An unknown user gets the most popular items with ``known_user=False``; unknown item
+        ids raise ``UnknownItems``; ``explain`` attaches the reasons (attention shares).
+        """
+        if (user is None) == (items is None):
+            raise UserError("give exactly one of user or items")
+        check_k(k)
+        filters = Filters(exclude_seen, include_categories, exclude_categories, exclude_items)
+        if user is not None:
+            keys = self._store().history(user)
+            history = self.bundle.indices_of_keys(keys) if keys is not None else np.zeros(0, np.int64)
+            answer = recommend(self.bundle, [history], k, explain, filters)[0]
+            answer.known_user = keys is not None
+            return answer
+        known, unknown = indices_of_ids(self.bundle, list(items or []))
+        if unknown:
+            raise UnknownItems(unknown)
+        return recommend(self.bundle, [np.asarray(known, dtype=np.int64)], k, explain, filters)[0]
+
+    def similar(self, item: str, k: int = 10) -> Recommendations:
+        """The ``k`` items nearest to ``item`` in the model's item space (FAISS)."""
+        known, unknown = indices_of_ids(self.bundle, [item])
+        if unknown:
+            raise UnknownItems(unknown)
+        return similar(self.bundle, known, k)[0]
+
+    def recommend_all(self, k: int = 50) -> pl.DataFrame:
+        """Top ``k`` unseen items for every warehouse user, through the same query path as
+        ``recommend``: ``user_id``, ``rank`` (1..k), ``item_id``, ``score``, ``fallback``
+        ("popular" for a user without usable history, else null), ``model_version``."""
+        check_k(k)
+        user_ids, key_lists = self._store().all_histories()
+        answers = recommend(self.bundle, [self.bundle.indices_of_keys(keys) for keys in key_lists], k)
+        counts = [len(a.recommendations) for a in answers]
+        return pl.DataFrame({
+            "user_id": np.repeat(np.array(user_ids, dtype=object), counts).tolist(),
+            "rank": np.concatenate([np.arange(1, c + 1) for c in counts]) if counts else np.zeros(0),
+            "item_id": [r.item_id for a in answers for r in a.recommendations],
+            "score": [r.score for a in answers for r in a.recommendations],
+            "fallback": [a.fallback for a in answers for _ in a.recommendations],
+        }, schema={"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
+                   "fallback": pl.String}).with_columns(pl.lit(self.version).alias("model_version"))
+
+    def _store(self) -> HistoryStore:
+        if self.histories is None:
+            raise UserError("this Recommender has no warehouse: load it with Recommender.load(home=...)")
+        return self.histories
