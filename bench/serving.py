@@ -1,20 +1,25 @@
-"""Serving benchmark: top-10 latency and throughput, in process and over HTTP, exact vs HNSW.
+"""Serving benchmark: top-10 latency and throughput of the one query path, in process and over HTTP, exact vs HNSW.
 
     python bench/serving.py                                   # ML-1M, 100k and 1M items (minutes)
-    python bench/serving.py --sizes 3416,5000 --duration 2 --queries 200 --clients 8   # smoke test
+    python bench/serving.py --sizes 3416,5000 --duration 2 --queries 200 --clients 8 --max-seconds 5   # smoke test
 
-For each catalogue (``--sizes``) and index kind (``--kinds``, default exact ``flat`` and
-``hnsw``) one run measures:
+Only product code is timed (``pipeline.serving.query`` and the shells over it); this file
+writes bundles, generates load and times. For each catalogue (``--sizes``) and index kind
+(``--kinds``, default exact ``flat`` and ``hnsw``) one run measures:
 
-* **in process**: ``ModelBundle.recommend(history, k=10)``, one caller, one query at a time,
-  after a warm-up: p50 / p99 / mean / max latency, queries/s, CPU ms per query; bundle load
-  time; a per-stage breakdown of the query path (exclusion mask, encoder, index search and
-  filtering, answer objects) and the same query with ``explain=True``. torch and FAISS run
-  with ``--threads`` threads (default 1), plus a short row with the libraries' default: on a
-  busy machine, each OpenMP region of a multi-threaded query can wait for a time slice;
-* **recall@10** of HNSW against exact search, twice: of the raw index on the real query
-  vectors (the user vectors of the benchmark histories), and of the served answer (top-10
-  after seen items are removed) against the flat bundle's answer to the same history;
+* **in process**: ``recommend(bundle, [history], k=10)`` (a batch of one, as the HTTP API per
+  request), one query at a time after a warm-up: p50 / p99 / mean / max latency, queries/s,
+  CPU ms per query; ``Bundle.load`` time; the same with ``explain=True``; and a breakdown
+  from the query path's public calls: ``exclusion_mask`` (seen items, no filters), the
+  encoder pass (``encode``), ``top_k`` on that vector, the whole
+  ``recommend`` call and the rest (padding, lock, answer objects). torch and FAISS run with
+  ``--threads`` threads (default 1), plus a short row with the libraries' default: on a busy
+  machine each OpenMP region of a multi-threaded query can wait for a time slice;
+* **recall@10** of HNSW against exact search: the index's own figure (``rebuild_index`` on
+  the bundle's ``recall_queries.npy``: validation users for ML-1M, as ``attnrec train``
+  writes it; 1,000 histories drawn like the benchmark's for synthetic catalogues), and of
+  the served answer (top-10, seen items removed) against the flat bundle's answer to the
+  same history;
 * **HTTP**: the real server (``python -m pipeline.app.cli serve`` in a child process on
   127.0.0.1) driven by an asyncio + httpx load generator in this process, over loopback only:
   - *open loop*: Poisson arrivals at ``--rate`` req/s; latency is measured from each
@@ -25,17 +30,21 @@ For each catalogue (``--sizes``) and index kind (``--kinds``, default exact ``fl
     (Little's law: mean latency ~= clients / throughput);
   both bounded by ``--duration`` seconds (plus a short warm-up and drain) and by a cap on
   requests in flight. ``POST /recommendations`` with ad-hoc histories for every catalogue,
-  and ``GET /users/{id}/recommendations`` (history from the warehouse) for ML-1M;
-* **batch**: ``recommend_all`` (k=50, every ML-1M user, to Parquet and the DuckDB table).
+  and ``GET /users/{id}/recommendations`` (history from the warehouse) for ML-1M; an answer
+  counts when it is HTTP 200;
+* **batch**: ``Recommender(bundle, HistoryStore(db)).recommend_all(50)`` for every ML-1M user
+  (warehouse read and scoring into a Polars frame; writing it out is not timed).
 
 Catalogues: ``3416`` (or ``ml-1m``) is MovieLens-1M from ``../shared/data/ml-1m``
-(ingested and featurised once into ``--workdir``, queries are real user histories from the
-warehouse); any other size is a synthetic catalogue with a pure-ID SASRec
-(``use_content=False``), Zipf(0.8) item popularity and random histories of 50-200 items
-drawn by popularity. Models have the default shape (hidden 128, max_len 200, 2 blocks, 1
-head) and seeded random weights, unless ``--model DIR`` names a trained ML-1M bundle.
-Latency does not depend on the weights; HNSW recall does. Bundles and indexes are cached in
-``--workdir`` and rebuilt only when their spec changes.
+(ingested and featurised once into ``--workdir``; model from ``build_sasrec`` with the
+default ``ModelSettings``; queries are real warehouse histories); any other size is a
+synthetic catalogue with a pure-ID SASRec (``SASRecShape(use_content=False)``), Zipf(0.8)
+item popularity and random histories of 50-200 items drawn by popularity. Models have the
+default shape (hidden 128, max_len 200, 2 blocks, 1 head) and seeded random weights, unless
+``--model DIR`` names a trained ML-1M bundle; latency does not depend on the weights, HNSW
+recall does. A catalogue's bundle is written once by ``write_bundle`` (flat index); each
+other kind's bundle hard-links its files and gets its index from ``rebuild_index``. All is
+cached in ``--workdir`` and rebuilt only when its spec changes.
 
 The load generator shares the machine's cores with the server; its CPU time per request is
 reported next to the server's, and the 1-minute load average is shown for every phase.
@@ -72,28 +81,39 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from bench.quality import machine, prepare  # noqa: E402
-from models.item_tower import ItemTower  # noqa: E402
 from models.sasrec import SASRec  # noqa: E402
-from pipeline.serving.batch import recommend_all  # noqa: E402
 from pipeline.config import ModelSettings, load_settings  # noqa: E402
 from pipeline.data.feature_store import load_feature_set  # noqa: E402
-from pipeline.registry.index import FLAT_MAX_ITEMS, build_index, choose_kind, recall_at_k, save_index  # noqa: E402
-from pipeline.registry.model_store import MODEL_FILE_VERSION, build_sasrec, file_sha256, load_model, save_model  # noqa: E402
-from pipeline.serving.query import Filters, HistoryStore, ModelBundle  # noqa: E402
+from pipeline.data.histories import HistoryStore  # noqa: E402
+from pipeline.registry.index import IndexMeta, choose_kind  # noqa: E402
+from pipeline.registry.model_store import (  # noqa: E402
+    INDEX_DIR,
+    ITEMS_FILE,
+    MODEL_FILE,
+    RECALL_QUERIES_FILE,
+    Bundle,
+    SASRecShape,
+    rebuild_index,
+    write_bundle,
+)
+from pipeline.serving.query import Filters, encode, exclusion_mask, recommend, set_threads, top_k  # noqa: E402
+from pipeline.serving.recommender import Recommender  # noqa: E402
+from pipeline.training.batches import left_pad  # noqa: E402
+from pipeline.training.recipe import build_sasrec, validation_queries  # noqa: E402
 
 K = 10
 BATCH_K = 50
 ML1M = "ml-1m"
 ML1M_ITEMS = 3416
-SYNTH_SPEC_VERSION = 1            # bump when the synthetic generator changes (invalidates caches)
+SYNTH_SPEC_VERSION = 2            # bump when the synthetic generator changes (invalidates caches)
 SYNTH_ZIPF = 0.8                  # item popularity exponent of synthetic catalogues
 SYNTH_HISTORY = (50, 200)         # synthetic history lengths, uniform, inclusive
-RECALL_QUERIES = 1000             # query vectors for index recall (build time and measured)
+RECALL_QUERIES = 1000             # histories (drawn like the benchmark's) whose vectors are a synthetic bundle's recall queries
 DEFAULT_THREADS_QUERIES = 50      # queries of the extra in-process row with the libraries' default threads
 DRAIN_S = 10.0                    # how long finished load runs wait for requests in flight
 REQUEST_TIMEOUT_S = 10.0
 STARTUP_TIMEOUT_S = 900.0         # server start (a 1M-item bundle loads in tens of seconds)
-PACKAGES = ("torch", "faiss-gpu", "numpy", "fastapi", "uvicorn", "httpx", "pydantic")
+PACKAGES = ("torch", "faiss-gpu", "faiss-cpu", "numpy", "fastapi", "uvicorn", "httpx", "pydantic")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +140,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="time bound of each in-process measurement (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=50, help="in-process warm-up queries (default: %(default)s)")
     ap.add_argument("--profile-queries", type=int, default=200,
-                    help="queries of the per-stage breakdown, of explain=True and of the default-threads row (default: %(default)s)")
+                    help="queries of the breakdown, of explain=True and of the default-threads row (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op and FAISS OpenMP threads of the in-process measurement; 0 = the libraries' "
                          "default (default: %(default)s)")
@@ -128,14 +148,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="torch + FAISS threads of the batch run; 0 = the libraries' default, as `attnrec recommend-all` "
                          "(default: %(default)s)")
     ap.add_argument("--server-threads", type=int, default=0,
-                    help="OMP_NUM_THREADS of the server process; 0 = not set, torch's default (default: %(default)s)")
+                    help="torch + FAISS threads per query in the server (ATTNREC_SERVE__THREADS); 0 = the server's "
+                         "setting, serve.threads (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=50, help="HTTP closed-loop clients = connections (default: %(default)s)")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per HTTP run (default: %(default)s)")
     ap.add_argument("--rate", type=float, default=100.0, help="open-loop request rate, req/s (default: %(default)s)")
     ap.add_argument("--skip-http", action="store_true", help="in-process and batch only")
     ap.add_argument("--skip-batch", action="store_true", help="no recommend_all run")
     ap.add_argument("--model", type=Path, default=None,
-                    help="a trained ML-1M bundle folder (model.pt + items.parquet) instead of random weights")
+                    help="a trained ML-1M bundle folder (model.pt, items.parquet, index/) instead of random weights")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "out" / "serving",
                     help="state folders, bundles and indexes, server logs (reused) (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
@@ -151,7 +172,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# Catalogues: a source bundle (model.pt + items.parquet) and query histories
+# Catalogues: a source bundle and query histories
 
 
 @dataclass
@@ -160,12 +181,14 @@ class Case:
 
     name: str                       # "ml-1m" or "synthetic-100k"
     items: int
-    source: Path                    # folder with model.pt and items.parquet
+    source: Path                    # a complete bundle; the bundles of the index kinds link its files
+    bundles: Path                   # folder of the per-kind bundles
     home: Path                      # state folder the server runs with (its warehouse serves /users)
     queries: list[np.ndarray]       # model item indices, oldest first, no zeros
     user_ids: list[str] = field(default_factory=list)  # warehouse ids of the query users (ML-1M)
     weights: str = "random (seeded)"
     content: bool = False
+    written: bool = False           # the source bundle was written by this run (not cached)
 
 
 def size_label(n: int) -> str:
@@ -175,19 +198,14 @@ def size_label(n: int) -> str:
     return str(n)
 
 
-def spec_matches(folder: Path, spec: dict[str, Any]) -> bool:
+def cached(folder: Path, spec: dict[str, Any]) -> bool:
+    """Whether ``folder`` holds a complete bundle written for ``spec``."""
     path = folder / "spec.json"
-    return path.exists() and json.loads(path.read_text()) == spec
+    return path.exists() and json.loads(path.read_text()) == spec and (folder / INDEX_DIR / "index.json").exists()
 
 
 def write_spec(folder: Path, spec: dict[str, Any]) -> None:
     (folder / "spec.json").write_text(json.dumps(spec, indent=2))
-
-
-def keys_to_indices(item_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Warehouse item keys -> model item indices, 0 where unknown (as ``ModelBundle.indices_of_keys``)."""
-    pos = np.minimum(np.searchsorted(item_keys, keys), len(item_keys) - 1)
-    return np.where(item_keys[pos] == keys, pos + 1, 0)
 
 
 def ml1m_case(args: argparse.Namespace) -> Case:
@@ -200,40 +218,43 @@ def ml1m_case(args: argparse.Namespace) -> Case:
         started = time.perf_counter()
         prepare(home, ML1M)
         print(f"  prepared in {time.perf_counter() - started:.1f} s", flush=True)
-    fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
+    written = False
     if args.model is not None:
-        source, weights = args.model.expanduser().resolve(), f"trained ({args.model})"
-        if not (source / "model.pt").exists() or not (source / "items.parquet").exists():
-            raise SystemExit(f"--model {source}: not a bundle folder (needs model.pt and items.parquet)")
+        source, bundles, weights = args.model.expanduser().resolve(), args.workdir / "bundles" / f"{ML1M}-model", f"trained ({args.model})"
+        if not all((source / name).exists() for name in (MODEL_FILE, ITEMS_FILE, INDEX_DIR)):
+            raise SystemExit(f"--model {source}: not a bundle folder (needs {MODEL_FILE}, {ITEMS_FILE} and {INDEX_DIR}/)")
     else:
-        source, weights = args.workdir / "bundles" / ML1M / "source", "random (seeded)"
+        fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
+        bundles, weights = args.workdir / "bundles" / ML1M, "random (seeded)"
+        source = bundles / "flat"
         ms = ModelSettings()  # defaults, not the environment: hidden 128, max_len 200, 2 blocks
         spec = {"case": ML1M, "feature_set": fs.version, "seed": args.seed, "model": ms.model_dump(mode="json")}
-        if not spec_matches(source, spec):
-            source.mkdir(parents=True, exist_ok=True)
+        written = not cached(source, spec)
+        if written:
+            print(f"  writing the {ML1M} bundle (random weights, flat index) ...", flush=True)
             torch.manual_seed(args.seed)
-            model = build_sasrec(fs, ms).eval()
-            save_model(source / "model.pt", model, ms, fs, extra={"bench": "serving, random weights"})
-            fs.items.select("item_idx", "item_key", "item_id", "title", "categories", "train_count").write_parquet(
-                source / "items.parquet")
+            model, shape = build_sasrec(fs, ms)
+            model.eval()
+            write_bundle(source, model, shape, fs.items, fs.version, validation_queries(model, fs), kind="flat",
+                         extra={"bench": "serving, random weights"})
             write_spec(source, spec)
-    payload = torch.load(source / "model.pt", map_location="cpu", weights_only=True)
-    item_keys = payload["item_keys"].numpy()
-    content = bool(payload["model_settings"].get("use_content", True))
+        del fs
+    bundle = Bundle.load(source)
     user_ids, key_lists = HistoryStore(load_settings(home=home).duckdb_path).all_histories()
-    histories = [keys_to_indices(item_keys, keys) for keys in key_lists]
+    histories = [bundle.indices_of_keys(keys) for keys in key_lists]
     known = sum(int((h > 0).sum()) for h in histories) / max(1, sum(len(h) for h in histories))
     if known < 0.5:
         raise SystemExit(f"the model at {source} knows only {known:.0%} of the ML-1M items: is it an ML-1M model?")
     rng = np.random.default_rng(args.seed)
     usable = [i for i, h in enumerate(histories) if (h > 0).any()]
     pick = rng.permutation(usable)[:args.queries]
-    return Case(ML1M, len(item_keys), source, home, [histories[i][histories[i] > 0].astype(np.int64) for i in pick],
-                [user_ids[i] for i in pick], weights, content)
+    return Case(ML1M, bundle.num_items, source, bundles, home,
+                [histories[i][histories[i] > 0].astype(np.int64) for i in pick], [user_ids[i] for i in pick], weights,
+                bundle.meta["shape"].use_content, written)
 
 
 def synthetic_items(n: int, rng: np.random.Generator) -> pl.DataFrame:
-    """items.parquet of a synthetic catalogue: Zipf popularity in a random order, one genre each."""
+    """The item table of a synthetic catalogue: Zipf popularity in a random order, one genre each."""
     weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** SYNTH_ZIPF
     counts = np.maximum(1, np.round(weights / weights.sum() * 100 * n)).astype(np.int64)[rng.permutation(n)]
     genres = np.array([f"genre-{g:02d}" for g in range(20)])
@@ -242,28 +263,7 @@ def synthetic_items(n: int, rng: np.random.Generator) -> pl.DataFrame:
         "item_idx": keys.astype(np.int32), "item_key": keys, "item_id": keys.astype(str),
         "title": [f"synthetic item {i}" for i in keys], "g": genres[rng.integers(0, len(genres), n)],
         "train_count": counts,
-    }).with_columns(pl.concat_list("g").alias("categories")).select(
-        "item_idx", "item_key", "item_id", "title", "categories", "train_count")
-
-
-def write_synthetic_source(folder: Path, n: int, seed: int, ms: ModelSettings) -> None:
-    """model.pt (pure-ID SASRec, random weights, ``save_model``'s format) + items.parquet."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    tower = ItemTower(num_items=n, dim=ms.hidden_size, use_content=False)
-    model = SASRec(tower, max_len=ms.max_len, num_blocks=ms.num_blocks, num_heads=ms.num_heads,
-                   dropout=ms.dropout, ff_mult=ms.ff_mult).eval()
-    payload = {
-        "format_version": MODEL_FILE_VERSION,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model_settings": ms.model_dump(mode="json"),
-        "feature_version": f"synthetic-{n}-seed{seed}",
-        "item_keys": torch.arange(1, n + 1, dtype=torch.int64),
-        "extra": {"bench": "serving, synthetic catalogue, random weights"},
-    }
-    torch.save(payload, folder / "model.pt.tmp")
-    (folder / "model.pt.tmp").replace(folder / "model.pt")
-    synthetic_items(n, np.random.default_rng(seed)).write_parquet(folder / "items.parquet")
+    }).with_columns(pl.concat_list("g").alias("categories"))
 
 
 def synthetic_histories(counts: np.ndarray, n_queries: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -277,25 +277,44 @@ def synthetic_histories(counts: np.ndarray, n_queries: int, rng: np.random.Gener
     return out
 
 
+@torch.no_grad()
+def user_vectors(model: SASRec, histories: list[np.ndarray], batch: int = 256) -> np.ndarray:
+    """(Q, D) float32 query vectors of histories (newest ``max_len`` items, ``left_pad``ded), as served."""
+    out = [model.user_vectors(torch.from_numpy(left_pad([h[-model.max_len:] for h in histories[s:s + batch]]))).numpy()
+           for s in range(0, len(histories), batch)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.dim), np.float32)
+
+
 def synthetic_case(n: int, args: argparse.Namespace) -> Case:
-    """A synthetic catalogue of ``n`` items (model written once, cached) and random histories."""
+    """A synthetic catalogue of ``n`` items (bundle written once, cached) and random histories."""
     name = f"synthetic-{size_label(n)}"
-    source = args.workdir / "bundles" / name / "source"
+    bundles = args.workdir / "bundles" / name
+    source = bundles / "flat"
     ms = ModelSettings(use_content=False)
-    spec = {"case": name, "items": n, "seed": args.seed, "version": SYNTH_SPEC_VERSION, "model": ms.model_dump(mode="json")}
-    if not spec_matches(source, spec):
-        print(f"  writing the synthetic {n:,}-item model ...", flush=True)
-        write_synthetic_source(source, n, args.seed, ms)
+    shape = SASRecShape(num_items=n, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
+                        num_heads=ms.num_heads, dropout=ms.dropout, ff_mult=ms.ff_mult, use_content=False,
+                        id_dropout=ms.id_dropout)
+    spec = {"case": name, "seed": args.seed, "version": SYNTH_SPEC_VERSION, "shape": asdict(shape)}
+    reuse = cached(source, spec)
+    items = pl.read_parquet(source / ITEMS_FILE) if reuse else synthetic_items(n, np.random.default_rng(args.seed))
+    counts = items.sort("item_idx")["train_count"].to_numpy().astype(np.float64)
+    queries = synthetic_histories(counts, args.queries, np.random.default_rng(args.seed + 1))
+    if not reuse:
+        print(f"  writing the synthetic {n:,}-item bundle (flat index) ...", flush=True)
+        torch.manual_seed(args.seed)
+        model = shape.build().eval()
+        recall_histories = synthetic_histories(counts, RECALL_QUERIES, np.random.default_rng(args.seed + 2))
+        write_bundle(source, model, shape, items, f"synthetic-{n}-seed{args.seed}", user_vectors(model, recall_histories),
+                     kind="flat", extra={"bench": "serving, synthetic catalogue, random weights"})
         write_spec(source, spec)
+        del model
     home = args.workdir / "synthetic-home"  # no warehouse: the server answers POST /recommendations only
     home.mkdir(parents=True, exist_ok=True)
-    counts = pl.read_parquet(source / "items.parquet", columns=["train_count"])["train_count"].to_numpy()
-    queries = synthetic_histories(counts.astype(np.float64), args.queries, np.random.default_rng(args.seed + 1))
-    return Case(name, n, source, home, queries, [], "random (seeded)", False)
+    return Case(name, n, source, bundles, home, queries, [], "random (seeded)", False, not reuse)
 
 
 # --------------------------------------------------------------------------------------------
-# Bundles: one folder per (catalogue, index kind), model and items hard-linked from the source
+# Bundles: one folder per (catalogue, index kind), model, items and recall queries hard-linked from the source
 
 
 @dataclass
@@ -305,58 +324,49 @@ class Build:
     kind: str
     path: Path
     params: dict[str, Any]
-    build_s: float
+    build_s: float                  # index build (IndexMeta.build_seconds, recall measurement not included)
     reused: bool
-    build_recall_at_10: float
+    recall_at_10: float             # of the index on the bundle's recall queries (1.0 for flat)
+    recall_queries: int
     model_mb: float
 
 
-def encode_histories(model: SASRec, table: torch.Tensor, histories: list[np.ndarray], batch: int = 256) -> np.ndarray:
-    """User vectors (Q, D) of histories (newest ``max_len`` items, left-padded), as served."""
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(histories), batch):
-            chunk = [h[-model.max_len:] for h in histories[start:start + batch]]
-            T = max(1, max(len(h) for h in chunk))
-            seq = np.zeros((len(chunk), T), dtype=np.int64)
-            for row, h in enumerate(chunk):
-                seq[row, T - len(h):] = h
-            out.append(model.user_vectors(torch.from_numpy(seq), table).numpy())
-    return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+def read_index_meta(folder: Path) -> IndexMeta | None:
+    path = folder / INDEX_DIR / "index.json"
+    return IndexMeta(**json.loads(path.read_text())) if path.exists() else None
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes ``src`` (a hard link, else a copy); removed when there is no ``src``."""
     dst.unlink(missing_ok=True)
+    if not src.exists():
+        return
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
 
-def build_kind(case: Case, kind: str, args: argparse.Namespace) -> Build:
-    """The bundle of ``case`` with a ``kind`` index (built, or reused when its spec is unchanged)."""
-    folder = args.workdir / "bundles" / (case.name if args.model is None or case.name != ML1M else f"{ML1M}-model") / kind
-    sha = file_sha256(case.source / "model.pt")
-    spec = {"kind": kind, "model_sha256": sha, "items_bytes": (case.source / "items.parquet").stat().st_size}
-    reused = spec_matches(folder, spec) and (folder / "index" / "index.json").exists()
-    started = time.perf_counter()
-    if not reused:
-        print(f"  building the {kind} index of {case.name} ...", flush=True)
+def build_kind(case: Case, kind: str) -> Build:
+    """The bundle of ``case`` with a ``kind`` index: the source itself when its index is that
+    kind, else a folder linking the source's files whose index ``rebuild_index`` builds (kept
+    while it was built for the same model file and the source was not rewritten)."""
+    source_meta = read_index_meta(case.source)
+    assert source_meta is not None, case.source
+    folder = case.source if source_meta.kind == kind else case.bundles / kind
+    meta = read_index_meta(folder)
+    reused = not case.written and meta is not None and meta.kind == kind and meta.model_sha256 == source_meta.model_sha256
+    if folder != case.source:
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("model.pt", "items.parquet"):
+        for name in (MODEL_FILE, ITEMS_FILE, RECALL_QUERIES_FILE):
             link_or_copy(case.source / name, folder / name)
-        model, meta = load_model(folder / "model.pt")
-        with torch.no_grad():
-            table = model.item_vectors()
-        queries = encode_histories(model, table, case.queries[:RECALL_QUERIES])
-        index, index_meta = build_index(table.numpy(), meta["sha256"], kind, queries)
-        save_index(folder / "index", index, index_meta)
-        write_spec(folder, spec)
-        del model, table, index
-        gc.collect()
-    imeta = json.loads((folder / "index" / "index.json").read_text())
-    return Build(case.name, case.items, kind, folder, imeta["params"], imeta["build_seconds"] if reused else time.perf_counter() - started,
-                 reused, imeta["recall_at_10"], (folder / "model.pt").stat().st_size / 1e6)
+        if not reused:
+            print(f"  building the {kind} index of {case.name} ...", flush=True)
+            meta = rebuild_index(folder, kind)
+            gc.collect()
+    assert meta is not None
+    return Build(case.name, case.items, kind, folder, meta.params, meta.build_seconds, reused, meta.recall_at_10,
+                 meta.recall_queries, (folder / MODEL_FILE).stat().st_size / 1e6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,11 +398,11 @@ class InProcess:
     load_avg: float
 
 
-def time_queries(bundle: ModelBundle, queries: list[np.ndarray], limit: int, max_seconds: float, warmup: int,
+def time_queries(bundle: Bundle, queries: list[np.ndarray], limit: int, max_seconds: float, warmup: int,
                  explain: bool) -> tuple[dict[str, float], float, float, list[list[str]]]:
-    """Sequential ``recommend`` calls: (latency summary, queries/s, CPU ms/query, answers)."""
+    """Sequential ``recommend`` calls, one history each: (latency summary, queries/s, CPU ms/query, answers)."""
     for h in queries[-warmup:] if warmup else []:
-        bundle.recommend(h, K, explain=explain)
+        recommend(bundle, [h], K, explain=explain)
     latencies, answers = [], []
     cpu0, wall0 = time.process_time(), time.perf_counter()
     deadline = wall0 + max_seconds
@@ -400,9 +410,9 @@ def time_queries(bundle: ModelBundle, queries: list[np.ndarray], limit: int, max
         t = time.perf_counter()
         if t >= deadline:
             break
-        response = bundle.recommend(h, K, explain=explain)
+        answer = recommend(bundle, [h], K, explain=explain)[0]
         latencies.append(time.perf_counter() - t)
-        answers.append([r.item_id for r in response.recommendations])
+        answers.append([r.item_id for r in answer.recommendations])
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n = max(1, len(latencies))
     return summarize(latencies), len(latencies) / wall, cpu / n * 1e3, answers
@@ -410,15 +420,10 @@ def time_queries(bundle: ModelBundle, queries: list[np.ndarray], limit: int, max
 
 @contextmanager
 def compute_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op and FAISS OpenMP threads (0: leave as is).
-
-    Both are set: torch and FAISS each bring their own OpenMP runtime, and depending on the
-    import order ``torch.set_num_threads`` does or does not reach FAISS.
-    """
+    """Run the block with ``n`` torch intra-op and FAISS OpenMP threads (0: leave as is)."""
     old_torch, old_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
     if n:
-        torch.set_num_threads(n)
-        faiss.omp_set_num_threads(n)
+        set_threads(n)
     try:
         yield
     finally:
@@ -426,33 +431,24 @@ def compute_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(old_faiss)
 
 
-def stage_breakdown(bundle: ModelBundle, queries: list[np.ndarray], n: int) -> dict[str, float]:
-    """Median ms of each step of ``ModelBundle.recommend`` (the same calls, timed one by one),
-    and the median number of neighbours fetched from the index (k + items excluded)."""
-    steps: dict[str, list[float]] = {"exclusion mask": [], "encoder": [], "top-k (search + filter)": [],
-                                     "answer objects": [], "of which faiss search": [], "of which 2x mask.sum()": []}
-    fetched = []
-    with torch.no_grad():
-        for h in queries[:n]:
-            t0 = time.perf_counter()
-            excluded = bundle._excluded(h, Filters())
-            t1 = time.perf_counter()
-            seq = torch.from_numpy(h[-bundle.model.max_len:]).unsqueeze(0)
-            user = bundle.model.user_vectors(seq, bundle.table).cpu().numpy().astype(np.float32)
-            t2 = time.perf_counter()
-            idx, scores = bundle._top(user, excluded, K)
-            t3 = time.perf_counter()
-            _ = [bundle._item(int(i), s) for i, s in zip(idx, scores, strict=True)]
-            t4 = time.perf_counter()
-            fetched.append(min(bundle.num_items, K + int(excluded[1:].sum())))
-            t5 = time.perf_counter()
-            bundle.index.search(user, fetched[-1])
-            t6 = time.perf_counter()
-            for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t6 - t5, 2 * (t5 - t4)), strict=True):
-                steps[name].append(dt)
-    out = {name: float(np.median(v) * 1e3) if v else float("nan") for name, v in steps.items()}
-    out["k fetched (count)"] = float(np.median(fetched)) if fetched else float("nan")
-    return out
+@torch.no_grad()
+def breakdown(bundle: Bundle, queries: list[np.ndarray], n: int) -> dict[str, float]:
+    """Median ms of the public pieces of one query, timed one by one on the same history."""
+    steps: dict[str, list[float]] = {"seen mask": [], "encoder": [], "top_k": [], "recommend": [], "rest": []}
+    for h in queries[:n]:
+        t0 = time.perf_counter()
+        mask = exclusion_mask(bundle, h, Filters())
+        t1 = time.perf_counter()
+        _, states = encode(bundle, [h])
+        user = np.ascontiguousarray(states[:, -1].cpu().numpy(), dtype=np.float32)
+        t2 = time.perf_counter()
+        top_k(bundle, user, [mask], K)
+        t3 = time.perf_counter()
+        recommend(bundle, [h], K)
+        t4 = time.perf_counter()
+        for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, (t4 - t3) - (t3 - t0)), strict=True):
+            steps[name].append(dt)
+    return {name: float(np.median(v) * 1e3) if v else float("nan") for name, v in steps.items()}
 
 
 @dataclass
@@ -461,10 +457,9 @@ class Recall:
     items: int
     kind: str
     index_recall_at_10: float
+    index_queries: int
     served_recall_at_10: float
-    queries: int
     served_queries: int
-    build_recall_at_10: float
 
 
 def served_recall(answers: list[list[str]], exact: list[list[str]]) -> tuple[float, int]:
@@ -477,7 +472,7 @@ def served_recall(answers: list[list[str]], exact: list[list[str]]) -> tuple[flo
 
 def measure_in_process(case: Case, builds: list[Build], args: argparse.Namespace
                        ) -> tuple[list[InProcess], list[Recall], dict[str, dict[str, float]]]:
-    """Latency per kind, explain latency, stage breakdown and recall against the flat answers.
+    """Latency per kind, explain latency, breakdown and recall against the flat answers.
 
     Measured with ``--threads`` torch + FAISS threads; when that is not the default, a
     short extra run (``--profile-queries``) with the default shows what the setting changes.
@@ -490,10 +485,10 @@ def measure_in_process(case: Case, builds: list[Build], args: argparse.Namespace
     for b in sorted(builds, key=lambda b: b.kind != "flat"):  # flat first: its answers are the truth
         gc.collect()
         t = time.perf_counter()
-        bundle = ModelBundle(b.path)
+        bundle = Bundle.load(b.path)
         load_s = time.perf_counter() - t
 
-        def row(explain: bool, n_threads: int, limit: int, warmup: int, max_seconds: float) -> list[list[str]]:
+        def row(bundle: Bundle, explain: bool, n_threads: int, limit: int, warmup: int, max_seconds: float) -> list[list[str]]:
             with compute_threads(n_threads):
                 lat, qps, cpu, answers = time_queries(bundle, case.queries, limit, max_seconds, warmup, explain)
             rows.append(InProcess(case.name, case.items, b.kind, explain, n_threads, lat, qps, cpu, load_s, os.getloadavg()[0]))
@@ -501,22 +496,17 @@ def measure_in_process(case: Case, builds: list[Build], args: argparse.Namespace
                   f"p99 {lat['p99_ms']:.2f} ms over {lat['n']} queries ({qps:,.0f}/s)", flush=True)
             return answers
 
-        answers = row(False, threads, args.queries, args.warmup, args.max_seconds)
+        answers = row(bundle, False, threads, args.queries, args.warmup, args.max_seconds)
         if threads != default_threads:  # bounded: on a busy machine this can take ~100x longer per query
-            row(False, default_threads, min(n_prof, DEFAULT_THREADS_QUERIES), min(10, args.warmup), min(10.0, args.max_seconds))
+            row(bundle, False, default_threads, min(n_prof, DEFAULT_THREADS_QUERIES), min(10, args.warmup), min(10.0, args.max_seconds))
         with compute_threads(threads):
-            stages[b.kind] = stage_breakdown(bundle, case.queries, n_prof)
-        row(True, threads, n_prof, min(5, args.warmup), args.max_seconds)
+            stages[b.kind] = breakdown(bundle, case.queries, n_prof)
+        row(bundle, True, threads, n_prof, min(5, args.warmup), args.max_seconds)
         if b.kind == "flat":
             exact_answers = answers
         else:
-            vectors = np.ascontiguousarray(bundle.vectors[1:], dtype=np.float32)
-            queries = encode_histories(bundle.model, bundle.table, case.queries[:RECALL_QUERIES])
-            index_recall = recall_at_k(bundle.index, vectors, np.arange(1, bundle.num_items + 1, dtype=np.int64), queries, K)
             served, n_served = served_recall(answers, exact_answers) if exact_answers else (float("nan"), 0)
-            recalls.append(Recall(case.name, case.items, b.kind, index_recall, served, len(queries), n_served,
-                                  b.build_recall_at_10))
-            del vectors
+            recalls.append(Recall(case.name, case.items, b.kind, b.recall_at_10, b.recall_queries, served, n_served))
         del bundle
     gc.collect()
     return rows, recalls, stages
@@ -532,6 +522,7 @@ class Batch:
     kind: str
     threads: int
     users: int
+    fallback_users: int
     rows: int
     k: int
     seconds: float
@@ -540,17 +531,20 @@ class Batch:
 
 
 def measure_batch(case: Case, build: Build, args: argparse.Namespace) -> Batch:
-    """``recommend_all`` for every warehouse user (Parquet + DuckDB table, as ``attnrec recommend-all``)."""
-    bundle = ModelBundle(build.path)
-    db = load_settings(home=case.home).duckdb_path
+    """``Recommender.recommend_all`` for every warehouse user (the frame ``attnrec recommend-all`` writes)."""
+    recommender = Recommender(Bundle.load(build.path), HistoryStore(load_settings(home=case.home).duckdb_path))
     with compute_threads(args.batch_threads):
         threads = torch.get_num_threads()
-        report = recommend_all(bundle, HistoryStore(db), BATCH_K, args.workdir / "batch" / "recommendations.parquet", db,
-                               table="bench_recommendations")
-    del bundle
+        started = time.perf_counter()
+        frame = recommender.recommend_all(BATCH_K)
+        seconds = time.perf_counter() - started
+    users = frame["user_id"].n_unique()
+    fallback = frame.filter(pl.col("fallback").is_not_null())["user_id"].n_unique()
+    del recommender
     gc.collect()
-    return Batch(case.name, build.kind, threads, report.users, report.rows, BATCH_K, report.seconds,
-                 report.users / report.seconds, os.getloadavg()[0])
+    return Batch(case.name, build.kind, threads, users, fallback, frame.height, BATCH_K, seconds, users / seconds,
+                 os.getloadavg()[0])
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,7 +593,7 @@ class Server:
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if k not in ("ATTNREC_API_TOKEN", "ATTNREC_SERVE__API_TOKEN")}
         if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+            env["ATTNREC_SERVE__THREADS"] = str(self.threads)
         cmd = [sys.executable, "-m", "pipeline.app.cli", "serve", "--model", str(self.bundle), "--home", str(self.home),
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -800,7 +794,7 @@ def http_requests(case: Case, item_ids: list[str]) -> dict[str, list[Request]]:
 
 def measure_http(case: Case, builds: list[Build], args: argparse.Namespace) -> list[HttpRun]:
     """Open loop, then closed loop, per endpoint, with one server per index kind."""
-    item_ids = pl.read_parquet(case.source / "items.parquet", columns=["item_idx", "item_id"]).sort("item_idx")["item_id"].to_list()
+    item_ids = pl.read_parquet(case.source / ITEMS_FILE, columns=["item_idx", "item_id"]).sort("item_idx")["item_id"].to_list()
     mixes = http_requests(case, item_ids)
     del item_ids
     runs = []
@@ -856,11 +850,11 @@ def print_report(res: dict[str, Any], args: argparse.Namespace) -> None:
     """One Markdown table per section, then the goal lines."""
     print("\n## Bundles\n")
     print(markdown_table(
-        ["catalogue", "items", "index", "params", "model MB", "build s", "build-time recall@10"],
+        ["catalogue", "items", "index", "params", "model MB", "index build s", "index recall@10 (recall queries)"],
         [[b.case, f"{b.items:,}", b.kind, ", ".join(f"{k}={v}" for k, v in b.params.items()) or "-", fmt(b.model_mb, 0),
-          fmt(b.build_s, 1) + (" (cached)" if b.reused else ""), fmt(b.build_recall_at_10, 4) if b.kind != "flat" else "exact"]
-         for b in res["builds"]]))
-    print(f"\n## In process: `ModelBundle.recommend(history, k={K})`, one caller, one query at a time\n")
+          fmt(b.build_s, 1) + (" (cached)" if b.reused else ""),
+          f"{fmt(b.recall_at_10, 4)} ({b.recall_queries})" if b.kind != "flat" else "exact"] for b in res["builds"]]))
+    print(f"\n## In process: `recommend(bundle, [history], k={K})`, one caller, one query at a time\n")
     print(markdown_table(
         ["catalogue", "items", "index", "explain", "threads", "queries", "p50 ms", "p99 ms", "mean ms", "max ms",
          "queries/s", "CPU ms/query", "bundle load s", "load"],
@@ -868,19 +862,19 @@ def print_report(res: dict[str, Any], args: argparse.Namespace) -> None:
           fmt(r.latency["p99_ms"]), fmt(r.latency["mean_ms"]), fmt(r.latency["max_ms"]), fmt(r.qps, 0),
           fmt(r.cpu_ms_per_query), fmt(r.load_s, 1), fmt(r.load_avg, 1)] for r in res["in_process"]]))
     stage_names = next((list(st) for per in res["stages"].values() for st in per.values()), [])
-    print(f"\n## In process: median ms per step of `recommend` ({min(args.profile_queries, args.queries)} queries, "
-          f"threads={args.threads or 'default'})\n")
+    print(f"\n## In process: median ms of the public pieces of a query ({min(args.profile_queries, args.queries)} queries, "
+          f"threads={args.threads or 'default'}; seen mask = `exclusion_mask`, encoder = `encode`, `top_k` on one "
+          f"vector, the whole `recommend`, rest = recommend minus the three)\n")
     print(markdown_table(
         ["catalogue", "index", *stage_names],
-        [[case, kind, *(fmt(v, 0 if name.endswith("(count)") else 3) for name, v in st.items())]
-         for case, per in res["stages"].items() for kind, st in per.items()]))
+        [[case, kind, *(fmt(v, 3) for v in st.values())] for case, per in res["stages"].items() for kind, st in per.items()]))
     if res["recall"]:
         print("\n## Recall@10 against exact search\n")
         print(markdown_table(
-            ["catalogue", "items", "index", "index recall@10 (user vectors)", "queries", "served top-10 recall (seen removed)",
-             "queries", "build-time recall@10"],
-            [[r.case, f"{r.items:,}", r.kind, fmt(r.index_recall_at_10, 4), str(r.queries), fmt(r.served_recall_at_10, 4),
-              str(r.served_queries), fmt(r.build_recall_at_10, 4)] for r in res["recall"]]))
+            ["catalogue", "items", "index", "index recall@10 (bundle's recall queries)", "queries",
+             "served top-10 recall (seen removed)", "queries"],
+            [[r.case, f"{r.items:,}", r.kind, fmt(r.index_recall_at_10, 4), str(r.index_queries), fmt(r.served_recall_at_10, 4),
+              str(r.served_queries)] for r in res["recall"]]))
     if res["http"]:
         print(f"\n## HTTP over loopback ({args.duration:g} s per run; open loop: Poisson {args.rate:g} req/s, "
               f"latency from scheduled send; closed loop: {args.clients} clients back to back)\n")
@@ -899,10 +893,10 @@ def print_report(res: dict[str, Any], args: argparse.Namespace) -> None:
             print("first errors: " + " | ".join(errs))
     if res["batch"]:
         b = res["batch"]
-        print(f"\n## Batch: `recommend_all`, k={b.k}, every user (warehouse read, scoring, Parquet + DuckDB table)\n")
-        print(markdown_table(["catalogue", "index", "threads", "users", "rows", "seconds", "users/s", "load"],
-                             [[b.case, b.kind, str(b.threads), f"{b.users:,}", f"{b.rows:,}", fmt(b.seconds), fmt(b.users_per_s, 0),
-                               fmt(b.load_avg, 1)]]))
+        print(f"\n## Batch: `Recommender.recommend_all(k={b.k})`, every user (warehouse read + scoring into a frame)\n")
+        print(markdown_table(["catalogue", "index", "threads", "users", "by popularity", "rows", "seconds", "users/s", "load"],
+                             [[b.case, b.kind, str(b.threads), f"{b.users:,}", f"{b.fallback_users:,}", f"{b.rows:,}",
+                               fmt(b.seconds), fmt(b.users_per_s, 0), fmt(b.load_avg, 1)]]))
     print("\n## Goals\n")
     for line in goal_lines(res, args):
         print(line)
@@ -940,8 +934,8 @@ def notes(cases: list[Case], args: argparse.Namespace) -> list[str]:
            f"{min(args.profile_queries, args.queries, DEFAULT_THREADS_QUERIES)} queries); one query "
            f"at a time from the main thread; Python's GC left on; with several threads on a busy machine every OpenMP "
            f"region of a query can wait for a scheduler time slice (compare the rows)",
-           f"server: OMP_NUM_THREADS {args.server_threads or f'not set (default {default})'} (--server-threads); "
-           f"FastAPI runs each query in a worker thread, serialised by the bundle's lock"]
+           f"server: {args.server_threads or 'serve.threads (default 1)'} torch + FAISS thread(s) per query "
+           f"(--server-threads); FastAPI runs each query in a worker thread, serialised by the bundle's lock"]
     for c in cases:
         lens = np.array([len(q) for q in c.queries] or [0])
         out.append(f"{c.name}: {c.items:,} items, weights {c.weights}, content features {'on' if c.content else 'off'}, "
@@ -949,8 +943,8 @@ def notes(cases: list[Case], args: argparse.Namespace) -> list[str]:
                    f"the encoder reads the newest 200)")
     out.append("random weights: latency does not depend on the weights, HNSW recall does (random item vectors are "
                "close to i.i.d. Gaussian, a hard case for graph search; a trained model's recall can differ)")
-    out.append("synthetic catalogues use a pure-ID SASRec: the item table is precomputed at load, so content features "
-               "change load time and explain=True (which recomputes every item vector), not the plain query path")
+    out.append("synthetic catalogues use a pure-ID SASRec; the item table is computed once at load for every model, so "
+               "content features change load time, not the query path")
     if not args.skip_http:
         out.append(f"HTTP: `python -m pipeline.app.cli serve` (uvicorn, 1 worker) on 127.0.0.1; load generator: asyncio + "
                    f"httpx in this process on the same {os.cpu_count()} cores, its CPU per request shown next to the "
@@ -977,7 +971,7 @@ def main(argv: list[str]) -> None:
         print(f"\n# {size if size == ML1M else f'{size:,} items'}", flush=True)
         case = ml1m_case(args) if size == ML1M else synthetic_case(size, args)
         cases.append(case)
-        builds = [build_kind(case, kind, args) for kind in args.kinds]
+        builds = [build_kind(case, kind) for kind in args.kinds]
         res["builds"] += builds
         rows, recalls, stages = measure_in_process(case, builds, args)
         res["in_process"] += rows

@@ -24,12 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.quality import machine, parse_overrides, prepare  # noqa: E402
-from pipeline.training.batches import epoch_batches, pack, training_sequences, training_windows  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.data.feature_store import load_feature_set  # noqa: E402
-from pipeline.registry.model_store import build_sasrec  # noqa: E402
-from pipeline.training.recipe import train_sasrec  # noqa: E402
-from pipeline.training.loop import NextItemLoss, keep_freed_memory_in_process, resolve_device  # noqa: E402
+from pipeline.training.batches import epoch_batches, pack  # noqa: E402
+from pipeline.training.loop import keep_freed_memory_in_process, precision_and_compilation, resolve_device  # noqa: E402
+from pipeline.training.recipe import train_sasrec, training_setup  # noqa: E402
 
 
 class TargetReached(Exception):
@@ -38,37 +37,38 @@ class TargetReached(Exception):
 
 def throughput(settings, fs, device: torch.device, steps: int | None, exclude_history: bool,
                group_by_length: bool = False) -> float:
-    """Training sequences per second over ``steps`` steps (None: one whole epoch) after 3 warm-up steps."""
-    torch.manual_seed(0)
-    model = build_sasrec(fs, settings.model).to(device).train()
-    train = training_sequences(fs.sequences, fs.train_end, fs.cold_mask)
-    windows = training_windows(train, settings.model.max_len, settings.train.all_windows)
-    excluded = torch.from_numpy(fs.cold_mask).clone()
-    excluded[0] = True
-    loss_fn = NextItemLoss(excluded, exclude_history=exclude_history)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    use_cuda = device.type == "cuda"
-    step_fn = torch.compile(loss_fn, dynamic=True) if use_cuda and settings.train.compile else loss_fn
-    batch_size = settings.train.batch_size
+    """Training sequences per second over ``steps`` steps (None: one whole epoch) after 3 warm-up steps.
+
+    The model, windows and loss are the recipe's own (``training_setup``); the step is
+    ``fit``'s (autocast and compilation as the settings resolve them on ``device``).
+    """
+    variant = settings.model_copy(update={"train": settings.train.model_copy(
+        update={"exclude_history": exclude_history, "group_by_length": group_by_length})})
+    setup = training_setup(variant, fs, device)
+    model = setup.model.to(device).train()
+    opt = torch.optim.AdamW(model.optimizer_groups(variant.train.weight_decay), lr=variant.train.lr)
+    use_bf16, use_compile = precision_and_compilation(variant.train, device)
+    step_fn = torch.compile(setup.loss, dynamic=True) if use_compile else setup.loss
+    batch_size, windows = variant.train.batch_size, setup.windows
     longest = np.argsort(windows.start - windows.stop, kind="stable")[:3 * batch_size]  # warm-up: the heap reaches its peak
-    warm = [pack(train, windows, longest[i * batch_size:(i + 1) * batch_size]) for i in range(3)]
-    batches = epoch_batches(train, windows, batch_size, np.random.default_rng(0), group_by_length)
+    warm = [pack(setup.train, windows, longest[i * batch_size:(i + 1) * batch_size]) for i in range(3)]
+    batches = epoch_batches(setup.train, windows, batch_size, np.random.default_rng(0), group_by_length)
     if steps is not None:
         batches = itertools.islice(batches, steps)
     seqs, t0 = 0, 0.0
     for i, batch in enumerate(itertools.chain(warm, batches)):
         if i == 3:
-            if use_cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, seqs = time.perf_counter(), 0
         inputs, targets = (torch.from_numpy(a).to(device) for a in batch)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = step_fn(model, (inputs, targets))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         seqs += inputs.shape[0]
-    if use_cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return seqs / (time.perf_counter() - t0)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import polars as pl
 
-SPLIT_SCHEMA = {"user_idx": pl.Int32, "train_end": pl.Int32, "valid_pos": pl.Int32, "test_pos": pl.Int32}
-
 
 def leave_one_out(histories: pl.DataFrame) -> pl.DataFrame:
     """Last event = test target, second-to-last = validation target, the rest = training.

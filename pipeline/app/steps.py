@@ -145,8 +145,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
-    from pipeline.training.recipe import baseline_model, sasrec_scorer, train_sasrec, validation_queries
     from pipeline.training.loop import resolve_device
+    from pipeline.training.recipe import baseline_model, sasrec_scorer, train_sasrec, validation_queries
 
     fs = _current_feature_set(settings)
     if resume is not None and not (resume / "checkpoint.pt").exists():
@@ -353,7 +353,7 @@ def build_index(settings: Settings, kind: str = "auto", model: str | None = None
     """(Re)build the FAISS index of a model's bundle (``params``: FAISS parameters, see
     ``pipeline.registry.model_store.rebuild_index``); its recall is measured with the
     bundle's own validation queries, as at training time."""
-    from pipeline.registry.model_store import resolve_bundle, rebuild_index
+    from pipeline.registry.model_store import rebuild_index, resolve_bundle
 
     path = resolve_bundle(settings, model)
     meta = rebuild_index(path, kind, params=params)
@@ -365,15 +365,14 @@ def ensure_index(settings: Settings, kind: str = "auto", model: str | None = Non
 
     The pipeline flow calls this after training, so an index is built once per run.
     """
-    from pipeline.registry.index import KINDS, IndexMeta
+    from pipeline.registry.index import KINDS, read_index_meta
     from pipeline.registry.model_store import INDEX_DIR, resolve_bundle
 
     if kind not in KINDS:
         raise UserError(f"index kind must be one of {', '.join(KINDS)}")
     path = resolve_bundle(settings, model)
-    meta_path = path / INDEX_DIR / "index.json"
-    if meta_path.exists():
-        meta = IndexMeta(**json.loads(meta_path.read_text()))
+    if (path / INDEX_DIR / "index.json").exists():
+        meta = read_index_meta(path / INDEX_DIR)
         if kind in ("auto", meta.kind):
             return {"bundle": str(path), "rebuilt": False, **asdict(meta)}
     return build_index(settings, kind, model)

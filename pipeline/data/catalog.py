@@ -21,10 +21,10 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from pipeline.errors import InputFileError, UserError
-from pipeline.data.ingest import file_fingerprint
 from pipeline.data.identity import MAX_ID_CHARS, id_text_expr, key_sql
+from pipeline.data.ingest import file_fingerprint
 from pipeline.data.warehouse import next_source_id, register_ids, transaction
+from pipeline.errors import InputFileError, UserError
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",

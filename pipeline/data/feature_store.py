@@ -37,8 +37,8 @@ from features.item_content import category_ids, category_vocabulary, numeric_fie
 from features.splits import cold_items, leave_one_out, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
-from pipeline.errors import UserError
 from pipeline.data.warehouse import query_frame
+from pipeline.errors import UserError
 
 FEATURES_CODE_VERSION = 1
 COLD_SEED = 20240601

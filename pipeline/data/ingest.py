@@ -26,7 +26,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import InputFileError
+from pipeline.data.identity import MAX_ID_CHARS, id_text_sql, integer_column_key_sql, integer_key_sql, too_long_sql
 from pipeline.data.ingest_formats import (
     NOT_JSON,
     STAGE_COLUMNS,
@@ -38,8 +38,8 @@ from pipeline.data.ingest_formats import (
     text_batches,
     unit_from_magnitude,
 )
-from pipeline.data.identity import MAX_ID_CHARS, id_text_sql, integer_column_key_sql, integer_key_sql, too_long_sql
 from pipeline.data.warehouse import next_source_id, register_ids, transaction
+from pipeline.errors import InputFileError
 
 TIME_UNITS = ("auto", "s", "ms", "us", "ns")
 INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}

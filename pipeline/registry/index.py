@@ -131,12 +131,17 @@ def save_index(directory: Path, index: faiss.Index, meta: IndexMeta) -> None:
     tmp.rename(directory)
 
 
-def load_index(directory: Path, model_sha256: str) -> tuple[faiss.Index, IndexMeta]:
-    """Load the index saved for the model whose file hashes to ``model_sha256``."""
+def read_index_meta(directory: Path) -> IndexMeta:
+    """The description (``index.json``) of the index saved in ``directory``, without loading it."""
     meta_path = directory / "index.json"
     if not meta_path.exists():
         raise UserError(f"no index at {directory}: run `attnrec index`")
-    meta = IndexMeta(**json.loads(meta_path.read_text()))
+    return IndexMeta(**json.loads(meta_path.read_text()))
+
+
+def load_index(directory: Path, model_sha256: str) -> tuple[faiss.Index, IndexMeta]:
+    """Load the index saved for the model whose file hashes to ``model_sha256``."""
+    meta = read_index_meta(directory)
     if meta.model_sha256 != model_sha256:
         raise UserError(
             f"the index at {directory} was built for model {meta.model_sha256[:12]}, not for the loaded model "

@@ -155,7 +155,8 @@ class Bundle:
     answers queries over it."""
 
     def __init__(self, path: Path, model: SASRec, meta: dict[str, Any], items: pl.DataFrame,
-                 index: Any, index_meta: IndexMeta) -> None:
+                 index: Any, index_meta: IndexMeta, table: torch.Tensor | None = None) -> None:
+        """``table``: the model's item vectors (N+1, D) when the caller has them (else computed)."""
         self.path = path
         self.model = model
         self.meta = meta
@@ -172,8 +173,9 @@ class Bundle:
         self.index_of_id = {iid: i + 1 for i, iid in enumerate(self.item_ids)}
         self.train_counts = self.items["train_count"].to_numpy()
         self.popular = np.argsort(-self.train_counts, kind="stable") + 1  # item indices, most popular first
+        model.eval()
         with torch.no_grad():
-            self.table = model.item_vectors()  # (N+1, D) on the model's device
+            self.table = model.item_vectors() if table is None else table  # (N+1, D) on the model's device
         self.vectors = np.ascontiguousarray(self.table.cpu().numpy(), dtype=np.float32)  # (N+1, D)
         self.index = index
         self.index_meta = index_meta
@@ -221,18 +223,19 @@ def write_bundle(folder: Path, model: SASRec, shape: SASRecShape, items: pl.Data
         recall_queries: (Q, D) real query vectors for measuring the index's recall@10.
         kind, params: the FAISS index (``pipeline.registry.index``).
     """
+    model.eval()  # the index holds the vectors serving computes: no ID dropout
     folder.mkdir(parents=True, exist_ok=True)
     items = items.select(*ITEM_COLUMNS).sort("item_idx")
     sha = save_model(folder / MODEL_FILE, model, shape, items["item_key"].to_numpy(), feature_version, extra)
     items.write_parquet(folder / ITEMS_FILE)
     np.save(folder / RECALL_QUERIES_FILE, np.ascontiguousarray(recall_queries, dtype=np.float32))
     with torch.no_grad():
-        vectors = model.item_vectors().cpu().numpy()
-    index, index_meta = build_index(vectors, sha, kind, recall_queries, params)
+        table = model.item_vectors()  # (N+1, D)
+    index, index_meta = build_index(table.cpu().numpy(), sha, kind, recall_queries, params)
     save_index(folder / INDEX_DIR, index, index_meta)
     meta = {"format_version": MODEL_FILE_VERSION, "shape": shape, "feature_version": feature_version,
             "item_keys": torch.from_numpy(items["item_key"].to_numpy().copy()), "extra": extra or {}, "sha256": sha}
-    return Bundle(folder, model.eval(), meta, items, to_device(index, index_meta), index_meta)
+    return Bundle(folder, model, meta, items, to_device(index, index_meta), index_meta, table)
 
 
 def rebuild_index(folder: Path, kind: str = "auto", params: dict[str, Any] | None = None) -> IndexMeta:

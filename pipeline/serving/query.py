@@ -123,8 +123,7 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
             scored = [i for i in chunk if len(cleaned[i])]
             if not scored:
                 continue
-            seq = torch.from_numpy(left_pad([cleaned[i][-bundle.model.max_len:] for i in scored])).to(bundle.device)  # (B, T)
-            states = bundle.model.encode(seq, bundle.table)  # (B, T, D)
+            seq, states = encode(bundle, [cleaned[i] for i in scored])
             users = np.ascontiguousarray(states[:, -1].cpu().numpy(), dtype=np.float32)  # (B, D)
             tops = top_k(bundle, users, [masks[i] for i in scored], k)
             why = _reasons(bundle, seq, states, [idx for idx, _ in tops], reasons) if explain else None
@@ -137,6 +136,23 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
                 out[i] = Recommendations(recs, None, bundle.version, int(len(cleaned[i])))
     assert all(r is not None for r in out)
     return out  # type: ignore[return-value]
+
+
+def encode(bundle: Bundle, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one encoder pass of the query path: (seq (B, T), states (B, T, D)).
+
+    ``histories``: model item indices, oldest first, no zeros; each is cut to its newest
+    ``max_len`` items and left-padded to the longest (``left_pad``). ``states[:, -1]`` are the
+    user vectors the index is searched with.
+    """
+    seq = torch.from_numpy(left_pad([h[-bundle.model.max_len:] for h in histories])).to(bundle.device)  # (B, T)
+    with torch.no_grad():
+        return seq, bundle.model.encode(seq, bundle.table)  # (B, T, D)
+
+
+def exclusion_mask(bundle: Bundle, history: np.ndarray, filters: Filters) -> np.ndarray:
+    """(N+1,) bool: the items a query with ``history`` (model item indices) and ``filters`` may not get."""
+    return _excluded(bundle, _known(history), filters, {})
 
 
 def similar(bundle: Bundle, items: Sequence[int], k: int) -> list[Recommendations]:

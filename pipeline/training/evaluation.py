@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.training.batches import prefix_batch, seen_pairs
 from pipeline.data.feature_store import FeatureSet
+from pipeline.training.batches import prefix_batch, seen_pairs
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (B, T) histories -> (B, N+1) scores
 DEFAULT_KS = (5, 10, 20, 50)

@@ -24,7 +24,7 @@ from models.sasrec import SASRec
 from pipeline.config import ModelSettings, Settings
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.registry.model_store import SASRecShape
-from pipeline.training.batches import epoch_batches, prefix_batch, training_sequences, training_windows
+from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
 from pipeline.training.loop import EpochRecord, FitResult, fit, resolve_device, seed_everything
 
@@ -88,24 +88,30 @@ class TrainOutcome:
     device: torch.device
 
 
-def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
-                 progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainOutcome:
-    """Train on ``fs``'s training events, early-stop on the validation selection metric.
+@dataclass
+class TrainingSetup:
+    """What a SASRec run on a feature set steps through (shared by ``train_sasrec`` and the
+    training-speed benchmark, so both measure the same recipe)."""
 
-    The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
-    the validation split only; the test split is never read here.
-    """
+    model: SASRec
+    shape: SASRecShape
+    train: Ragged              # each user's training events (cold items removed)
+    windows: Windows           # training windows over ``train``
+    steps_per_epoch: int
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (inputs, targets) (B, T)
+    loss: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # (model, batch) -> scalar
+
+
+def training_setup(settings: Settings, fs: FeatureSet, device: torch.device) -> TrainingSetup:
+    """The model, batches and loss of a run (seeded by ``settings.train.seed`` before the model is built)."""
     cfg, ms = settings.train, settings.model
     seed_everything(cfg.seed)
-    device = resolve_device(settings.device)
-    run_dir = run_dir or new_run_dir(settings)
     model, shape = build_sasrec(fs, ms)
 
     # --- batches: every training window once per epoch, shuffled by a per-epoch seed
     cold = fs.cold_mask
     train = training_sequences(fs.sequences, fs.train_end, cold)
     windows = training_windows(train, ms.max_len, cfg.all_windows)
-    steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng(cfg.seed * 1_000_003 + epoch)
@@ -124,18 +130,36 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
         table = m.item_vectors()  # (N+1, D)
         return next_item(m.encode(inputs, table), table, inputs, targets)
 
-    # --- validation on the selection metric
+    steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
+    return TrainingSetup(model, shape, train, windows, steps, batches, loss)
+
+
+def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
+                 progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainOutcome:
+    """Train on ``fs``'s training events, early-stop on the validation selection metric.
+
+    The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
+    the validation split only; the test split is never read here.
+    """
+    cfg, ms = settings.train, settings.model
+    device = resolve_device(settings.device)
+    run_dir = run_dir or new_run_dir(settings)
+    setup = training_setup(settings, fs, device)
+
     def validate(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric)).metrics
 
-    result = fit(model, batches, loss, validate, cfg, device, steps, param_groups=model.optimizer_groups(cfg.weight_decay),
-                 checkpoint_path=run_dir / "checkpoint.pt", resume=resume, on_epoch=on_epoch, progress=progress)
-    return TrainOutcome(model, shape, result, validate(model), run_dir, device)
+    result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
+                 param_groups=setup.model.optimizer_groups(cfg.weight_decay), checkpoint_path=run_dir / "checkpoint.pt",
+                 resume=resume, on_epoch=on_epoch, progress=progress)
+    return TrainOutcome(setup.model, setup.shape, result, validate(setup.model), run_dir, device)
 
 
 @torch.no_grad()
 def validation_queries(model: SASRec, fs: FeatureSet, users: int = RECALL_QUERY_USERS) -> np.ndarray:
-    """(Q, D) float32 user vectors of up to ``users`` users' validation inputs: real queries for index recall."""
+    """(Q, D) float32 user vectors of up to ``users`` users' validation inputs: real queries for
+    index recall (the model is put in eval mode: these are the vectors serving computes)."""
+    model.eval()
     chosen = np.nonzero(fs.valid_pos >= 0)[0][:users]
     if not len(chosen):
         return np.zeros((0, model.dim), dtype=np.float32)

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_settings
-from tests.flows.conftest import DATA, TINY
+from tests.flows.conftest import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.data.catalog import ingest_items
 from pipeline.config import load_settings
+from pipeline.data.catalog import ingest_items
 from pipeline.data.feature_store import FeatureSet, build_feature_set, load_feature_set
 from pipeline.data.ingest import IngestOptions, ingest_paths
+from pipeline.data.warehouse import connect
 from pipeline.registry.model_store import write_bundle
 from pipeline.training.recipe import build_sasrec, validation_queries
-from pipeline.data.warehouse import connect
 from tests.support import Attnrec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,3 +73,20 @@ def small_cli(small_copy: Path, tmp_path: Path) -> Attnrec:
 @pytest.fixture(scope="session")
 def small_fs(small_home: Path) -> FeatureSet:
     return load_feature_set(small_home / "features" / (small_home / "features" / "CURRENT").read_text().strip())
+
+
+TINY_TRAINING = {"train.epochs": 2, "model.max_len": 30, "model.hidden_size": 16, "train.batch_size": 256,
+                 "train.negatives": 256}
+
+
+@pytest.fixture(scope="session")
+def champion_home(small_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state folder like ``small_home`` with a real registry champion: a tiny model trained,
+    tracked in the SQLite MLflow store and promoted by ``attnrec train``'s own step."""
+    from pipeline.app.steps import train
+
+    home = tmp_path_factory.mktemp("champion") / "home"
+    shutil.copytree(small_home, home)
+    result = train(load_settings(home=home, **TINY_TRAINING), baselines=False)
+    assert result["promoted"] and result["version"] == "1"
+    return home

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_settings
-from pipeline.errors import UserError
 from pipeline.data.feature_store import FeatureSet, current_feature_set, load_feature_set
+from pipeline.errors import UserError
 from tests.support import Attnrec, assert_one_line_error
 
 FILES = {"manifest.json", "items.parquet", "item_features.arrow", "histories.arrow", "splits.parquet", "categories.parquet"}

@@ -9,7 +9,6 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.errors import UserError
 from pipeline.data.ingest import IngestOptions, ingest_paths
 from pipeline.data.warehouse import (
     DICT_KEY_BASE,
@@ -20,6 +19,7 @@ from pipeline.data.warehouse import (
     transaction,
     warehouse_stats,
 )
+from pipeline.errors import UserError
 
 TABLES = {"sources", "events", "user_dict", "item_dict", "items", "quarantine", "users_v", "item_ids_v", "items_v"}
 

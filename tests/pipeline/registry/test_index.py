@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
 from pipeline.data.feature_store import FeatureSet
+from pipeline.errors import UserError
 from pipeline.registry.index import build_index, load_index, recall_at_k
 from pipeline.registry.model_store import load_model
 from pipeline.training.batches import prefix_batch

@@ -131,3 +131,28 @@ def test_bearer_token(small_home: Path, tmp_path: Path) -> None:
         assert httpx.get(srv.url + "/health").status_code == 200
     finally:
         srv.stop()
+
+
+def test_ids_are_read_by_the_identity_rule_never_a_500(server: Server) -> None:
+    for path in ("%C2%B2", "%D9%A4%D9%A2", "042"):  # '²', Arabic-Indic 42, a leading zero: text ids nobody has
+        r = httpx.get(f"{server.url}/users/{path}/recommendations")
+        assert r.status_code == 404, (path, r.text)
+        assert "unknown user" in r.json()["error"] and r.json()["fallback"] == "popular"
+    padded = httpx.get(server.url + "/users/%2042%09/recommendations").json()  # ' 42\t' is user 42
+    assert padded["known_user"] is True
+    assert padded["recommendations"] == httpx.get(server.url + "/users/42/recommendations").json()["recommendations"]
+    for path in ("%20", "u" * 1100):  # empty after stripping; longer than the rule allows
+        r = httpx.get(f"{server.url}/users/{path}/recommendations")
+        assert r.status_code == 422 and "user id" in r.json()["error"], r.text
+
+
+def test_http_answers_equal_the_batch_answers(server: Server, small_home: Path) -> None:
+    from pipeline import Recommender
+    from pipeline.data.histories import HistoryStore
+    from pipeline.registry.model_store import Bundle
+
+    recommender = Recommender(Bundle.load(small_home / "runs" / "model-a"), HistoryStore(small_home / "warehouse.duckdb", cache=True))
+    batch = recommender.recommend_all(k=10).partition_by("user_id", as_dict=True)
+    for user in ["1", "42", "68", "414", "599", "610"] + [str(u) for u in range(100, 140)]:
+        online = httpx.get(f"{server.url}/users/{user}/recommendations", params={"k": 10}).json()["recommendations"]
+        assert [r["item_id"] for r in online] == batch[(user,)].sort("rank")["item_id"].to_list(), user

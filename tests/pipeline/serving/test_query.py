@@ -1,10 +1,8 @@
 """The one query path: seen items, filters, ad-hoc histories, fallback, reasons, fresh events, batch."""
 
-import json
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import polars as pl
 import pytest
 

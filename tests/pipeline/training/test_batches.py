@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from pipeline.training.batches import epoch_batches, pack, prefix_batch, training_sequences, training_windows
 from pipeline.data.feature_store import Ragged
+from pipeline.training.batches import epoch_batches, pack, prefix_batch, training_sequences, training_windows
 
 
 def ragged(rows: list[list[int]]) -> Ragged:

@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training.batches import training_sequences
-from pipeline.data.catalog import ingest_items
 from pipeline.config import load_settings
-from pipeline.training.evaluation import evaluate, rank_metrics
+from pipeline.data.catalog import ingest_items
 from pipeline.data.feature_store import build_feature_set, load_feature_set
 from pipeline.data.ingest import IngestOptions, ingest_paths
-from pipeline.training.evaluation import evaluation_report
-from pipeline.training.recipe import build_sasrec, sasrec_scorer
 from pipeline.data.warehouse import connect
+from pipeline.training.batches import training_sequences
+from pipeline.training.evaluation import evaluate, evaluation_report, rank_metrics
+from pipeline.training.recipe import build_sasrec, sasrec_scorer
 
 REPO = Path(__file__).resolve().parents[3]
 

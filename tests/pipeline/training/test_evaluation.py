@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.training.evaluation import evaluate, rank_metrics, target_ranks
 from pipeline.data.feature_store import FeatureSet, Ragged
+from pipeline.training.evaluation import evaluate, rank_metrics, target_ranks
 
 NUM_ITEMS = 5
 

@@ -1,0 +1,76 @@
+"""The promotion gate on a real SQLite MLflow store: first model, a worse challenger, the champion
+re-evaluated on a changed warehouse, a champion of another catalogue replaced."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.app.steps import build_features, champion_score, ingest_catalog, ingest_events, train
+from pipeline.config import load_settings
+from tests.pipeline.conftest import TINY_TRAINING
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def home(champion_home: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "home"
+    shutil.copytree(champion_home, dst)
+    return dst
+
+
+def version_tags(home: Path, version: str) -> dict[str, str]:
+    settings = load_settings(home=home)
+    return MlflowClient(settings.mlflow_tracking_uri).get_model_version("attnrec", version).tags
+
+
+def champion_version(home: Path) -> str:
+    settings = load_settings(home=home)
+    return str(MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias("attnrec", "champion").version)
+
+
+def test_the_first_model_is_champion_and_a_worse_one_a_challenger(home: Path) -> None:
+    first = version_tags(home, "1")
+    assert first["role"] == "champion" and first["gate_reason"] == "first model: no champion yet"
+    assert float(first["valid_ndcg_at_10"]) > 0 and first["selection_metric"] == "ndcg@10"
+    worse = train(load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0}), baselines=False)
+    assert worse["version"] == "2" and worse["promoted"] is False
+    assert worse["gate_reason"].startswith("valid NDCG@10 ") and " < champion v1 " in worse["gate_reason"]
+    assert version_tags(home, "2")["role"] == "challenger" and champion_version(home) == "1"
+
+
+def test_the_champion_is_re_evaluated_when_the_warehouse_changed(home: Path, tmp_path: Path) -> None:
+    settings = load_settings(home=home, **TINY_TRAINING)
+    old_tag = float(version_tags(home, "1")["valid_ndcg_at_10"])
+    extra = tmp_path / "more.csv"  # new events of known users and items: same catalogue, new feature set
+    extra.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},1,4.0,1700000000\n" for u in range(2, 60)))
+    ingest_events(settings, [extra])
+    features = build_features(settings)
+    assert features["built"] and features["version"] != version_tags(home, "1")["feature_version"]
+    expected = champion_score(settings, _feature_set(settings), "1")  # measured apart, on the new feature set
+    assert expected is not None and expected != pytest.approx(old_tag, abs=1e-9)
+    worse = train(load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0}), baselines=False)
+    assert worse["promoted"] is False and f"champion v1 {expected:.4f}" in worse["gate_reason"], worse["gate_reason"]
+    assert features["version"] in worse["gate_reason"] and champion_version(home) == "1"
+
+
+def test_a_champion_of_another_catalogue_is_replaced(home: Path, tmp_path: Path) -> None:
+    settings = load_settings(home=home, **TINY_TRAINING)
+    items = tmp_path / "items.csv"  # a brand-new item with content changes the item vocabulary
+    items.write_text("itemId,title,genres\n999999,A Film Nobody Rated (2030),Drama\n")
+    ingest_catalog(settings, [items])
+    build_features(settings)
+    assert champion_score(settings, _feature_set(settings), "1") is None
+    newer = train(load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0}), baselines=False)
+    assert newer["promoted"] is True and "trained on another catalogue" in newer["gate_reason"]
+    assert champion_version(home) == newer["version"] and version_tags(home, "1")["role"] == "retired"
+
+
+def _feature_set(settings):  # noqa: ANN001, ANN202
+    from pipeline.data.feature_store import current_feature_set, load_feature_set
+
+    return load_feature_set(current_feature_set(settings))
