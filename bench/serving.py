@@ -20,7 +20,7 @@ writes bundles, generates load and times. For each catalogue (``--sizes``) and i
   writes it; 1,000 histories drawn like the benchmark's for synthetic catalogues), and of
   the served answer (top-10, seen items removed) against the flat bundle's answer to the
   same history;
-* **HTTP**: the real server (``python -m pipeline.app.cli serve`` in a child process on
+* **HTTP**: the real server (``python -m pipeline.cli serve`` in a child process on
   127.0.0.1) driven by an asyncio + httpx load generator in this process, over loopback only:
   - *open loop*: Poisson arrivals at ``--rate`` req/s; latency is measured from each
     request's scheduled send time (no coordinated omission), so while the server keeps up
@@ -581,7 +581,7 @@ def proc_rss_mb(pid: int) -> float:
 
 
 class Server:
-    """``python -m pipeline.app.cli serve --model DIR`` on 127.0.0.1 (a context manager)."""
+    """``python -m pipeline.cli serve --model DIR`` on 127.0.0.1 (a context manager)."""
 
     def __init__(self, bundle: Path, home: Path, log: Path, threads: int = 0) -> None:
         self.bundle, self.home, self.log, self.threads = bundle, home, log, threads
@@ -594,7 +594,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k not in ("ATTNREC_API_TOKEN", "ATTNREC_SERVE__API_TOKEN")}
         if self.threads:
             env["ATTNREC_SERVE__THREADS"] = str(self.threads)
-        cmd = [sys.executable, "-m", "pipeline.app.cli", "serve", "--model", str(self.bundle), "--home", str(self.home),
+        cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(self.bundle), "--home", str(self.home),
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
@@ -946,7 +946,7 @@ def notes(cases: list[Case], args: argparse.Namespace) -> list[str]:
     out.append("synthetic catalogues use a pure-ID SASRec; the item table is computed once at load for every model, so "
                "content features change load time, not the query path")
     if not args.skip_http:
-        out.append(f"HTTP: `python -m pipeline.app.cli serve` (uvicorn, 1 worker) on 127.0.0.1; load generator: asyncio + "
+        out.append(f"HTTP: `python -m pipeline.cli serve` (uvicorn, 1 worker) on 127.0.0.1; load generator: asyncio + "
                    f"httpx in this process on the same {os.cpu_count()} cores, its CPU per request shown next to the "
                    f"server's; closed-loop latency with {args.clients} clients is queueing (Little's law), the open-loop "
                    f"run shows latency below saturation; server logs in {args.workdir / 'logs'}")

@@ -5,7 +5,8 @@
     registry/        model files, bundles and their FAISS index, MLflow tracking and registry
     training/        batches, the training loop, the SASRec recipe, the evaluator
     serving/         the one query path, the Python API (``Recommender``), HTTP, MLflow pyfunc
-    app/             the steps under the CLI and the Prefect flows; the ``attnrec`` command
+    app/             the steps under the CLI and the Prefect flows
+    cli              the ``attnrec`` command: a shell over app/, serving/ and flows/
 
 Each layer imports only the layers listed above it. ``from pipeline import Recommender`` is
 the Python API (imported on first use, so ``import pipeline.config`` stays light).

@@ -1,7 +1,7 @@
 """Shared fixtures: a fresh attnrec installation per test and the real data sets.
 
 Every test that writes gets its own ``ATTNREC_HOME`` under ``tmp_path``; the CLI is run
-for real, as a subprocess (``python -m pipeline.app.cli``), against real DuckDB files
+for real, as a subprocess (``python -m pipeline.cli``), against real DuckDB files
 (helpers in ``tests/support.py``).
 """
 

@@ -32,7 +32,7 @@ class Attnrec:
         return self.home / "warehouse.duckdb"
 
     def command(self, *args: str | Path) -> list[str]:
-        return [sys.executable, "-m", "pipeline.app.cli", *map(str, args)]
+        return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
 
     def popen(self, *args: str | Path, **kwargs: Any) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), cwd=self.cwd, env=_clean_env(self.home), **kwargs)

@@ -58,7 +58,7 @@ def test_deployment_run_through_a_real_prefect_server(tmp_path: Path) -> None:
         wait_for(healthy, 180, "the Prefect server")
         client_env = {**env, "PREFECT_API_URL": api}
         serve_log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
-        served = subprocess.Popen([sys.executable, "-m", "pipeline.app.cli", "deploy", "--no-server"], env=client_env,
+        served = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "deploy", "--no-server"], env=client_env,
                                   cwd=tmp_path, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def deployed() -> bool:

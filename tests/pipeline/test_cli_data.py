@@ -128,3 +128,9 @@ def test_quarantine_examples_are_printed(cli: Attnrec, tmp_path: Path) -> None:
     assert "19 loaded, 0 duplicate, 7 quarantined" in out
     assert "quarantined line 21, column 'user': missing user id" in out
     assert "... 2 more in the quarantine table" in out
+
+
+def test_the_demo_reads_the_bundled_dataset() -> None:
+    from pipeline.cli import DEMO_DATA
+
+    assert {"ratings.csv", "movies.csv", "tags.csv"} <= {p.name for p in DEMO_DATA.iterdir()}

@@ -403,7 +403,7 @@ def ui(
     os.execv(args[0], args)
 
 
-DEMO_DATA = Path(__file__).resolve().parents[2] / "datasets" / "ml-latest-small"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "datasets" / "ml-latest-small"
 DEMO_OVERRIDES: dict[str, Any] = {
     "train.epochs": 20, "train.patience": 5, "model.max_len": 50, "model.hidden_size": 64, "train.batch_size": 64,
     "train.negatives": 512,  # sampled softmax: 5x cheaper steps over the 9.7k-item catalogue on a CPU
