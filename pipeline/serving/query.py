@@ -109,7 +109,7 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
     per_query = [filters or Filters()] * len(histories) if filters is None or isinstance(filters, Filters) else list(filters)
     if len(per_query) != len(histories):
         raise ValueError("give one Filters per history, or one for all")
-    cleaned = [_known(h) for h in histories]
+    cleaned = [_known(h, bundle.num_items) for h in histories]
     static: dict[int, np.ndarray] = {}  # id(Filters) -> its mask, shared by the queries that share it
     out: list[Recommendations | None] = [None] * len(cleaned)
     order = np.argsort([min(len(h), bundle.model.max_len) for h in cleaned], kind="stable")
@@ -152,7 +152,7 @@ def encode(bundle: Bundle, histories: Sequence[np.ndarray]) -> tuple[torch.Tenso
 
 def exclusion_mask(bundle: Bundle, history: np.ndarray, filters: Filters) -> np.ndarray:
     """(N+1,) bool: the items a query with ``history`` (model item indices) and ``filters`` may not get."""
-    return _excluded(bundle, _known(history), filters, {})
+    return _excluded(bundle, _known(history, bundle.num_items), filters, {})
 
 
 def similar(bundle: Bundle, items: Sequence[int], k: int) -> list[Recommendations]:
@@ -219,8 +219,12 @@ def indices_of_ids(bundle: Bundle, ids: Sequence[object]) -> tuple[list[int], li
     return known, unknown
 
 
-def _known(history: np.ndarray | Sequence[int]) -> np.ndarray:
+def _known(history: np.ndarray | Sequence[int], num_items: int) -> np.ndarray:
+    """The known items of a history of model item indices (0 = unknown, dropped)."""
     h = np.asarray(history, dtype=np.int64)
+    if len(h) and (h.min() < 0 or h.max() > num_items):
+        raise ValueError(f"item indices must be model indices in 0..{num_items} (Bundle.indices_of_keys / "
+                         f"indices_of_ids); got {int(h.min())}..{int(h.max())}: warehouse keys or item ids?")
     return h[h > 0]
 
 

@@ -37,6 +37,8 @@ def test_pipeline_produces_mlflow_run_registered_model_and_batch_table(pipeline_
     finally:
         con.close()
     assert users == 610 and rows == 6100
+    # the index is built once per run: with the bundle at training time, kept by the index step
+    assert first["index"]["rebuilt"] is False and first["index"]["kind"] == "flat"
 
 
 def test_pyfunc_model_loads_and_returns_top_k(pipeline_run: tuple[Path, dict, dict]) -> None:

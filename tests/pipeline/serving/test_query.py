@@ -97,6 +97,11 @@ def test_reasons_are_real_history_items_with_weights_at_most_one(bundle: Bundle,
         assert [r.weight for r in rec.reasons] == sorted((r.weight for r in rec.reasons), reverse=True)
 
 
+def test_warehouse_keys_are_not_taken_for_model_indices(bundle: Bundle) -> None:
+    with pytest.raises(ValueError, match="model indices"):
+        ask(bundle, [1, bundle.num_items + 1], k=5)
+
+
 def test_bad_k_is_a_user_error(bundle: Bundle) -> None:
     with pytest.raises(UserError):
         ask(bundle, [1], k=0)
