@@ -13,7 +13,7 @@ benchmarks)::
       -> reasons: each candidate's attention over the history states of the same pass
 
 How many neighbours are fetched depends on the query alone (k plus its excluded items,
-rounded up to a power of two, doubled until k remain), never on the batch it came in: a
+rounded up to a multiple of 32, doubled until k remain), never on the batch it came in: a
 user gets the same top-k from a single API call and from ``recommend_all``, with an exact
 or an approximate index. A query without usable history gets the most popular allowed
 items, flagged ``fallback="popular"``.
@@ -36,7 +36,9 @@ from pipeline.training.batches import left_pad
 MAX_K = 1000
 REASONS_PER_ITEM = 3
 NARROW_FILTER = 0.2  # below this share of allowed items, score them exactly instead of searching the index
-ENCODER_BATCH = 256
+ENCODER_BATCH = 256  # queries per encoder pass, fewer where their exclusion masks would pass MASK_BUDGET
+FETCH_STEP = 32  # neighbours are fetched in multiples of this (see ``top_k``)
+MASK_BUDGET = 64 << 20  # bytes of (N+1,) bool masks held at once (64 queries of a 1M-item catalogue)
 
 
 @dataclass
@@ -113,9 +115,10 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
     static: dict[int, np.ndarray] = {}  # id(Filters) -> its mask, shared by the queries that share it
     out: list[Recommendations | None] = [None] * len(cleaned)
     order = np.argsort([min(len(h), bundle.model.max_len) for h in cleaned], kind="stable")
+    batch = max(1, min(ENCODER_BATCH, MASK_BUDGET // (bundle.num_items + 1)))
     with bundle.lock, torch.no_grad():
-        for start in range(0, len(order), ENCODER_BATCH):
-            chunk = [int(i) for i in order[start:start + ENCODER_BATCH]]
+        for start in range(0, len(order), batch):
+            chunk = [int(i) for i in order[start:start + batch]]
             masks = {i: _excluded(bundle, cleaned[i], per_query[i], static) for i in chunk}
             for i in chunk:
                 if not len(cleaned[i]):
@@ -192,7 +195,7 @@ def top_k(bundle: Bundle, users: np.ndarray, excluded: Sequence[np.ndarray], k: 
             top = np.argsort(-s, kind="stable")[:wanted[b]]
             results[b] = (cand[top], s[top])
         else:
-            pending.setdefault(min(n, _next_power_of_two(wanted[b] + n_excluded)), []).append(b)
+            pending.setdefault(min(n, _round_up(wanted[b] + n_excluded)), []).append(b)
     while pending:
         fetch, rows = pending.popitem()
         scores, ids = bundle.index.search(np.ascontiguousarray(users[rows]), fetch)  # (R, fetch) each
@@ -228,8 +231,10 @@ def _known(history: np.ndarray | Sequence[int], num_items: int) -> np.ndarray:
     return h[h > 0]
 
 
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def _round_up(n: int) -> int:
+    """Neighbours to fetch for ``n`` wanted: the next multiple of ``FETCH_STEP`` (few distinct
+    sizes, so a batch needs few index searches; at most FETCH_STEP - 1 more than asked)."""
+    return -(-int(n) // FETCH_STEP) * FETCH_STEP
 
 
 def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dict[int, np.ndarray]) -> np.ndarray:
