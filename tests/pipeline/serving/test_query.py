@@ -155,3 +155,14 @@ def test_recommend_all_writes_parquet_and_table(small_cli: Attnrec, tmp_path: Pa
         con.close()
     assert rows == (12_200, 610)
     assert seen == 0
+
+
+def test_recommend_all_table_name_is_never_sql(small_cli: Attnrec, tmp_path: Path) -> None:
+    from tests.support import assert_one_line_error
+
+    hostile = 'x" AS SELECT 1 AS a; DROP TABLE events CASCADE; CREATE TABLE "pwned'
+    proc = small_cli.run("recommend-all", "-k", "5", "--out", tmp_path / "r.parquet", "--table", hostile,
+                         "--model", small_cli.home / "runs" / "model-a", ok=False)
+    assert_one_line_error(proc, "--table", "a table name is letters, digits and _")
+    assert small_cli.query("SELECT count(*) FROM events")[0][0] == 100_836
+    assert not (tmp_path / "r.parquet").exists()
