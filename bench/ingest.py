@@ -3,7 +3,7 @@
 For each size (``--sizes``) and format (``--formats``) this measures, on the same synthetic
 event log:
 
-* ``attnrec`` first load: ``pipeline.ingest.ingest_paths`` into a fresh warehouse in a fresh
+* ``attnrec`` first load: ``pipeline.data.ingest.ingest_paths`` into a fresh warehouse in a fresh
   state folder (format detection, validation, quarantine, exactly-once dedup, one transaction);
 * ``attnrec`` re-delivery: a second ``ingest_paths`` into that same warehouse of the *same rows*
   re-exported with the columns in another order (different bytes, so the identical-file

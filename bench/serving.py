@@ -85,7 +85,7 @@ from models.sasrec import SASRec  # noqa: E402
 from pipeline.config import ModelSettings, load_settings  # noqa: E402
 from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.data.histories import HistoryStore  # noqa: E402
-from pipeline.registry.index import IndexMeta, choose_kind  # noqa: E402
+from pipeline.registry.index import IndexMeta, choose_kind, read_index_meta  # noqa: E402
 from pipeline.registry.model_store import (  # noqa: E402
     INDEX_DIR,
     ITEMS_FILE,
@@ -331,9 +331,9 @@ class Build:
     model_mb: float
 
 
-def read_index_meta(folder: Path) -> IndexMeta | None:
-    path = folder / INDEX_DIR / "index.json"
-    return IndexMeta(**json.loads(path.read_text())) if path.exists() else None
+def bundle_index_meta(folder: Path) -> IndexMeta | None:
+    """The bundle's index description, or None when it has no index yet."""
+    return read_index_meta(folder / INDEX_DIR) if (folder / INDEX_DIR / "index.json").exists() else None
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -351,10 +351,10 @@ def build_kind(case: Case, kind: str) -> Build:
     """The bundle of ``case`` with a ``kind`` index: the source itself when its index is that
     kind, else a folder linking the source's files whose index ``rebuild_index`` builds (kept
     while it was built for the same model file and the source was not rewritten)."""
-    source_meta = read_index_meta(case.source)
+    source_meta = bundle_index_meta(case.source)
     assert source_meta is not None, case.source
     folder = case.source if source_meta.kind == kind else case.bundles / kind
-    meta = read_index_meta(folder)
+    meta = bundle_index_meta(folder)
     reused = not case.written and meta is not None and meta.kind == kind and meta.model_sha256 == source_meta.model_sha256
     if folder != case.source:
         folder.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,13 @@ from bench.quality import machine, parse_overrides, prepare  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
-from pipeline.training.loop import keep_freed_memory_in_process, precision_and_compilation, resolve_device  # noqa: E402
+from pipeline.training.loop import (  # noqa: E402
+    keep_freed_memory_in_process,
+    optimizer_and_schedule,
+    precision_and_compilation,
+    resolve_device,
+    train_step,
+)
 from pipeline.training.recipe import train_sasrec, training_setup  # noqa: E402
 
 
@@ -39,17 +45,19 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
                group_by_length: bool = False) -> float:
     """Training sequences per second over ``steps`` steps (None: one whole epoch) after 3 warm-up steps.
 
-    The model, windows and loss are the recipe's own (``training_setup``); the step is
-    ``fit``'s (autocast and compilation as the settings resolve them on ``device``).
+    The model, windows and loss are the recipe's own (``training_setup``); the optimiser,
+    schedule and step are ``fit``'s (``optimizer_and_schedule``, ``train_step``), with autocast
+    and compilation as the settings resolve them on ``device``.
     """
     variant = settings.model_copy(update={"train": settings.train.model_copy(
         update={"exclude_history": exclude_history, "group_by_length": group_by_length})})
     setup = training_setup(variant, fs, device)
     model = setup.model.to(device).train()
-    opt = torch.optim.AdamW(model.optimizer_groups(variant.train.weight_decay), lr=variant.train.lr)
-    use_bf16, use_compile = precision_and_compilation(variant.train, device)
-    step_fn = torch.compile(setup.loss, dynamic=True) if use_compile else setup.loss
-    batch_size, windows = variant.train.batch_size, setup.windows
+    cfg = variant.train
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
+    use_bf16, use_compile = precision_and_compilation(cfg, device)
+    step_loss = torch.compile(setup.loss, dynamic=True) if use_compile else setup.loss
+    batch_size, windows = cfg.batch_size, setup.windows
     longest = np.argsort(windows.start - windows.stop, kind="stable")[:3 * batch_size]  # warm-up: the heap reaches its peak
     warm = [pack(setup.train, windows, longest[i * batch_size:(i + 1) * batch_size]) for i in range(3)]
     batches = epoch_batches(setup.train, windows, batch_size, np.random.default_rng(0), group_by_length)
@@ -61,13 +69,9 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, seqs = time.perf_counter(), 0
-        inputs, targets = (torch.from_numpy(a).to(device) for a in batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = step_fn(model, (inputs, targets))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seqs += inputs.shape[0]
+        train_step(model, tuple(torch.from_numpy(a).to(device) for a in batch), step_loss, optimizer, scheduler,
+                   cfg.grad_clip, use_bf16)
+        seqs += batch[0].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
     return seqs / (time.perf_counter() - t0)

@@ -162,7 +162,7 @@ def features(
 
 @app.command()
 def train(
-    epochs: Annotated[int | None, typer.Option(help="maximum epochs (early stopping on validation NDCG@10)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs (early stopping on the validation selection metric, NDCG@10 by default)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="sequences per step")] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate (AdamW, warm-up + cosine)")] = None,
     hidden_size: Annotated[int | None, typer.Option(help="item / state vector size")] = None,
@@ -282,12 +282,12 @@ def recommend(
     home: HomeOpt = None,
 ) -> None:
     """Top-k recommendations for a user or an ad-hoc history, with reasons."""
+    from pipeline.data.identity import split_list as split
     from pipeline.serving.recommender import Recommender
 
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...")
     s = settings_from(home)
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
     recommender = Recommender.load(model, settings=s, threads=s.serve.threads)
     response = recommender.recommend(user=user, items=(split(items) or []) if items is not None else None, k=k, explain=explain,
                                      exclude_seen=not include_seen, include_categories=split(category),

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -71,6 +71,14 @@ class TrainSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the training step; auto: on CUDA only")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_from_bool(cls, value: object) -> object:
+        """Settings written when ``compile`` was a bool ("compile on CUDA") keep their meaning."""
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        return value
+
 
 class FeatureSettings(BaseModel):
     """How the feature set is cut out of the warehouse."""
@@ -97,7 +105,7 @@ class ServeSettings(BaseModel):
 class RegistrySettings(BaseModel):
     model_name: str = "attnrec"
     champion_alias: str = "champion"
-    promotion_tolerance: float = Field(0.0, ge=0, description="a challenger may trail the champion's valid NDCG@10 by this much")
+    promotion_tolerance: float = Field(0.0, ge=0, description="a challenger may trail the champion's validation score (train.selection_metric) by this much")
 
 
 class Settings(BaseSettings):

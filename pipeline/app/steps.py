@@ -253,8 +253,9 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
     worse than the champion's on ``fs``, within ``registry.promotion_tolerance``.
 
     The champion's score is its tag when it was measured on ``fs``; otherwise the champion is
-    re-evaluated on ``fs``. A champion trained on another catalogue cannot be compared and is
-    replaced. Every version gets the tags ``role`` and ``gate_reason``.
+    re-evaluated on ``fs`` once (kept as the tag ``valid_<metric>_on_<feature set>``). A champion
+    trained on another catalogue cannot be compared and is replaced. Every version gets the
+    tags ``role`` and ``gate_reason``.
     """
     from pipeline.registry import tracking
 
@@ -268,10 +269,15 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
         promoted, reason = True, "first model: no champion yet"
     else:
         champ_version, champ_tags = current
+        measured_tag = f"{score_tag}_on_{fs.version}"  # the champion re-measured on this feature set
         if champ_tags.get("feature_version") == fs.version and score_tag in champ_tags:
             champ_score: float | None = float(champ_tags[score_tag])
+        elif measured_tag in champ_tags:
+            champ_score = None if champ_tags[measured_tag] == "other catalogue" else float(champ_tags[measured_tag])
         else:
             champ_score = champion_score(settings, fs, champ_version)
+            tracking.set_version_tags(settings, champ_version, {
+                measured_tag: "other catalogue" if champ_score is None else f"{champ_score:.6f}"})
         if champ_score is None:
             promoted, reason = True, f"champion v{champ_version} was trained on another catalogue; replaced"
         elif valid_score >= champ_score - reg.promotion_tolerance:
@@ -319,7 +325,7 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
     """Full-ranking metrics of a model (default: the champion) or a baseline on the current
     feature set, recorded as an MLflow run."""
     from pipeline.registry import tracking
-    from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model, resolve_bundle
+    from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model, model_label, resolve_bundle
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
     from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer
@@ -336,8 +342,7 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
         path = resolve_bundle(settings, model)
         net, meta = load_model(path / MODEL_FILE, device)
         check_vocabulary(meta, fs)
-        label = path / "VERSION"
-        name = label.read_text().strip() if label.exists() else str(path)
+        name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
     report = {"model": name, "split": split, "feature_set": fs.version, **evaluation_report(scorer, fs, split, max_len, device)}
     with tracking.tracked_run(settings, f"evaluate {name}", {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:

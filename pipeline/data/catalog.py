@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from pipeline.data.identity import MAX_ID_CHARS, id_text_expr, key_sql
+from pipeline.data.identity import MAX_ID_CHARS, id_text_expr, key_sql, not_whole_expr
 from pipeline.data.ingest import file_fingerprint
 from pipeline.data.warehouse import next_source_id, register_ids, transaction
 from pipeline.errors import InputFileError, UserError
@@ -155,13 +155,17 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
         else:
             text = _read_text(path)
             sep = "\t" if suffix == ".tsv" or text.split("\n", 1)[0].count("\t") > text.split("\n", 1)[0].count(",") else ","
-            df = pl.read_csv(io.StringIO(text), separator=sep, infer_schema_length=10000)
+            header = pl.read_csv(io.StringIO(text), separator=sep, n_rows=0).columns
+            id_col = _id_column(header, item_col)
+            # ids are text in a text file: "0042" stays "0042" (the identity rule), never the number 42
+            df = pl.read_csv(io.StringIO(text), separator=sep, infer_schema_length=10000,
+                             schema_overrides={id_col: pl.String} if id_col else None)
     except Exception as exc:  # polars raises many types for malformed files
         raise InputFileError(path, f"cannot read as a table: {str(exc).splitlines()[0]}") from exc
     df = df.with_row_index("line", 2 if suffix not in {".parquet", ".pq"} else 1)
     cols = {_norm(c): c for c in df.columns}
-    idc = item_col or next((cols[n] for n in ITEM_NAMES if n in cols), None)
-    if idc is None or idc not in df.columns:
+    idc = _id_column(df.columns, item_col)
+    if idc is None:
         raise InputFileError(path, f"no item id column (columns: {', '.join(df.columns[1:])}); name it with --item-col")
     title = next((cols[n] for n in TITLE_NAMES if n in cols), None)
     catc = next((cols[n] for n in CATEGORY_NAMES if n in cols), None)
@@ -178,7 +182,7 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     else:
         cat_expr = pl.col(catc).cast(pl.String).str.split("|").list.eval(pl.element().str.strip_chars())
     return df.select(
-        pl.col("line").cast(pl.Int64), pl.col(idc).cast(pl.String).alias("item_id"),
+        pl.col("line").cast(pl.Int64), pl.col(idc).alias("item_id"),
         (pl.col(title).cast(pl.String) if title else pl.lit(None, pl.String)).alias("title"),
         cat_expr.alias("categories"),
         (pl.col(textc).cast(pl.String) if textc else pl.lit(None, pl.String)).alias("text"),
@@ -188,11 +192,19 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     )
 
 
+def _id_column(columns: list[str], item_col: str | None) -> str | None:
+    """The item id column of a generic table: ``--item-col``, else the first recognised name."""
+    if item_col is not None:
+        return item_col if item_col in columns else None
+    names = {_norm(c): c for c in columns}
+    return next((names[n] for n in ITEM_NAMES if n in names), None)
+
+
 def read_id_map(path: Path) -> pl.DataFrame:
     """Two columns (event id, item-file id), whitespace- or comma-separated, no header."""
     pairs = []
     for i, ln in enumerate(_read_text(path).splitlines(), 1):
-        parts = re.split(r"[\s,]+", ln.strip())
+        parts = [p for p in re.split(r"[ \t\r\x0b\x0c,]+", ln) if p]  # ASCII whitespace: the identity rule's
         if not parts or parts == [""]:
             continue
         if len(parts) != 2:
@@ -219,10 +231,14 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
         report.identical_to, report.rows = int(prior[0]), int(prior[1])
         report.seconds = time.perf_counter() - started
         return report
-    df = _frame(path, fmt, item_col, numeric_cols).with_columns(id_text_expr(pl.col("item_id")).alias("item_id"))
+    df = _frame(path, fmt, item_col, numeric_cols)
+    id_type = df.schema["item_id"]
+    df = df.with_columns(id_text_expr(pl.col("item_id"), id_type).alias("item_id"),
+                         not_whole_expr(pl.col("item_id"), id_type).alias("not_whole"))
     report.rows = df.height
     df = df.with_columns(
-        pl.when(pl.col("item_id").is_null()).then(pl.lit("missing item id"))
+        pl.when(pl.col("not_whole")).then(pl.lit("item id is a number that is not whole"))
+        .when(pl.col("item_id").is_null()).then(pl.lit("missing item id"))
         .when(pl.col("item_id").str.len_chars() > MAX_ID_CHARS).then(pl.lit(f"item id longer than {MAX_ID_CHARS:,} characters"))
         .alias("reason"))
     bad = df.filter(pl.col("reason").is_not_null())
@@ -231,7 +247,7 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
         report.examples = [(int(line), reason) for line, reason in bad.select("line", "reason").head(5).iter_rows()]
         if strict:
             raise InputFileError(path, f"--strict: {bad.height} rows with a bad item id (lines {', '.join(str(x) for x, _ in report.examples)}); nothing written")
-    good = df.filter(pl.col("reason").is_null()).drop("reason")
+    good = df.filter(pl.col("reason").is_null()).drop("reason", "not_whole")
     if id_map is not None:
         mapping = read_id_map(id_map).with_columns(id_text_expr(pl.col("event_id")), id_text_expr(pl.col("file_id")))
         joined = good.join(mapping, left_on="item_id", right_on="file_id", how="inner")

@@ -16,7 +16,7 @@ import duckdb
 import numpy as np
 
 from pipeline.data.identity import canonical_id, id_of_key_sql, integer_key
-from pipeline.data.warehouse import lookup_keys
+from pipeline.data.warehouse import connect, lookup_keys
 from pipeline.errors import UserError
 
 HISTORY_ORDER = "ts, source_id, line"
@@ -59,8 +59,8 @@ class HistoryStore:
         if not self.db_path.exists():
             return None
         try:
-            return duckdb.connect(str(self.db_path), read_only=True)
-        except duckdb.IOException:  # a writer holds the file right now
+            return connect(self.db_path, read_only=True, retries=1)
+        except UserError:  # a writer holds the file right now
             return None
 
     def _refresh(self, force: bool = False) -> None:

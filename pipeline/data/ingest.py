@@ -26,7 +26,15 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.identity import MAX_ID_CHARS, id_text_sql, integer_column_key_sql, integer_key_sql, too_long_sql
+from pipeline.data.identity import (
+    MAX_ID_CHARS,
+    id_text_sql,
+    integer_column_key_sql,
+    integer_key_sql,
+    not_whole_sql,
+    too_long_sql,
+    typed_id_text_sql,
+)
 from pipeline.data.ingest_formats import (
     NOT_JSON,
     STAGE_COLUMNS,
@@ -113,15 +121,19 @@ def _is_numeric(dtype: str) -> bool:
     return dtype in INT_TYPES or dtype in FLOAT_TYPES or dtype.startswith("DECIMAL")
 
 
-def _id_exprs(col: str, dtype: str) -> tuple[str, str, str, str]:
-    """(key, id text for the dictionary, missing, too long) SQL for an id column of type ``dtype``,
-    by the identity rule (``pipeline.data.identity``)."""
+def _id_exprs(col: str, dtype: str) -> tuple[str, str, str, str, str]:
+    """(key, id text for the dictionary, missing, too long, not a whole number) SQL for an id
+    column of type ``dtype``, by the identity rule (``pipeline.data.identity``)."""
     if dtype in INT_TYPES:
         key = integer_column_key_sql(col)
-        return key, f"CASE WHEN {key} IS NULL THEN {col}::VARCHAR END", f"{col} IS NULL", "false"
+        return key, f"CASE WHEN {key} IS NULL THEN {col}::VARCHAR END", f"{col} IS NULL", "false", "false"
+    if dtype in FLOAT_TYPES or dtype.startswith("DECIMAL"):
+        text = typed_id_text_sql(col)
+        key = integer_key_sql(text)
+        return key, f"CASE WHEN {key} IS NULL THEN {text} END", f"{col} IS NULL", "false", not_whole_sql(col)
     text = id_text_sql(col)
     key = integer_key_sql(text)
-    return key, f"CASE WHEN {key} IS NULL THEN {text} END", f"{text} IS NULL", too_long_sql(text)
+    return key, f"CASE WHEN {key} IS NULL THEN {text} END", f"{text} IS NULL", too_long_sql(text), "false"
 
 
 def _unit_scale(unit: str, value: str) -> str:
@@ -161,8 +173,8 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         nfields = "NULL::BIGINT"
     ctype = {r: types.get(spec.mapping[r] if not staged else r, "VARCHAR") for r in col}
 
-    ukey, uraw, umiss, ulong = _id_exprs(col["user"], ctype["user"])
-    ikey, iraw, imiss, ilong = _id_exprs(col["item"], ctype["item"])
+    ukey, uraw, umiss, ulong, ufrac = _id_exprs(col["user"], ctype["user"])
+    ikey, iraw, imiss, ilong, ifrac = _id_exprs(col["item"], ctype["item"])
 
     unit: str | None = None
     if spec.mapping.get("time"):
@@ -212,6 +224,8 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         (imiss, names["item"], "'missing item id'"),
         (ulong, names["user"], f"'user id longer than {MAX_ID_CHARS:,} characters'"),
         (ilong, names["item"], f"'item id longer than {MAX_ID_CHARS:,} characters'"),
+        (ufrac, names["user"], "'user id is a number that is not whole'"),
+        (ifrac, names["item"], "'item id is a number that is not whole'"),
         (tmiss, names["time"], "'missing time'"),
         (f"({ts}) IS NULL", names["time"], f"'unparseable time ''' || {t_text} || ''''"),
         (wbad, names["weight"], f"'unparseable weight ''' || {w_text} || ''''"),

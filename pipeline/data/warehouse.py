@@ -11,6 +11,8 @@ Tables
 ``items``        item content: title, categories (list), free text, numeric fields (map).
 ``sources``      one row per ingested file: path, fingerprint, format, counts.
 ``quarantine``   rows that could not be loaded: source, file, line, column, reason, raw text.
+``meta``         key/value facts about the file itself (``identity_rule``: the version of the
+                 identity rule its keys were made by; an older warehouse is re-keyed on open).
 
 Keys follow the one identity rule of ``pipeline.data.identity``: a canonical integer id
 below 2**62 is its own key, any other id gets a dictionary key at or above 2**62.
@@ -33,7 +35,10 @@ import polars as pl
 from pipeline.data.identity import DICT_KEY_BASE, id_of_key_sql, id_text_sql, integer_key_sql, key_sql
 from pipeline.errors import UserError
 
+IDENTITY_RULE = "2"  # the version of pipeline.data.identity's rule the keys were made by
+
 SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (
     source_id INTEGER PRIMARY KEY,
     kind VARCHAR NOT NULL,            -- 'events' | 'items'
@@ -118,7 +123,39 @@ def connect(db_path: Path, read_only: bool = False, retries: int = 50) -> duckdb
         raise UserError(f"the warehouse {db_path} is busy (another attnrec process holds it): {last}")
     if not read_only:
         con.execute(SCHEMA_SQL)
+        _upgrade_identity_rule(con)
+    elif _identity_rule(con) != IDENTITY_RULE:  # written by an older attnrec: upgrade it once, then read
+        con.close()
+        connect(db_path, retries=retries).close()
+        return connect(db_path, read_only=True, retries=retries)
     return con
+
+
+def _identity_rule(con: duckdb.DuckDBPyConnection) -> str | None:
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'identity_rule'").fetchall()
+    except duckdb.CatalogException:  # no meta table: written before the rule was versioned
+        return None
+    return row[0][0] if row else None
+
+
+def _upgrade_identity_rule(con: duckdb.DuckDBPyConnection) -> None:
+    """Re-key a warehouse written under an older identity rule, in one transaction.
+
+    Rule 1 gave dictionary keys to 19-digit integer ids below 2**62; rule 2 (today's,
+    ``pipeline.data.identity``) makes them their own key, as a typed integer always was. Their
+    events and catalogue rows move to the integer key and the dictionary entries go.
+    """
+    if _identity_rule(con) == IDENTITY_RULE:
+        return
+    with transaction(con):
+        for kind, columns in (("user", [("events", "user_key")]), ("item", [("events", "item_key"), ("items", "item_key")])):
+            now_integer = f"{integer_key_sql(f'{kind}_id')} IS NOT NULL"
+            moved = f"(SELECT {kind}_key AS old_key, {integer_key_sql(f'{kind}_id')} AS new_key FROM {kind}_dict WHERE {now_integer})"
+            for table, column in columns:
+                con.execute(f"UPDATE {table} SET {column} = m.new_key FROM {moved} m WHERE {table}.{column} = m.old_key")
+            con.execute(f"DELETE FROM {kind}_dict WHERE {now_integer}")
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('identity_rule', ?)", [IDENTITY_RULE])
 
 
 @contextmanager

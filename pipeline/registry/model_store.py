@@ -135,6 +135,13 @@ def _shape_of_v1(payload: dict[str, Any]) -> SASRecShape:
     )
 
 
+def model_label(folder: Path, sha256: str) -> str:
+    """How answers and reports name a bundle's model: "attnrec v3" for a registry model (its
+    ``VERSION`` file), else the first 12 hex digits of its file hash."""
+    label = folder / "VERSION"
+    return label.read_text().strip() if label.exists() else sha256[:12]
+
+
 def check_vocabulary(meta: dict[str, Any], fs: FeatureSet) -> None:
     """Refuse to evaluate a model on a feature set whose item indices mean other items."""
     keys = meta["item_keys"].numpy()
@@ -161,8 +168,7 @@ class Bundle:
         self.model = model
         self.meta = meta
         self.device = next(model.parameters()).device
-        label = path / "VERSION"  # written for registry models: "attnrec v3"
-        self.version = label.read_text().strip() if label.exists() else meta["sha256"][:12]
+        self.version = model_label(path, meta["sha256"])
         self.items = items.sort("item_idx")
         self.item_keys: np.ndarray = meta["item_keys"].numpy()  # (N,) warehouse key of item index 1..N
         if len(self.item_keys) != self.items.height:

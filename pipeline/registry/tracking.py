@@ -163,13 +163,6 @@ def _requirements() -> list[str]:
 # Model registry
 
 
-def version_tags(settings: Settings, version: str) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    configure(settings)
-    return dict(MlflowClient().get_model_version(settings.registry.model_name, version).tags or {})
-
-
 def set_version_tags(settings: Settings, version: str, tags: dict[str, str]) -> None:
     from mlflow import MlflowClient
 

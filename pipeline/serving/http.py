@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
+from pipeline.data.identity import split_list
 from pipeline.errors import UserError
 from pipeline.serving.query import MAX_K
 from pipeline.serving.recommender import Recommender, UnknownItems
@@ -61,10 +62,6 @@ class HistoryRequest(BaseModel):
     include_categories: list[str] | None = None
     exclude_categories: list[str] | None = None
     exclude_items: list[str | int] | None = None
-
-
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
 def create_app(recommender: Recommender, api_token: str | None = None) -> FastAPI:
@@ -124,8 +121,8 @@ def create_app(recommender: Recommender, api_token: str | None = None) -> FastAP
         exclude_items: str | None = Query(None, description="comma-separated item ids"),
     ) -> dict[str, Any]:
         answer = recommender.recommend(user=user_id, k=k, explain=explain, exclude_seen=exclude_seen,
-                                       include_categories=_csv(include_categories),
-                                       exclude_categories=_csv(exclude_categories), exclude_items=_csv(exclude_items))
+                                       include_categories=split_list(include_categories),
+                                       exclude_categories=split_list(exclude_categories), exclude_items=split_list(exclude_items))
         if answer.known_user is False:
             return ORJSONResponse({"error": f"unknown user {user_id!r}: not in the warehouse (the most popular items follow)",
                                    **answer.as_dict()}, status_code=404)

@@ -13,7 +13,7 @@ benchmarks)::
       -> reasons: each candidate's attention over the history states of the same pass
 
 How many neighbours are fetched depends on the query alone (k plus its excluded items,
-rounded up to a multiple of 32, doubled until k remain), never on the batch it came in: a
+doubled until k remain; ``top_k`` says more), never on the batch it came in: a
 user gets the same top-k from a single API call and from ``recommend_all``, with an exact
 or an approximate index. A query without usable history gets the most popular allowed
 items, flagged ``fallback="popular"``.
@@ -21,7 +21,7 @@ items, flagged ``fallback="popular"``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +37,8 @@ MAX_K = 1000
 REASONS_PER_ITEM = 3
 NARROW_FILTER = 0.2  # below this share of allowed items, score them exactly instead of searching the index
 ENCODER_BATCH = 256  # queries per encoder pass, fewer where their exclusion masks would pass MASK_BUDGET
-FETCH_STEP = 32  # neighbours are fetched in multiples of this (see ``top_k``)
+FETCH_STEP = 32  # exact and IVF searches fetch neighbours in multiples of this (see ``top_k``)
+GPU_MAX_K = 2048  # the most neighbours a FAISS GPU index returns per query
 MASK_BUDGET = 64 << 20  # bytes of (N+1,) bool masks held at once (64 queries of a 1M-item catalogue)
 
 
@@ -99,7 +100,7 @@ def check_k(k: int) -> None:
 
 def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: int, explain: bool = False,
               filters: Filters | Sequence[Filters] | None = None, reasons: int | None = REASONS_PER_ITEM) -> list[Recommendations]:
-    """Top ``k`` for each history, in input order.
+    """Top ``k`` for each history, in input order, as answer objects.
 
     Args:
         histories: model item indices per query, oldest first (0 = unknown item, dropped).
@@ -107,13 +108,46 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
             largest attention weight of each recommendation.
         filters: one ``Filters`` for every query, or one per query.
     """
+    out: list[Recommendations | None] = [None] * len(histories)
+    for i, ranked, why in _ranked(bundle, histories, k, filters, explain, reasons):
+        recs = [_item(bundle, int(j), float(s)) for j, s in zip(ranked.items, ranked.scores, strict=True)]
+        for rec, rs in zip(recs, why or [], strict=False):
+            rec.reasons = rs
+        out[i] = Recommendations(recs, ranked.fallback, bundle.version, ranked.history_length)
+    assert all(r is not None for r in out)
+    return out  # type: ignore[return-value]
+
+
+@dataclass
+class Ranked:
+    """One query's top-k as arrays (batch scoring keeps these, not answer objects)."""
+
+    items: np.ndarray   # (<= k,) model item indices, best first
+    scores: np.ndarray  # (<= k,) float32
+    fallback: str | None
+    history_length: int
+
+
+def rank(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: int,
+         filters: Filters | Sequence[Filters] | None = None) -> list[Ranked]:
+    """``recommend`` without answer objects or reasons: the same items and scores, as arrays."""
+    out: list[Ranked | None] = [None] * len(histories)
+    for i, ranked, _ in _ranked(bundle, histories, k, filters, False, None):
+        out[i] = ranked
+    assert all(r is not None for r in out)
+    return out  # type: ignore[return-value]
+
+
+def _ranked(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: int,
+            filters: Filters | Sequence[Filters] | None, explain: bool,
+            reasons: int | None) -> Iterator[tuple[int, Ranked, list[list[Reason]] | None]]:
+    """The query path: (input position, ranked items, reasons per item or None) for every history."""
     check_k(k)
     per_query = [filters or Filters()] * len(histories) if filters is None or isinstance(filters, Filters) else list(filters)
     if len(per_query) != len(histories):
         raise ValueError("give one Filters per history, or one for all")
     cleaned = [_known(h, bundle.num_items) for h in histories]
     static: dict[int, np.ndarray] = {}  # id(Filters) -> its mask, shared by the queries that share it
-    out: list[Recommendations | None] = [None] * len(cleaned)
     order = np.argsort([min(len(h), bundle.model.max_len) for h in cleaned], kind="stable")
     batch = max(1, min(ENCODER_BATCH, MASK_BUDGET // (bundle.num_items + 1)))
     with bundle.lock, torch.no_grad():
@@ -122,7 +156,7 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
             masks = {i: _excluded(bundle, cleaned[i], per_query[i], static) for i in chunk}
             for i in chunk:
                 if not len(cleaned[i]):
-                    out[i] = _popular(bundle, masks[i], k)
+                    yield i, _popular(bundle, masks[i], k), None
             scored = [i for i in chunk if len(cleaned[i])]
             if not scored:
                 continue
@@ -132,13 +166,7 @@ def recommend(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k
             why = _reasons(bundle, seq, states, [idx for idx, _ in tops], reasons) if explain else None
             for row, i in enumerate(scored):
                 idx, scores = tops[row]
-                recs = [_item(bundle, int(j), float(s)) for j, s in zip(idx, scores, strict=True)]
-                if why is not None:
-                    for rec, rs in zip(recs, why[row], strict=True):
-                        rec.reasons = rs
-                out[i] = Recommendations(recs, None, bundle.version, int(len(cleaned[i])))
-    assert all(r is not None for r in out)
-    return out  # type: ignore[return-value]
+                yield i, Ranked(idx, scores.astype(np.float32), None, int(len(cleaned[i]))), why[row] if why else None
 
 
 def encode(bundle: Bundle, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,11 +203,20 @@ def similar(bundle: Bundle, items: Sequence[int], k: int) -> list[Recommendation
 def top_k(bundle: Bundle, users: np.ndarray, excluded: Sequence[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(item indices, scores) of the top ``k`` allowed items for each query vector.
 
+    A query fetches k + its excluded items from the index, doubled until k allowed items
+    remain. Exact and IVF searches return the same leading neighbours whatever the number
+    fetched, so their fetch is rounded up to a multiple of ``FETCH_STEP`` (a batch then needs
+    few searches); HNSW widens its search with the number fetched, so its fetch is never
+    rounded. Either way it depends on the query alone, not on its batch. A narrow filter, or
+    a fetch beyond what a GPU index can return, scores the allowed items exactly.
+
     Args:
         users: (B, D) float32 query vectors.
         excluded: B masks (N+1,) bool of items the query may not get (index 0 always).
     """
     n = bundle.num_items
+    step = 1 if bundle.index_meta.kind == "hnsw" else FETCH_STEP
+    limit = n if bundle.index_meta.device == "cpu" else min(n, GPU_MAX_K)
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(users)
     wanted: list[int] = [0] * len(users)
     pending: dict[int, list[int]] = {}  # neighbours to fetch -> queries
@@ -187,15 +224,13 @@ def top_k(bundle: Bundle, users: np.ndarray, excluded: Sequence[np.ndarray], k: 
         n_excluded = int(np.count_nonzero(mask[1:]))
         allowed = n - n_excluded
         wanted[b] = min(k, allowed)
+        fetch = min(n, -(-(wanted[b] + n_excluded) // step) * step)
         if wanted[b] <= 0:
             results[b] = (np.zeros(0, np.int64), np.zeros(0, np.float32))
-        elif allowed < NARROW_FILTER * n:  # a narrow filter: score the allowed items exactly
-            cand = np.nonzero(~mask)[0]
-            s = bundle.vectors[cand] @ users[b]  # (A,)
-            top = np.argsort(-s, kind="stable")[:wanted[b]]
-            results[b] = (cand[top], s[top])
+        elif allowed < NARROW_FILTER * n or fetch > limit:  # score the allowed items exactly
+            results[b] = _exact(bundle, users[b], mask, wanted[b])
         else:
-            pending.setdefault(min(n, _round_up(wanted[b] + n_excluded)), []).append(b)
+            pending.setdefault(fetch, []).append(b)
     while pending:
         fetch, rows = pending.popitem()
         scores, ids = bundle.index.search(np.ascontiguousarray(users[rows]), fetch)  # (R, fetch) each
@@ -203,10 +238,20 @@ def top_k(bundle: Bundle, users: np.ndarray, excluded: Sequence[np.ndarray], k: 
             keep = (ids[r] > 0) & ~excluded[b][np.maximum(ids[r], 0)]
             if keep.sum() >= wanted[b] or fetch >= n:
                 results[b] = (ids[r][keep][:wanted[b]], scores[r][keep][:wanted[b]])
+            elif 2 * fetch > limit:
+                results[b] = _exact(bundle, users[b], excluded[b], wanted[b])
             else:
                 pending.setdefault(min(n, 2 * fetch), []).append(b)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def _exact(bundle: Bundle, user: np.ndarray, excluded: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` allowed items by exact inner product with ``user`` (D,)."""
+    cand = np.nonzero(~excluded)[0]
+    s = bundle.vectors[cand] @ user  # (A,)
+    top = np.argsort(-s, kind="stable")[:k]
+    return cand[top], s[top]
 
 
 def indices_of_ids(bundle: Bundle, ids: Sequence[object]) -> tuple[list[int], list[str]]:
@@ -229,12 +274,6 @@ def _known(history: np.ndarray | Sequence[int], num_items: int) -> np.ndarray:
         raise ValueError(f"item indices must be model indices in 0..{num_items} (Bundle.indices_of_keys / "
                          f"indices_of_ids); got {int(h.min())}..{int(h.max())}: warehouse keys or item ids?")
     return h[h > 0]
-
-
-def _round_up(n: int) -> int:
-    """Neighbours to fetch for ``n`` wanted: the next multiple of ``FETCH_STEP`` (few distinct
-    sizes, so a batch needs few index searches; at most FETCH_STEP - 1 more than asked)."""
-    return -(-int(n) // FETCH_STEP) * FETCH_STEP
 
 
 def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dict[int, np.ndarray]) -> np.ndarray:
@@ -260,9 +299,10 @@ def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dic
     return mask
 
 
-def _popular(bundle: Bundle, excluded: np.ndarray, k: int) -> Recommendations:
-    picks = [int(i) for i in bundle.popular if not excluded[i]][:k]
-    return Recommendations([_item(bundle, i, float(bundle.train_counts[i - 1])) for i in picks], "popular", bundle.version, 0)
+def _popular(bundle: Bundle, excluded: np.ndarray, k: int) -> Ranked:
+    """The most popular allowed items (training interaction counts as scores): the fallback."""
+    picks = bundle.popular[~excluded[bundle.popular]][:k]
+    return Ranked(picks, bundle.train_counts[picks - 1].astype(np.float32), "popular", 0)
 
 
 def _item(bundle: Bundle, idx: int, score: float) -> Recommendation:

@@ -24,7 +24,7 @@ from pipeline.config import Settings, load_settings
 from pipeline.data.histories import HistoryStore
 from pipeline.errors import UserError
 from pipeline.registry.model_store import Bundle, resolve_bundle
-from pipeline.serving.query import Filters, Recommendations, check_k, indices_of_ids, recommend, set_threads, similar
+from pipeline.serving.query import Filters, Recommendations, check_k, indices_of_ids, rank, recommend, set_threads, similar
 
 
 class UnknownItems(UserError):
@@ -107,14 +107,16 @@ class Recommender:
         ("popular" for a user without usable history, else null), ``model_version``."""
         check_k(k)
         user_ids, key_lists = self._store().all_histories()
-        answers = recommend(self.bundle, [self.bundle.indices_of_keys(keys) for keys in key_lists], k)
-        counts = [len(a.recommendations) for a in answers]
+        ranked = rank(self.bundle, [self.bundle.indices_of_keys(keys) for keys in key_lists], k)
+        counts = np.array([len(r.items) for r in ranked], dtype=np.int64)
+        items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
+        item_ids = np.array(self.bundle.item_ids, dtype=object)
         return pl.DataFrame({
             "user_id": np.repeat(np.array(user_ids, dtype=object), counts).tolist(),
-            "rank": np.concatenate([np.arange(1, c + 1) for c in counts]) if counts else np.zeros(0),
-            "item_id": [r.item_id for a in answers for r in a.recommendations],
-            "score": [r.score for a in answers for r in a.recommendations],
-            "fallback": [a.fallback for a in answers for _ in a.recommendations],
+            "rank": np.concatenate([np.arange(1, c + 1) for c in counts]) if len(counts) else np.zeros(0),
+            "item_id": item_ids[items - 1].tolist(),
+            "score": np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32),
+            "fallback": np.repeat(np.array([r.fallback for r in ranked], dtype=object), counts).tolist(),
         }, schema={"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
                    "fallback": pl.String}).with_columns(pl.lit(self.version).alias("model_version"))
 

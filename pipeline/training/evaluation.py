@@ -96,7 +96,7 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     kmax = max(ks)
     all_ranks = np.empty(len(users), dtype=np.int64)
     all_targets = np.empty(len(users), dtype=np.int64)
-    top = np.empty((len(users), kmax), dtype=np.int64)
+    top = np.zeros((len(users), min(kmax, fs.num_items + 1)), dtype=np.int64)  # a K beyond the catalogue: all of it
     for i in range(0, len(order), batch_size):
         sel = order[i:i + batch_size]
         u, p = users[sel], positions[sel]
@@ -107,7 +107,7 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         ranks = target_ranks(scores, targets, torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device))
         all_ranks[sel] = ranks.cpu().numpy()
         all_targets[sel] = targets.cpu().numpy()
-        top[sel] = torch.topk(scores, kmax, dim=1).indices.cpu().numpy()
+        top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
     for k in ks:
         metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items

@@ -69,6 +69,30 @@ def precision_and_compilation(cfg: TrainSettings, device: torch.device) -> tuple
     return bf16, compiled
 
 
+def optimizer_and_schedule(model: nn.Module, cfg: TrainSettings, steps_per_epoch: int,
+                           param_groups: list[dict[str, Any]] | None = None) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW (betas 0.9, 0.98) over ``param_groups`` (default: every parameter with
+    ``cfg.weight_decay``) and its warm-up + cosine schedule over ``cfg.epochs`` epochs."""
+    groups = param_groups or [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
+    return optimizer, scheduler
+
+
+def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, Batch], torch.Tensor],
+               optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float, bf16: bool) -> torch.Tensor:
+    """One optimiser step on ``batch`` (already on the device); returns the loss (a scalar tensor)."""
+    with torch.autocast(device_type=batch[0].device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        loss = step_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -134,10 +158,7 @@ def fit(
     model.to(device)
     if device.type == "cpu":
         keep_freed_memory_in_process()
-    groups = param_groups or [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
-    total_steps = max(1, cfg.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, steps_per_epoch, param_groups)
     use_bf16, use_compile = precision_and_compilation(cfg, device)
     step_loss = torch.compile(loss_fn, dynamic=True) if use_compile else loss_fn
     metric = cfg.selection_metric
@@ -164,13 +185,7 @@ def fit(
         bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
         for batch in batches(epoch):
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
-                loss = step_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, use_bf16)
             loss_sum += loss.item()
             n_steps += 1
             n_samples += batch[0].shape[0]

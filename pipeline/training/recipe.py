@@ -124,14 +124,18 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device) -> 
     counts = torch.from_numpy(np.bincount(train.values, minlength=fs.num_items + 1).astype(np.float64))
     next_item = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
                              exclude_history=cfg.exclude_history).to(device)
+    steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
+    return TrainingSetup(model, shape, train, windows, steps, batches, next_item_objective(next_item))
 
+
+def next_item_objective(next_item: NextItemLoss) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
+    """The training step's loss: (model, (inputs, targets) (B, T)) -> the next-item loss of its states."""
     def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, targets = batch
         table = m.item_vectors()  # (N+1, D)
         return next_item(m.encode(inputs, table), table, inputs, targets)
 
-    steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
-    return TrainingSetup(model, shape, train, windows, steps, batches, loss)
+    return loss
 
 
 def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,

@@ -56,6 +56,8 @@ def test_the_champion_is_re_evaluated_when_the_warehouse_changed(home: Path, tmp
     worse = train(load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0}), baselines=False)
     assert worse["promoted"] is False and f"champion v1 {expected:.4f}" in worse["gate_reason"], worse["gate_reason"]
     assert features["version"] in worse["gate_reason"] and champion_version(home) == "1"
+    measured = version_tags(home, "1")[f"valid_ndcg_at_10_on_{features['version']}"]  # kept: measured once
+    assert float(measured) == pytest.approx(expected, abs=1e-6)
 
 
 def test_a_champion_of_another_catalogue_is_replaced(home: Path, tmp_path: Path) -> None:

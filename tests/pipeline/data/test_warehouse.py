@@ -102,3 +102,27 @@ def test_stats_time_kinds(tmp_path: Path) -> None:
         # the span only covers sources with real times (order-only ts are line numbers)
         assert (st.time_min, st.time_max) == ("2020-09-13T12:26:40+00:00", "2020-09-13T12:28:20+00:00")
         assert [s["format"] for s in st.as_dict()["sources"]] == ["csv", "sasrec"]
+
+
+def test_a_warehouse_keyed_by_the_old_identity_rule_is_upgraded_on_open(tmp_path: Path) -> None:
+    """Rule 1 gave 19-digit integer ids dictionary keys; opening the file moves them to their own key."""
+    from pipeline.data.histories import HistoryStore
+
+    db = tmp_path / "w.duckdb"
+    snowflake, old_key = "1000000000000000000", DICT_KEY_BASE + 7
+    with open_warehouse(db) as con:  # what the old rule wrote: the id in the dictionary, events under its key
+        con.execute("DELETE FROM meta")
+        con.execute("INSERT INTO user_dict VALUES (?, ?), (?, 'alice')", [old_key, snowflake, DICT_KEY_BASE + 8])
+        con.execute("INSERT INTO item_dict VALUES (?, ?)", [old_key, snowflake])
+        con.execute("INSERT INTO events VALUES (?, ?, 1, 'x', NULL, NULL, 1, 1), (?, 5, 2, 'x', NULL, NULL, 1, 2)",
+                    [old_key, old_key, DICT_KEY_BASE + 8])
+        con.execute("INSERT INTO items VALUES (?, 'a title', [], NULL, NULL, 1)", [old_key])
+    with open_warehouse(db, read_only=True) as con:  # a reader upgrades it first
+        assert con.execute("SELECT value FROM meta WHERE key = 'identity_rule'").fetchall() == [("2",)]
+        assert con.execute("SELECT user_key, item_key FROM events ORDER BY line").fetchall() == [
+            (10**18, 10**18), (DICT_KEY_BASE + 8, 5)]
+        assert con.execute("SELECT item_key FROM items").fetchall() == [(10**18,)]
+        assert con.execute("SELECT user_id FROM user_dict").fetchall() == [("alice",)]
+        assert con.execute("SELECT count(*) FROM item_dict").fetchall() == [(0,)]
+    assert HistoryStore(db).history(snowflake).tolist() == [10**18]
+    assert HistoryStore(db, cache=True).history(snowflake).tolist() == [10**18]

@@ -96,10 +96,12 @@ def test_freed_training_memory_is_reused_without_page_faults() -> None:
 def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
     """fit() on a tiny SASRec whose next item is always item + 1; returns the epoch losses.
 
-    The step asserts the dtype of its scores: bf16 under bf16 autocast, else fp32 (a dtype is
-    static, so under torch.compile the assert holds at trace time and adds no guard)."""
+    The step is the recipe's (``next_item_objective``) behind an assert on the dtype of a
+    matmul: bf16 under bf16 autocast, else fp32 (a dtype is static, so under torch.compile the
+    assert holds at trace time and adds no guard)."""
     from models.losses import NextItemLoss
     from pipeline.registry.model_store import SASRecShape
+    from pipeline.training.recipe import next_item_objective
 
     torch.manual_seed(0)
     n, t = 30, 6
@@ -108,7 +110,7 @@ def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
                         max_categories=2, max_tokens=2).build()
     excluded = torch.zeros(n + 1, dtype=torch.bool)
     excluded[0] = True
-    next_item = NextItemLoss(excluded, exclude_history=True)
+    objective = next_item_objective(NextItemLoss(excluded, exclude_history=True))  # the recipe's own step loss
     expected = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def batches(epoch: int):
@@ -119,11 +121,9 @@ def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
             yield seq[:, :-1], seq[:, 1:]
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        inputs, targets = batch
-        table = m.item_vectors()
-        hidden = m.encode(inputs, table)
-        assert (hidden @ table.T).dtype == expected
-        return next_item(hidden, table, inputs, targets)
+        probe = m.item_tower.id_embedding.weight[:2]
+        assert (probe @ probe.T).dtype == expected  # a matmul inside the step runs in the expected precision
+        return objective(m, batch)
 
     cfg = TrainSettings(epochs=4, lr=1e-2, warmup_steps=0, patience=10, precision=precision, compile=compile)
     result = fit(model, batches, loss_fn, lambda m: {"ndcg@10": 0.0}, cfg, torch.device("cpu"), 6, progress=False)
