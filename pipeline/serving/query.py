@@ -278,6 +278,12 @@ def _known(history: np.ndarray | Sequence[int], num_items: int) -> np.ndarray:
 
 def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dict[int, np.ndarray]) -> np.ndarray:
     """(N+1,) bool mask of the items this query may not get."""
+    if not (filters.exclude_items or filters.exclude_categories or filters.include_categories):
+        mask = np.zeros(bundle.num_items + 1, dtype=bool)  # the common case: padding and, maybe, the history
+        mask[0] = True
+        if filters.exclude_seen:
+            mask[history] = True
+        return mask
     if id(filters) not in static:
         mask = np.zeros(bundle.num_items + 1, dtype=bool)
         mask[0] = True
