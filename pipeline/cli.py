@@ -48,6 +48,7 @@ def ingest(
     header: Annotated[bool | None, typer.Option("--header/--no-header", help="first line is a header (default: detected)")] = None,
     event_type: Annotated[str | None, typer.Option(help="event type for files without an event column")] = None,
     time_unit: Annotated[str, typer.Option(help="unit of numeric times: auto|s|ms|us|ns")] = "auto",
+    encoding: Annotated[str | None, typer.Option(help="encoding of text files (default utf-8: lines with other bytes are quarantined), e.g. latin-1, cp1252")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="reject a whole file with any bad row")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print reports as JSON")] = False,
     home: HomeOpt = None,
@@ -62,6 +63,7 @@ def ingest(
     opts = IngestOptions(
         format=format, columns=ColumnFlags(user_col, item_col, time_col, event_col, weight_col, event_id_col),
         delimiter=delimiter, has_header=header, event_type=event_type, time_unit=time_unit, strict=strict,
+        encoding=encoding,
     )
 
     def show(report: Any) -> None:

@@ -12,6 +12,8 @@ in SQL, so the common case (new data) is a plain streaming ``INSERT``.
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import hashlib
 import os
 import sys
@@ -36,15 +38,18 @@ from pipeline.data.identity import (
     typed_id_text_sql,
 )
 from pipeline.data.ingest_formats import (
+    MAX_LINE_BYTES,
     NOT_JSON,
     STAGE_COLUMNS,
+    TIME_MAX_US,
+    UNIT_FACTORS,
     ColumnFlags,
     SourceSpec,
     detect,
     estimate_rows,
     infer_time_unit,
     text_batches,
-    unit_from_magnitude,
+    unit_from_values,
 )
 from pipeline.data.warehouse import next_source_id, register_ids, transaction
 from pipeline.errors import InputFileError
@@ -53,7 +58,7 @@ TIME_UNITS = ("auto", "s", "ms", "us", "ns")
 INT_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
 FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
 TIME_TYPES = ("TIMESTAMP", "DATE")
-MAX_US = 9_000_000_000_000_000_000  # below BIGINT's limit: larger values are unparseable times
+ORDER_SOURCE_SHIFT = 40  # order-only files: ts = source_id << 40 | line (lines below 2**40)
 
 
 @dataclass
@@ -94,6 +99,42 @@ class IngestOptions:
     event_type: str | None = None
     time_unit: str = "auto"
     strict: bool = False
+    encoding: str | None = None  # of text files; None: UTF-8, lines with other bytes are quarantined
+
+
+def _encoding_name(encoding: str | None, path: Path) -> str:
+    """The codec's canonical name ('utf-8' when none is given); an unknown name is a user error."""
+    try:
+        return codecs.lookup(encoding or "utf-8").name
+    except LookupError:
+        raise InputFileError(path, f"unknown encoding {encoding!r} (for example utf-8, latin-1, cp1252, utf-16)") from None
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether the whole file is valid UTF-8 (read in 1 MiB chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _utf8_copy(path: Path, encoding: str, tmp_dir: Path) -> Path:
+    """A UTF-8 copy of a text file in ``encoding`` (in ``tmp_dir``; the caller removes it)."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    out = tmp_dir / f"{path.name}.{os.getpid()}.{time.time_ns()}.utf8"
+    try:
+        with open(path, encoding=encoding, newline="") as src, open(out, "w", encoding="utf-8", newline="") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), ""):
+                dst.write(chunk)
+    except UnicodeDecodeError as exc:
+        out.unlink(missing_ok=True)
+        raise InputFileError(path, f"not {encoding} text at byte {exc.start:,}: {exc.reason}") from None
+    return out
 
 
 def file_fingerprint(path: Path, options_key: str) -> str:
@@ -136,18 +177,23 @@ def _id_exprs(col: str, dtype: str) -> tuple[str, str, str, str, str]:
     return key, f"CASE WHEN {key} IS NULL THEN {text} END", f"{text} IS NULL", too_long_sql(text), "false"
 
 
+def _column_sql(name: str | None) -> str:
+    """SQL for the quarantine's column name: a file column's name, the staged ``nested`` column
+    (which holds the name of an NDJSON field), or NULL for the line as a whole."""
+    if name is None:
+        return "NULL"
+    return name if name == "nested" else _sql_str(name)
+
+
 def _unit_scale(unit: str, value: str) -> str:
-    """SQL turning a numeric time in ``unit`` into microseconds, NULL when out of range."""
-    factor = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}[unit]
-    return f"CASE WHEN abs({value}) * {factor} < {MAX_US} THEN ({value} * {factor})::BIGINT END"
+    """SQL: a numeric time in ``unit`` as microseconds (DOUBLE: out-of-range values stay checkable)."""
+    return f"(({value})::DOUBLE * {UNIT_FACTORS[unit]})"
 
 
 def _infer_unit(con: duckdb.DuckDBPyConnection, relation: str, col: str) -> str:
-    """Unix time unit of a Parquet column from the magnitude of its first values."""
-    row = con.execute(
-        f"SELECT median(abs(TRY_CAST(t AS DOUBLE))) FROM (SELECT {col} AS t FROM {relation} LIMIT 10000)"
-    ).fetchall()[0]
-    return unit_from_magnitude(row[0] if row else None)
+    """Unix time unit of a Parquet column from its first values (``unit_from_values``)."""
+    values = con.execute(f"SELECT TRY_CAST(t AS DOUBLE) AS t FROM (SELECT {col} AS t FROM {relation} LIMIT 10000)").fetchnumpy()["t"]
+    return unit_from_values(np.asarray(values, dtype=np.float64))
 
 
 @dataclass
@@ -157,9 +203,12 @@ class _Canonical:
 
 
 def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: str, staged: bool,
-                   opts: IngestOptions) -> _Canonical:
+                   opts: IngestOptions, source_id: int, valid_utf8: bool = True) -> _Canonical:
     """SQL over ``relation`` giving: line, user_key, user_raw, item_key, item_raw, ts, event_type,
-    weight, event_id, reason, bad_column, raw. ``reason`` is NULL for good rows."""
+    weight, event_id, reason, bad_column, raw. ``reason`` is NULL for good rows.
+
+    An order-only file's ``ts`` is ``source_id * 2**40 + line``: its events follow the earlier
+    files' in time, and two such files never share an event identity by their line numbers."""
     types = {} if staged else _column_types(con, relation)
     if staged:
         col = {r: _ident(r) for r in STAGE_COLUMNS if spec.mapping.get(r)}
@@ -173,6 +222,7 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         nfields = "NULL::BIGINT"
     ctype = {r: types.get(spec.mapping[r] if not staged else r, "VARCHAR") for r in col}
 
+    invalid_utf8 = "false" if valid_utf8 else "true"  # Polars read the file leniently: U+FFFD marks bad bytes
     ukey, uraw, umiss, ulong, ufrac = _id_exprs(col["user"], ctype["user"])
     ikey, iraw, imiss, ilong, ifrac = _id_exprs(col["item"], ctype["item"])
 
@@ -181,7 +231,7 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         t, tt = col["time"], ctype["time"]
         t_text = f"nullif(trim({t}::VARCHAR), '')"
         if tt.startswith(TIME_TYPES):
-            ts = f"epoch_us({t})"
+            ts = f"epoch_us({t})::DOUBLE"
             tmiss = f"{t} IS NULL"
         else:
             if opts.time_unit != "auto":
@@ -194,10 +244,14 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
             else:
                 ts = (f"coalesce({_unit_scale(unit, f'TRY_CAST({t_text} AS BIGINT)')}, "
                       f"{_unit_scale(unit, f'TRY_CAST({t_text} AS DOUBLE)')}, "
-                      f"epoch_us(TRY_CAST({t_text} AS TIMESTAMPTZ)))")
+                      f"epoch_us(TRY_CAST({t_text} AS TIMESTAMPTZ))::DOUBLE)")
                 tmiss = f"{t_text} IS NULL"
+        in_range = f"(({ts}) >= 0 AND ({ts}) < {TIME_MAX_US})"
+        t_bad = f"({ts}) IS NOT NULL AND NOT {in_range}"
+        ts = f"CASE WHEN {in_range} THEN round({ts})::BIGINT END"
     else:
-        ts, tmiss, t_text = f"({line})::BIGINT", "false", "NULL"
+        ts, tmiss, t_text = f"({line})::BIGINT + {source_id << ORDER_SOURCE_SHIFT}", "false", "NULL"
+        t_bad = "false"
 
     default_type = _sql_str(opts.event_type or spec.default_event_type)
     et = f"coalesce(nullif(trim({col['event']}::VARCHAR), ''), {default_type})" if "event" in col else default_type
@@ -216,7 +270,13 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         eid, eidmiss = "NULL::VARCHAR", "false"
 
     nexpected = len(spec.columns)
-    checks = [
+    line_checks = [  # what is wrong with a text line as a whole (staged text only)
+        (f"{invalid_utf8} AND contains(raw, chr(65533))", None, "'not valid UTF-8 (name the file''s encoding with --encoding)'"),
+        ("contains(raw, chr(0))", None, "'the line holds a NUL byte'"),
+        (f"strlen(raw) > {MAX_LINE_BYTES}", None, f"'line longer than {MAX_LINE_BYTES:,} bytes'"),
+        ("nested IS NOT NULL", "nested", "'not a single value (an object or a list)'"),
+    ] if staged else []
+    checks = line_checks + [
         (f"{nfields} IS NOT NULL AND {nfields} = {NOT_JSON}", None, "'not a JSON object'"),
         (f"{nfields} IS NOT NULL AND {nfields} <> {nexpected}", None,
          f"'expected {nexpected} fields, found ' || {nfields}"),
@@ -227,12 +287,13 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         (ufrac, names["user"], "'user id is a number that is not whole'"),
         (ifrac, names["item"], "'item id is a number that is not whole'"),
         (tmiss, names["time"], "'missing time'"),
+        (t_bad, names["time"], f"'time out of range (1970-01-01 to 2200-01-01): ''' || {t_text} || ''''"),
         (f"({ts}) IS NULL", names["time"], f"'unparseable time ''' || {t_text} || ''''"),
         (wbad, names["weight"], f"'unparseable weight ''' || {w_text} || ''''"),
         (eidmiss, names["event_id"], "'missing event id'"),
     ]
     reason = "CASE " + " ".join(f"WHEN {c} THEN {r}" for c, _, r in checks) + " END"
-    bad_col = "CASE " + " ".join(f"WHEN {c} THEN {_sql_str(n) if n else 'NULL'}" for c, n, _ in checks) + " END"
+    bad_col = "CASE " + " ".join(f"WHEN {c} THEN {_column_sql(n)}" for c, n, _ in checks) + " END"
     sql = f"""
         SELECT * EXCLUDE (raw_all), CASE WHEN reason IS NOT NULL THEN raw_all END AS raw FROM (
         SELECT ({line})::BIGINT AS line, {ukey} AS user_key, {uraw} AS user_raw, {ikey} AS item_key, {iraw} AS item_raw,
@@ -293,7 +354,8 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
     a strict-mode reject or an unreadable file."""
     started = time.perf_counter()
     report = IngestReport(str(spec.path), spec.format, spec.describe())
-    fingerprint = file_fingerprint(spec.path, spec.options_key())
+    encoding = _encoding_name(opts.encoding, spec.path)
+    fingerprint = file_fingerprint(spec.path, spec.options_key() + (f"|encoding={encoding}" if encoding != "utf-8" else ""))
     prior = con.execute(
         "SELECT source_id, rows_read, loaded + duplicates, quarantined FROM sources WHERE fingerprint = ? AND kind = 'events'",
         [fingerprint],
@@ -310,26 +372,37 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
 
     view = f"canon_{os.getpid()}_{time.time_ns()}"
     staged = spec.format != "parquet"
+    read = spec  # what Polars reads: the file, or its UTF-8 copy when another encoding was named
+    valid_utf8 = True
+    if staged and encoding != "utf-8":
+        read = dataclasses.replace(spec, path=_utf8_copy(spec.path, encoding, tmp_dir))
+    elif staged:
+        valid_utf8 = _is_utf8(spec.path)
+        if not valid_utf8:
+            report.description += "; not valid UTF-8: lines with other bytes quarantined (name the encoding with --encoding)"
     try:
         with _progress_bar(spec.path, progress and staged) as on_rows:
             if staged:
                 # Text: stream it once through Polars into a typed temp table inside the transaction.
                 relation = f"reader_{view}"
-                con.register(relation, text_batches(spec, on_rows))
+                con.register(relation, text_batches(read, on_rows))
             else:
                 relation = f"read_parquet({_sql_str(str(spec.path))}, file_row_number = true)"
-            canon = _canonical_sql(con, spec, relation, staged, opts)
+            source_id = next_source_id(con)  # one writer at a time: still free when the transaction starts
+            canon = _canonical_sql(con, read, relation, staged, opts, source_id, valid_utf8)
             if canon.time_unit and opts.time_unit == "auto":
                 report.description += f"; numeric times read as unix {canon.time_unit}"
             with transaction(con):
                 con.execute(f"CREATE TEMP {'TABLE' if staged else 'VIEW'} {view} AS {canon.sql}")
-                _load(con, spec, opts, view, fingerprint, report)
+                _load(con, spec, opts, view, fingerprint, report, source_id)
     except duckdb.Error as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else None
         if cause is not None:
             raise cause from None
         raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from exc
     finally:
+        if read.path != spec.path:
+            read.path.unlink(missing_ok=True)
         con.execute(f"DROP {'TABLE' if staged else 'VIEW'} IF EXISTS {view}")
         if staged:
             con.unregister(f"reader_{view}")
@@ -338,7 +411,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
 
 
 def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, view: str,
-          fingerprint: str, report: IngestReport) -> None:
+          fingerprint: str, report: IngestReport, source_id: int) -> None:
     rows, bad, raw_users, raw_items, ts_lo, ts_hi = con.execute(
         f"""SELECT count(*), count(*) FILTER (reason IS NOT NULL),
                    count(user_raw) FILTER (reason IS NULL), count(item_raw) FILTER (reason IS NULL),
@@ -355,7 +428,6 @@ def _load(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions,
             shown = "; ".join(f"line {ln}" + (f", column {c!r}" if c else "") + f": {r}" for ln, c, r in report.examples)
             raise InputFileError(spec.path, f"--strict: {bad:,} bad rows, file rejected, nothing written ({shown})")
 
-    source_id = next_source_id(con)
     report.source_id = source_id
     if raw_users:
         register_ids(con, "user", f"(SELECT user_raw AS id FROM {view} WHERE reason IS NULL)")

@@ -18,12 +18,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputFileError, UserError
 
+SAMPLE_BYTES = 1 << 16       # bytes read to detect a file's layout
+MAX_LINE_BYTES = 1 << 20     # a longer line is no event: quarantined (the first line: the file is refused)
 FORMATS = ("auto", "csv", "tsv", "parquet", "ndjson", "sasrec", "movielens-100k", "movielens-1m", "movielens-csv")
 DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".dat", ".data", ".parquet", ".pq", ".ndjson", ".jsonl", ".json"}
 
@@ -125,18 +128,37 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def _sample_lines(path: Path, n: int = 50) -> list[str]:
+    """The first ``n`` non-blank lines (decoded leniently: detection only reads structure).
+
+    Raises ``InputFileError`` for an unreadable or binary file, or a first line longer than
+    ``MAX_LINE_BYTES`` (no event log has one; a 10 MB line is not "an empty file").
+    """
     try:
         with open(path, "rb") as fh:
-            head = fh.read(1 << 16)
+            head = fh.read(SAMPLE_BYTES)
+            if b"\n" not in head and len(head) == SAMPLE_BYTES:
+                head += fh.read(MAX_LINE_BYTES + 1 - SAMPLE_BYTES)
+                if b"\n" not in head and len(head) > MAX_LINE_BYTES:
+                    raise InputFileError(path, f"line 1 is longer than {MAX_LINE_BYTES:,} bytes: not an event log line")
     except OSError as exc:
         raise InputFileError(path, f"cannot read the file ({exc.strerror or exc})") from exc
-    if b"\x00" in head[:4096] and not path.suffix.lower() in {".parquet", ".pq"}:
+    if head[:4096].count(b"\x00") > 40 and path.suffix.lower() not in {".parquet", ".pq"}:
         raise InputFileError(path, "looks binary, not a text event log (use --format parquet for Parquet files)")
     text = head.decode("utf-8-sig", errors="replace")  # a leading BOM is no part of the header
     lines = text.splitlines()
-    if len(head) == 1 << 16 and lines:
+    if len(head) >= SAMPLE_BYTES and lines:
         lines = lines[:-1]  # last line may be cut
     return [ln for ln in lines if ln.strip()][:n]
+
+
+def _json_object(line: str) -> dict | None:
+    """The JSON object on ``line``, or None when it holds no object (bad JSON, another value,
+    nesting too deep for the parser)."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _is_number(value: str) -> bool:
@@ -217,12 +239,13 @@ def _map_columns(columns: list[str], flags: ColumnFlags, path: Path, positional:
 
 
 def _is_movielens_ratings(columns: list[str]) -> bool:
-    """MovieLens ``ratings.csv`` columns (``userId, movieId, rating, timestamp``), whatever the format.
+    """MovieLens ``ratings.csv`` columns (``userId, movieId, rating, timestamp``), in any order,
+    any spelling (``user_id``, ``MovieID``) and any format.
 
-    Such rows are ``rating`` events in every format, so a Parquet or NDJSON copy of a
+    Such rows are ``rating`` events, so a reordered, renamed, Parquet or NDJSON copy of a
     ``ratings.csv`` has the same event identity as the CSV itself.
     """
-    return [_norm(c) for c in columns[:4]] == ["userid", "movieid", "rating", "timestamp"]
+    return sorted(_norm(c) for c in columns) == ["movieid", "rating", "timestamp", "userid"]
 
 
 def _default_event_type(columns: list[str]) -> str:
@@ -273,13 +296,11 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
         cols: list[str] = []
         first_error = ""
         for i, ln in enumerate(lines, 1):
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError as exc:  # the line is quarantined at load; keep sniffing
-                first_error = first_error or f" (non-blank line {i}: not JSON: {exc.msg})"
+            obj = _json_object(ln)
+            if obj is None:  # the line is quarantined at load; keep sniffing
+                first_error = first_error or f" (non-blank line {i} holds no JSON object)"
                 continue
-            if isinstance(obj, dict):
-                cols.extend(k for k in obj if k not in cols)
+            cols.extend(k for k in obj if k not in cols)
         if not cols:
             raise InputFileError(path, "no JSON objects found in the first lines" + first_error)
         return SourceSpec(path, "ndjson", cols, _map_columns(cols, flags, path, None),
@@ -311,6 +332,9 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
     header = has_header if has_header is not None else _looks_like_header(rows[0], rows[1:])
     if header:
         cols = [c.strip() or f"column_{i + 1}" for i, c in enumerate(rows[0])]
+        repeated = next((c for i, c in enumerate(cols) if c in cols[:i]), None)
+        if repeated is not None:
+            raise InputFileError(path, f"column {repeated!r} appears twice in the header: rename one of them")
         mapping = _map_columns(cols, flags, path, None)
     else:
         cols = [f"column_{i + 1}" for i in range(n)]
@@ -344,6 +368,7 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
             (pl.col("__row").cast(pl.Int64) + 1 + header_lines).alias("line"),
             pl.col("raw"),
             parts.list.len().cast(pl.Int64).alias("nfields"),
+            pl.lit(None, pl.String).alias("nested"),
             *[_staged(r, fields[spec.mapping[r]] if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
         )
     lf = pl.scan_csv(
@@ -357,6 +382,7 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
         (pl.col("__row").cast(pl.Int64) + 1 + header_lines).alias("line"),
         pl.concat_str([c.fill_null("") for c in cols], separator=spec.delimiter or ",").alias("raw"),
         pl.lit(None, pl.Int64).alias("nfields"),
+        pl.lit(None, pl.String).alias("nested"),
         *[_staged(r, pl.col(spec.mapping[r]) if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
     )
 
@@ -372,45 +398,54 @@ def _staged(role: str, value: pl.Expr | None) -> pl.Expr:
 NOT_JSON = -1  # ``nfields`` of an NDJSON line that is not a JSON object (quarantined as such)
 
 
-def _decode_json_objects(raw: pl.Series, dtype: pl.Struct) -> pl.Series:
-    """``raw`` lines decoded to ``dtype``; a line that is not a JSON object decodes to null.
+def _decode_json_objects(raw: pl.Series, fields: list[str]) -> pl.Series:
+    """``raw`` lines decoded to a struct of the mapped ``fields`` (as text) and ``__status``.
 
-    Fast path: Polars decodes the whole batch. Only a batch that fails is checked line by
-    line in Python, so one broken line costs its batch a slower pass, not the file its load.
+    Fields that are not mapped are ignored, whatever their type. ``__status`` is null for a
+    good line, "" for a line that holds no JSON object, and the field's name for a line whose
+    mapped field is an object or a list (its fields are then null). Fast path: Polars decodes
+    the whole batch; only a batch that fails is checked line by line in Python, so one broken
+    line costs its batch a slower pass, not the file its load.
     """
+    dtype = pl.Struct({c: pl.String for c in fields})
     try:
-        return raw.str.json_decode(dtype)
+        decoded = raw.str.json_decode(dtype)
+        status = pl.Series([None] * len(raw), dtype=pl.String).zip_with(decoded.is_not_null(), pl.Series([""] * len(raw)))
     except pl.exceptions.PolarsError:
-        pass
-
-    def is_object(line: str | None) -> bool:
-        try:
-            return line is not None and isinstance(json.loads(line), dict)
-        except ValueError:
-            return False
-
-    objects = pl.Series([v if is_object(v) else None for v in raw.to_list()], dtype=pl.String)
-    return objects.str.json_decode(dtype)
+        lines, statuses = [], []
+        for line in raw.to_list():
+            obj = _json_object(line) if line is not None else None
+            bad = "" if obj is None else next((f for f in fields if isinstance(obj.get(f), (dict, list))), None)
+            lines.append(line if bad is None else None)
+            statuses.append(bad)
+        decoded = pl.Series(lines, dtype=pl.String).str.json_decode(dtype)
+        status = pl.Series(statuses, dtype=pl.String)
+    frame = pl.DataFrame({f: decoded.struct.field(f) for f in fields}).with_columns(status.alias("__status"))
+    return frame.to_struct("__record")
 
 
 def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
     """NDJSON read line by line (blank lines skipped but counted), so ``line`` is the file line.
 
-    A line that is not a JSON object gets ``nfields = NOT_JSON`` and null fields: the load
-    quarantines it with its line number and keeps the rest of the file.
+    A line that holds no JSON object gets ``nfields = NOT_JSON``, one whose mapped field is an
+    object or a list gets ``nested`` = that field: the load quarantines such lines with their
+    line number and keeps the rest of the file.
     """
-    dtype = pl.Struct({c: pl.String for c in spec.columns})
-    record = pl.col("raw").map_batches(lambda s: _decode_json_objects(s, dtype), return_dtype=dtype,
+    fields = [c for c in dict.fromkeys(spec.mapping.values()) if c]
+    dtype = pl.Struct({**{c: pl.String for c in fields}, "__status": pl.String})
+    record = pl.col("raw").map_batches(lambda s: _decode_json_objects(s, fields), return_dtype=dtype,
                                        is_elementwise=True)
     lf = pl.scan_csv(
         spec.path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
         new_columns=["raw"], encoding="utf8-lossy",
     ).with_row_index("__row")
     lf = lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != ""))
+    status = pl.col("__record").struct.field("__status")
     return lf.with_columns(record.alias("__record")).select(
         (pl.col("__row").cast(pl.Int64) + 1).alias("line"),
         pl.col("raw"),
-        pl.when(pl.col("__record").is_null()).then(pl.lit(NOT_JSON, pl.Int64)).otherwise(pl.lit(None, pl.Int64)).alias("nfields"),
+        pl.when(status == "").then(pl.lit(NOT_JSON, pl.Int64)).otherwise(pl.lit(None, pl.Int64)).alias("nfields"),
+        pl.when(status != "").then(status).otherwise(pl.lit(None, pl.String)).alias("nested"),
         *[_staged(r, pl.col("__record").struct.field(spec.mapping[r]) if spec.mapping.get(r) else None) for r in STAGE_COLUMNS],
     )
 
@@ -422,8 +457,8 @@ def text_batches(spec: SourceSpec, on_rows: Callable[[int], None] | None = None,
     Read once, lazily: memory stays bounded by ``batch_rows`` whatever the file size.
     """
     lf = _ndjson_frame(spec) if spec.format == "ndjson" else _text_frame(spec)
-    schema = pa.schema([("line", pa.int64()), ("raw", pa.large_string()), ("nfields", pa.int64())]
-                       + [(r, pa.large_string()) for r in STAGE_COLUMNS])
+    schema = pa.schema([("line", pa.int64()), ("raw", pa.large_string()), ("nfields", pa.int64()),
+                        ("nested", pa.large_string())] + [(r, pa.large_string()) for r in STAGE_COLUMNS])
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
@@ -437,21 +472,29 @@ def text_batches(spec: SourceSpec, on_rows: Callable[[int], None] | None = None,
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def unit_from_magnitude(median: float | None) -> str:
-    """Unix time unit from a typical value: s < 1e11 <= ms < 1e14 <= us < 1e17 <= ns."""
-    if median is None:
-        return "s"
-    return "s" if median < 1e11 else "ms" if median < 1e14 else "us" if median < 1e17 else "ns"
+TIME_MAX_US = 7_258_118_400_000_000  # 2200-01-01: event times lie in [1970-01-01, 2200-01-01)
+UNIT_FACTORS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}  # unit -> microseconds
+
+
+def unit_from_values(values: np.ndarray) -> str:
+    """The unix time unit that puts the most of ``values`` in the valid time range.
+
+    A unit is chosen by the majority, so a few outliers (``1e23``, ``-1``) cannot flip it: they
+    are out of range in the chosen unit and quarantined. Ties go to the coarser unit.
+    """
+    values = values[np.isfinite(values)]
+    counts = {u: int(np.count_nonzero((values * f >= 0) & (values * f < TIME_MAX_US))) for u, f in UNIT_FACTORS.items()}
+    return max(counts, key=lambda u: (counts[u], -list(UNIT_FACTORS).index(u)))
 
 
 def infer_time_unit(spec: SourceSpec, rows: int = 10_000) -> str:
     """Unit of the numeric times in the first ``rows`` rows of a text file."""
     lf = _ndjson_frame(spec) if spec.format == "ndjson" else _text_frame(spec)
     try:
-        values = lf.head(rows).select(pl.col("time").cast(pl.Float64, strict=False).abs()).collect()["time"]
+        values = lf.head(rows).select(pl.col("time").str.strip_chars().cast(pl.Float64, strict=False)).collect()["time"]
     except pl.exceptions.PolarsError as exc:
         raise InputFileError(spec.path, f"cannot parse as {spec.format}: {str(exc).splitlines()[0]}") from exc
-    return unit_from_magnitude(values.median())
+    return unit_from_values(values.drop_nulls().to_numpy())
 
 
 def estimate_rows(path: Path) -> int | None:

@@ -3,8 +3,8 @@
 Tables
 ------
 ``events``       one row per event: ``user_key``, ``item_key`` (BIGINT keys, see below),
-                 ``ts`` (BIGINT: microseconds since the Unix epoch, or the line number for
-                 order-only sources), ``event_type``, ``weight`` (rating/value or NULL),
+                 ``ts`` (BIGINT: microseconds since the Unix epoch, or for order-only sources
+                 ``source_id * 2**40 + line``), ``event_type``, ``weight`` (rating/value or NULL),
                  ``event_id`` (given id or NULL), ``source_id``, ``line`` (1-based line/row in
                  the source file).
 ``user_dict`` / ``item_dict``   external id <-> key for ids that are not plain integers.
