@@ -428,4 +428,5 @@ def serve(settings: Settings, model: str | None = None, announce: Callable[[str]
     if announce:
         announce(f"serving model {recommender.version} ({recommender.num_items:,} items) on "
                  f"http://{settings.serve.host}:{settings.serve.port} (docs at /docs){' with bearer token' if token else ''}")
-    uvicorn.run(create_app(recommender, token), host=settings.serve.host, port=settings.serve.port, log_level="warning")
+    uvicorn.run(create_app(recommender, token, settings.serve), host=settings.serve.host, port=settings.serve.port,
+                log_level="warning")

@@ -22,6 +22,10 @@ from pipeline.errors import UserError
 HISTORY_ORDER = "ts, source_id, line"
 
 
+class WarehouseUnavailable(UserError):
+    """The warehouse cannot be read right now (missing, or a writer holds its lock): try again."""
+
+
 class HistoryStore:
     """User histories from the warehouse file at ``db_path``.
 
@@ -42,8 +46,26 @@ class HistoryStore:
         self._last_source = 0
         self._stamp: tuple[int, ...] = ()
         self._checked = 0.0
+        self._loaded = False  # cache: every history has been read at least once
         if cache:
             self._refresh(force=True)
+
+    def _unavailable(self) -> WarehouseUnavailable:
+        if not self.db_path.exists():
+            return WarehouseUnavailable(f"no warehouse at {self.db_path}: run `attnrec ingest` first")
+        return WarehouseUnavailable(f"cannot read the warehouse {self.db_path}: a writer holds it (an ingest?); "
+                                    "the histories are read as soon as it is free")
+
+    def ready(self) -> tuple[bool, str | None]:
+        """(whether histories can be answered now, why not)."""
+        if self.cache:
+            self._refresh(force=not self._loaded)
+            return self._loaded, None if self._loaded else str(self._unavailable())
+        con = self._connect()
+        if con is None:
+            return False, str(self._unavailable())
+        con.close()
+        return True, None
 
     def _file_stamp(self) -> tuple[int, ...]:
         stamp: list[int] = []
@@ -92,6 +114,7 @@ class HistoryStore:
             self._dictionary = {uid: int(k) for uid, k in dictionary}
             self._last_source = int(last)
             self._stamp = stamp
+            self._loaded = True
 
     def history(self, user_id: str) -> np.ndarray | None:
         """Item keys of ``user_id`` oldest first, or None for a user the warehouse does not know.
@@ -100,14 +123,16 @@ class HistoryStore:
         """
         uid = canonical_id(user_id, "user id")
         if self.cache:
-            self._refresh()
+            self._refresh(force=not self._loaded)
+            if not self._loaded:
+                raise self._unavailable()
             with self._lock:
                 key = integer_key(uid)
                 key = self._dictionary.get(uid) if key is None else key
                 return None if key is None else self._histories.get(key)
         con = self._connect()
         if con is None:
-            raise UserError(f"cannot read the warehouse {self.db_path} (missing, or locked by a writer): try again")
+            raise self._unavailable()
         try:
             keys = lookup_keys(con, "user", [uid])
             if not keys:
@@ -123,7 +148,7 @@ class HistoryStore:
         """Every user's (id, item keys) from the warehouse, in key order (batch scoring)."""
         con = self._connect()
         if con is None:
-            raise UserError(f"cannot read the warehouse {self.db_path} (missing, or locked by a writer)")
+            raise self._unavailable()
         try:
             rows = con.execute(
                 f"""SELECT e.user_key, {id_of_key_sql('e.user_key', 'd', 'user')} AS uid, e.item_key

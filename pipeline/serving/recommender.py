@@ -71,6 +71,11 @@ class Recommender:
     def num_items(self) -> int:
         return self.bundle.num_items
 
+    def ready(self) -> tuple[bool, str | None]:
+        """(whether every query can be answered now, why not): the model is loaded; the users'
+        histories can be read unless this Recommender has no warehouse."""
+        return (True, None) if self.histories is None else self.histories.ready()
+
     def recommend(self, user: str | None = None, items: Sequence[str] | None = None, k: int = 10, explain: bool = False,
                   exclude_seen: bool = True, include_categories: list[str] | None = None,
                   exclude_categories: list[str] | None = None, exclude_items: list[str] | None = None) -> Recommendations:

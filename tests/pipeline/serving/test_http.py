@@ -19,9 +19,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, cli: Attnrec, token: str | None = None) -> None:
+    def __init__(self, cli: Attnrec, token: str | None = None, env: dict[str, str] | None = None,
+                 wait_for: str = "/health") -> None:
         self.port = free_port()
-        env = _clean_env(cli.home)
+        env = {**_clean_env(cli.home), **(env or {})}
         if token:
             env["ATTNREC_API_TOKEN"] = token
         model = str(cli.home / "runs" / "model-a")
@@ -33,7 +34,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited: {self.proc.stdout.read()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + wait_for, timeout=1).status_code == 200:
                     return
             except httpx.TransportError:
                 time.sleep(0.2)
