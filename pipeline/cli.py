@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, invalid_settings, load_settings
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -27,7 +28,11 @@ ModelOpt = Annotated[str | None, typer.Option(
 
 
 def settings_from(home: Path | None, **overrides: Any) -> Settings:
-    return load_settings(home=home, **overrides)
+    """The settings of a command: its flags over the environment, ``attnrec.toml`` and the defaults."""
+    try:
+        return load_settings(home=home, **overrides)
+    except ValidationError as exc:
+        raise invalid_settings(exc) from None
 
 
 def _echo_json(data: Any) -> None:

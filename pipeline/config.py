@@ -17,13 +17,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from pipeline.errors import UserError
 
 CONFIG_FILE_NAME = "attnrec.toml"
 
@@ -201,3 +203,9 @@ def load_settings(**overrides: Any) -> Settings:
         else:
             node[parts[-1]] = value
     return Settings(**nested)
+
+
+def invalid_settings(exc: ValidationError) -> UserError:
+    """A settings validation error as one line a user can act on (the CLI's ``error:`` line)."""
+    return UserError("invalid settings: " + "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()))

@@ -152,6 +152,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     if resume is not None and not (resume / "checkpoint.pt").exists():
         raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
     device = resolve_device(settings.device)
+    tracking.recover_interrupted(settings)
     metric = settings.train.selection_metric
     tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version}
     with tracking.tracked_run(settings, None, tags) as run_id:
@@ -200,6 +201,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         version, promoted, reason = None, False, "not registered"
         if register:
             version = tracking.log_bundle_model(bundle.path, settings.registry.model_name)
+            tracking.set_version_tags(settings, version, {"model_sha256": bundle.meta["sha256"]})
             promoted, reason = promotion_gate(settings, fs, version, outcome.valid[metric])
             tracking.set_tags({"registered_version": str(version), "promoted": str(promoted), "gate_reason": reason})
     return {"mlflow_run_id": run_id, "version": version, "promoted": promoted, "gate_reason": reason,

@@ -482,7 +482,7 @@ def unit_from_values(values: np.ndarray) -> str:
     A unit is chosen by the majority, so a few outliers (``1e23``, ``-1``) cannot flip it: they
     are out of range in the chosen unit and quarantined. Ties go to the coarser unit.
     """
-    values = values[np.isfinite(values)]
+    values = values[np.isfinite(values) & (np.abs(values) < 1e30)]  # beyond any unit's range: no vote
     counts = {u: int(np.count_nonzero((values * f >= 0) & (values * f < TIME_MAX_US))) for u, f in UNIT_FACTORS.items()}
     return max(counts, key=lambda u: (counts[u], -list(UNIT_FACTORS).index(u)))
 

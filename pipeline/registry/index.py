@@ -135,8 +135,11 @@ def read_index_meta(directory: Path) -> IndexMeta:
     """The description (``index.json``) of the index saved in ``directory``, without loading it."""
     meta_path = directory / "index.json"
     if not meta_path.exists():
-        raise UserError(f"no index at {directory}: run `attnrec index`")
-    return IndexMeta(**json.loads(meta_path.read_text()))
+        raise UserError(f"no index at {directory}: rebuild it with `attnrec index --model {directory.parent}`")
+    try:
+        return IndexMeta(**json.loads(meta_path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{meta_path} is damaged ({exc}): rebuild the index with `attnrec index --model {directory.parent}`") from None
 
 
 def load_index(directory: Path, model_sha256: str) -> tuple[faiss.Index, IndexMeta]:
@@ -147,5 +150,13 @@ def load_index(directory: Path, model_sha256: str) -> tuple[faiss.Index, IndexMe
             f"the index at {directory} was built for model {meta.model_sha256[:12]}, not for the loaded model "
             f"{model_sha256[:12]}: rebuild it with `attnrec index`"
         )
-    index = faiss.read_index(str(directory / "items.faiss"))
+    path = directory / "items.faiss"
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "unreadable"
+        raise UserError(f"{path} is a damaged FAISS index ({reason}): rebuild it with `attnrec index --model {directory.parent}`") from None
+    if index.ntotal != meta.num_items:
+        raise UserError(f"{path} holds {index.ntotal:,} items, not {meta.num_items:,}: rebuild it with "
+                        f"`attnrec index --model {directory.parent}`")
     return to_device(index, meta), meta

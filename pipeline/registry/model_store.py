@@ -40,6 +40,7 @@ from pipeline.errors import UserError
 from pipeline.registry.index import IndexMeta, build_index, load_index, save_index, to_device
 
 MODEL_FILE_VERSION = 2
+REPAIR_MODEL = "retrain with `attnrec train`, or name another model with --model (a registry model is fetched again)"
 BUNDLE_DIR = "bundle"
 MODEL_FILE = "model.pt"
 ITEMS_FILE = "items.parquet"
@@ -107,16 +108,25 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[SASRec, 
     if not path.exists():
         raise UserError(f"no model file at {path}: run `attnrec train` first")
     data = path.read_bytes()
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    sd = payload["state_dict"]
-    shape = SASRecShape(**payload["shape"]) if payload.get("format_version", 1) >= 2 else _shape_of_v1(payload)
-    model = shape.build()
-    model.load_state_dict(sd)
+    if not data.startswith(b"PK\x03\x04"):  # torch.save's zip archive (an empty file would abort torch.load)
+        raise UserError(f"{path} is not a model file ({len(data):,} bytes, not a torch archive): {REPAIR_MODEL}")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        sd = payload["state_dict"]
+        shape = SASRecShape(**payload["shape"]) if payload.get("format_version", 1) >= 2 else _shape_of_v1(payload)
+        model = shape.build()
+        model.load_state_dict(sd)
+    except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways; all mean the same to the user
+        raise UserError(f"{path} is a damaged model file ({_first_line(exc)}): {REPAIR_MODEL}") from None
     model.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     meta["shape"] = shape
     meta["sha256"] = hashlib.sha256(data).hexdigest()
     return model, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _shape_of_v1(payload: dict[str, Any]) -> SASRecShape:
@@ -194,9 +204,13 @@ class Bundle:
         model, meta = load_model(path / MODEL_FILE, device)
         items_path = path / ITEMS_FILE
         if not items_path.exists():
-            raise UserError(f"{path} has no {ITEMS_FILE}: not a complete bundle")
+            raise UserError(f"{path} has no {ITEMS_FILE}: not a complete bundle: {REPAIR_MODEL}")
+        try:
+            items = pl.read_parquet(items_path)
+        except Exception as exc:  # noqa: BLE001 - polars raises many types for a damaged file
+            raise UserError(f"{items_path} is a damaged item table ({_first_line(exc)}): {REPAIR_MODEL}") from None
         index, index_meta = load_index(path / INDEX_DIR, meta["sha256"])
-        return cls(path, model, meta, pl.read_parquet(items_path), index, index_meta)
+        return cls(path, model, meta, items, index, index_meta)
 
     @property
     def num_items(self) -> int:

@@ -9,6 +9,7 @@ and the serving model carries the ``champion`` alias.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -40,10 +41,15 @@ def configure(settings: Settings) -> str:
     settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        location = settings.mlflow_artifact_root.as_uri() if settings.mlflow_tracking_uri.startswith("sqlite") else None
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    try:
+        exp = mlflow.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = settings.mlflow_artifact_root.as_uri() if settings.mlflow_tracking_uri.startswith("sqlite") else None
+            return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, REST and MLflow errors all mean an unusable store
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"the MLflow store {settings.mlflow_tracking_uri} cannot be used ({reason}): restore it, or point "
+                        "mlflow_tracking_uri at a working store") from None
     return exp.experiment_id
 
 
@@ -78,7 +84,7 @@ def system_tags(device: str) -> dict[str, str]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": platform.python_version(), "torch": torch.__version__, "polars": polars.__version__,
         "duckdb": duckdb.__version__, "faiss": faiss.__version__, "mlflow": mlflow.__version__,
-        "git_commit": git_commit(), "host": platform.node(), "cpu_count": str(os.cpu_count()),
+        "git_commit": git_commit(), "host": platform.node(), "pid": str(os.getpid()), "cpu_count": str(os.cpu_count()),
     }
 
 
@@ -193,8 +199,9 @@ def set_champion(settings: Settings, version: str) -> None:
 
 
 def download_bundle(settings: Settings, uri: str) -> Path:
-    """A local bundle folder for a ``models:/name@alias`` or ``models:/name/version`` URI (cached
-    under ``HOME/model_cache``: a version is downloaded once)."""
+    """A local bundle folder for a ``models:/name@alias`` or ``models:/name/version`` URI, cached
+    under ``HOME/model_cache``: a version is downloaded once, and again when its cached model
+    file no longer has the hash the registry recorded (a damaged cache is never served)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -213,16 +220,98 @@ def download_bundle(settings: Settings, uri: str) -> Path:
         raise UserError(f"{uri}: no such model in the registry at {settings.mlflow_tracking_uri} "
                         f"(train one with `attnrec train`)") from exc
     cache = settings.home / "model_cache" / f"{name}-v{mv.version}"
-    if not (cache / "bundle" / "model.pt").exists():
+    expected = (mv.tags or {}).get("model_sha256")
+    if not _cached_bundle_intact(cache / "bundle", expected):
         tmp = Path(tempfile.mkdtemp(dir=settings.home))
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp)))
-            found = next(local.rglob("model.pt")).parent
+            try:
+                with _quiet("mlflow"):  # MLflow logs "no artifacts found" at INFO before we say it in one line
+                    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}",
+                                                                     dst_path=str(tmp)))
+                found = next(local.rglob("model.pt")).parent
+            except (MlflowException, OSError, StopIteration) as exc:
+                where = client.get_model_version_download_uri(name, mv.version)
+                raise UserError(f"the files of {name} v{mv.version} are missing from the registry's artefact store "
+                                f"({where}): retrain with `attnrec train`, or serve another version with --model") from exc
             if cache.exists():
                 shutil.rmtree(cache)
             cache.mkdir(parents=True)
             shutil.move(str(found), cache / "bundle")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not _cached_bundle_intact(cache / "bundle", expected):
+            raise UserError(f"the registry's copy of {name} v{mv.version} ({mv.source}) is damaged (its model file does "
+                            "not have the hash recorded at registration): retrain with `attnrec train`")
     (cache / "bundle" / "VERSION").write_text(f"{name} v{mv.version}\n")
     return cache / "bundle"
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Raise ``logger``'s level to WARNING for the block."""
+    import logging
+
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _cached_bundle_intact(folder: Path, sha256: str | None) -> bool:
+    """Whether a cached bundle has its files and, where the registry recorded it, its model's hash."""
+    model = folder / "model.pt"
+    if not model.exists() or not (folder / "items.parquet").exists() or not (folder / "index" / "index.json").exists():
+        return False
+    if sha256 is None:
+        return True
+    digest = hashlib.sha256()
+    with open(model, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == sha256
+
+
+# --------------------------------------------------------------------------------------
+# Runs and versions left behind by a killed process
+
+
+def recover_interrupted(settings: Settings) -> list[str]:
+    """Mark the training runs of this host whose process is gone FAILED, and remove the registered
+    versions that never got a gate decision (no ``role`` tag) because their run was killed.
+
+    Returns what was done, one line each. Called when a training starts, so a ``kill -9`` is
+    cleaned up on the next start at the latest.
+    """
+    from mlflow import MlflowClient
+
+    experiment = configure(settings)
+    client = MlflowClient()
+    done = []
+    host = platform.node()
+    for run in client.search_runs([experiment], "attributes.status = 'RUNNING' AND tags.type = 'train'"):
+        tags = run.data.tags
+        if tags.get("host") == host and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
+            client.set_terminated(run.info.run_id, "FAILED")
+            done.append(f"run {run.info.run_id} (process {tags['pid']} is gone): FAILED")
+    name = settings.registry.model_name
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if "role" in (mv.tags or {}):
+            continue
+        status = client.get_run(mv.run_id).info.status if mv.run_id else "FAILED"
+        if status != "RUNNING":
+            client.delete_model_version(name, mv.version)
+            done.append(f"{name} v{mv.version} (registered by a run that ended before its gate decision): removed")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.data.feature_store import FeatureSet
+from pipeline.errors import UserError
 from pipeline.training.batches import prefix_batch, seen_pairs
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (B, T) histories -> (B, N+1) scores
@@ -91,7 +92,8 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     started = time.perf_counter()
     users, positions = split_targets(fs, split)
     if len(users) == 0:
-        raise ValueError(f"the feature set has no {split} targets")
+        raise UserError(f"the feature set {fs.version} has no {split} targets (split {fs.manifest.get('split', {}).get('kind')}): "
+                        "build one that has, e.g. `attnrec features --split loo`")
     order = np.argsort(np.minimum(positions, max_len), kind="stable")
     kmax = max(ks)
     all_ranks = np.empty(len(users), dtype=np.int64)

@@ -168,6 +168,7 @@ def fit(
     # --- step 2: resume from the last checkpoint
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        _check_same_shape(checkpoint_path, ckpt["model"], model.state_dict())
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -220,6 +221,19 @@ def fit(
     model.eval()
     return FitResult(state["best_epoch"], state["best_metric"], state["epoch"], history,
                      time.perf_counter() - started, stopped_early)
+
+
+def _check_same_shape(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
+    """Refuse to resume a checkpoint into a model of another shape, saying what differs."""
+    from pipeline.errors import UserError
+
+    differ = [f"{k} {'x'.join(map(str, saved[k].shape))} there, {'x'.join(map(str, current[k].shape))} now"
+              for k in saved.keys() & current.keys() if saved[k].shape != current[k].shape]
+    missing = sorted(saved.keys() ^ current.keys())
+    if differ or missing:
+        shown = "; ".join(sorted(differ)[:3] + ([f"parameters only on one side: {', '.join(missing[:3])}"] if missing else []))
+        raise UserError(f"--resume {path.parent}: the checkpoint has another model shape than these settings ({shown}); "
+                        "resume with the settings the run started with")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
