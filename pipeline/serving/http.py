@@ -221,7 +221,7 @@ class Guard:
                 await _send_json(guarded_send, 401, {"error": "missing or wrong bearer token"},
                                  [(b"www-authenticate", b"Bearer")])
             elif headers.get("content-length", "0").isdigit() and int(headers.get("content-length", "0")) > self.max_body:
-                await _send_json(guarded_send, 413, too_large)
+                await _send_json(guarded_send, 413, too_large, [(b"connection", b"close")])  # the body is never read
             else:
                 try:
                     await self.app(scope, limited_receive, guarded_send)
@@ -229,7 +229,7 @@ class Guard:
                     pass  # the app did not catch it: the 413 follows
                 if state["over"]:
                     state["over"] = False
-                    await _send_json(guarded_send, 413, too_large)
+                    await _send_json(guarded_send, 413, too_large, [(b"connection", b"close")])
         except Exception:
             if not state["over"]:
                 state["status"] = 500
