@@ -127,6 +127,7 @@ def _register_without_gate(cli: Attnrec, run_id: str) -> None:
 
     settings = load_settings(home=cli.home)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = MlflowClient(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)  # this process may have pointed MLflow elsewhere before
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     client.create_registered_model("attnrec")
     client.create_model_version("attnrec", f"runs:/{run_id}/model", run_id)

@@ -25,12 +25,12 @@ def home(champion_home: Path, tmp_path: Path) -> Path:
 
 def version_tags(home: Path, version: str) -> dict[str, str]:
     settings = load_settings(home=home)
-    return MlflowClient(settings.mlflow_tracking_uri).get_model_version("attnrec", version).tags
+    return MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri).get_model_version("attnrec", version).tags
 
 
 def champion_version(home: Path) -> str:
     settings = load_settings(home=home)
-    return str(MlflowClient(settings.mlflow_tracking_uri).get_model_version_by_alias("attnrec", "champion").version)
+    return str(MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri).get_model_version_by_alias("attnrec", "champion").version)
 
 
 def test_the_first_model_is_champion_and_a_worse_one_a_challenger(home: Path) -> None:
