@@ -1,1 +1,1 @@
-"""Thin Prefect flows over the plain functions of ``pipeline``."""
+"""Thin Prefect flows and deployments over the step functions of ``pipeline.app.steps`` (the ones the CLI calls)."""
