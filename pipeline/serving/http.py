@@ -4,7 +4,7 @@
     POST /recommendations            {"items": [ids, oldest first], "k": 10, "explain": false}
     GET  /items/{item_id}/similar?k=10
     GET  /health (alive), GET /ready (model and histories loaded), GET /metrics (Prometheus text),
-    GET  /docs (OpenAPI)
+    GET  /docs, /redoc (OpenAPI, offline: the assets ship with fastapi-offline), GET /openapi.json
 
 The server is a thin shell over the Python API (``Recommender``), hence over the one query
 path. Bad requests get a 4xx with ``{"error": message}``, never a 5xx; an unknown user gets
@@ -15,7 +15,8 @@ unknown ids lists at most ``max_unknown_ids_shown`` of them with their count. Wh
 warehouse's histories cannot be read (an ingest holds it at start-up) the server is not
 ready: ``/ready`` and every user's recommendations answer 503 with the reason; ad-hoc
 histories are still answered. Every response, 5xx included, is counted in ``/metrics``.
-When an API token is set (``ATTNREC_SERVE__API_TOKEN`` or ``ATTNREC_API_TOKEN``), every
+The schema documents every answer the server gives, errors included, and the bearer scheme
+(a schemathesis run holds the live server to it). When an API token is set (``ATTNREC_SERVE__API_TOKEN`` or ``ATTNREC_API_TOKEN``), every
 endpoint except ``/health``, ``/ready`` and the docs needs ``Authorization: Bearer <token>``.
 """
 
@@ -24,35 +25,48 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from typing import Any
+from typing import Annotated, Any
 
+import orjson
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, ORJSONResponse, PlainTextResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
+from pipeline import __version__
 from pipeline.config import ServeSettings
 from pipeline.data.histories import WarehouseUnavailable
-from pipeline.data.identity import split_list
+from pipeline.data.identity import MAX_ID_CHARS, split_list
 from pipeline.errors import UserError
 from pipeline.serving.query import MAX_K
 from pipeline.serving.recommender import Recommender, UnknownItems
 
+DOCS_ASSETS = "/docs-assets"
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"}
+TAGS = [
+    {"name": "recommendations", "description": "Top-k items for a warehouse user or an ad-hoc history, "
+                                               "with the attention over the history as each item's reasons."},
+    {"name": "items", "description": "Items near an item in the model's item space (FAISS)."},
+    {"name": "operations", "description": "Liveness, readiness and Prometheus metrics (no token needed but for metrics)."},
+]
 
 
 class ReasonOut(BaseModel):
     item_id: str
     title: str | None
-    weight: float
+    weight: float = Field(..., description="share of the attention over the history (the weights of one item sum to 1)")
 
 
 class RecommendationOut(BaseModel):
     item_id: str
-    score: float
+    score: float = Field(..., description="dot product of the user state and the item vector")
     title: str | None
-    reasons: list[ReasonOut] = []
+    reasons: list[ReasonOut] = Field([], description="the history items this one rests on (with explain=true)")
 
 
 class RecommendationsOut(BaseModel):
@@ -63,85 +77,159 @@ class RecommendationsOut(BaseModel):
     known_user: bool | None = Field(None, description="whether the warehouse knows the user (null for an ad-hoc history)")
 
 
+class ErrorOut(BaseModel):
+    error: str = Field(..., description="one line that says what is wrong and, for a field, which one")
+
+
+class UnknownUserOut(RecommendationsOut):
+    error: str = Field(..., description="says the user is unknown; the most popular items follow")
+
+
+class UnknownItemsOut(ErrorOut):
+    unknown_items: list[str] = Field(..., description="the unknown ids, at most serve.max_unknown_ids_shown of them")
+    unknown_count: int = Field(..., description="how many ids were unknown")
+
+
+class HealthOut(BaseModel):
+    status: str
+    model_version: str = Field(..., description="the model serving now")
+    items: int
+    index: str = Field(..., description="the FAISS index kind (flat, hnsw, ivf)")
+    index_device: str
+    ready: bool
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    model_version: str
+    reason: str | None = Field(None, description="why not ready (null when ready)")
+
+
+# An item id as the identity rule reads it: text with something besides ASCII whitespace, at most
+# MAX_ID_CHARS characters, or a whole number.
+ItemId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"[^ \t\n\r\x0b\x0c]")] | StrictInt
+
+
+
+def _number_not_text(value: Any) -> Any:
+    """JSON's integers include 10.0; text and booleans are not numbers."""
+    if isinstance(value, (str, bool)):
+        raise ValueError("must be a whole number")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_number_not_text)]
+
+
 class HistoryRequest(BaseModel):
-    items: list[str | int] = Field(..., description="item ids, oldest first (may be empty: most-popular); "
+    items: list[ItemId] = Field(..., description="item ids, oldest first (may be empty: most-popular); "
                                                      "at most serve.max_history_items")
-    k: int = Field(10, ge=1, le=MAX_K)
-    explain: bool = False
-    exclude_seen: bool = True
-    include_categories: list[str] | None = None
-    exclude_categories: list[str] | None = None
-    exclude_items: list[str | int] | None = Field(None, description="at most serve.max_history_items")
+    k: WholeNumber = Field(10, ge=1, le=MAX_K)
+    explain: StrictBool = False
+    exclude_seen: StrictBool = True
+    include_categories: list[StrictStr] | None = None
+    exclude_categories: list[StrictStr] | None = None
+    exclude_items: list[ItemId] | None = Field(None, description="at most serve.max_history_items")
+
+
+def _error(description: str, model: type[BaseModel] = ErrorOut) -> dict[str, Any]:
+    return {"model": model, "description": description}
+
+
+INVALID = {422: _error("a parameter is out of range or not of its type (the field is named)")}
+NOT_READY = {503: _error("the warehouse's histories cannot be read now (an ingest holds it); retry after the "
+                         "Retry-After seconds")}
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def create_app(recommender: Recommender, api_token: str | None = None, limits: ServeSettings | None = None) -> FastAPI:
     """The API over one loaded ``Recommender`` (model bundle + warehouse histories)."""
     limits = limits or ServeSettings()
-    app = FastAPI(title="attnrec", version="0.1.0",
-                  description="Top-k recommendations from a content-aware SASRec, with attention weights as reasons.")
+    app = FastAPIOffline(title="attnrec", version=__version__, openapi_tags=TAGS, static_url=DOCS_ASSETS,
+                         description="Top-k recommendations from a content-aware SASRec, with the attention over "
+                                     "each user's history as the reasons. Errors are `{\"error\": message}`; "
+                                     f"a body over {limits.max_body_bytes:,} bytes is a 413.")
     registry = CollectorRegistry()
     requests_total = Counter("attnrec_requests_total", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("attnrec_request_seconds", "request latency (s)", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
     app.add_middleware(Guard, token=api_token, max_body=limits.max_body_bytes, counter=requests_total, latency=latency)
 
-
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+        return _json({"error": "; ".join(parts) or "invalid request"}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = {400: "the body is not JSON in UTF-8", 404: f"no such path {request.url.path!r}"}.get(exc.status_code, exc.detail)
+        return _json({"error": message}, exc.status_code, exc.headers)
 
     @app.exception_handler(UserError)
-    async def on_user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=422)
+    async def on_user_error(request: Request, exc: UserError) -> Response:
+        return _json({"error": str(exc)}, 422)
 
     @app.exception_handler(WarehouseUnavailable)
-    async def on_warehouse_unavailable(request: Request, exc: WarehouseUnavailable) -> JSONResponse:
-        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+    async def on_warehouse_unavailable(request: Request, exc: WarehouseUnavailable) -> Response:
+        return _json({"error": str(exc)}, 503, {"Retry-After": "1"})
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
+    @app.get("/health", tags=["operations"], response_model=HealthOut)
+    def health() -> Response:
+        """Alive: the model and index serving now."""
         meta = recommender.bundle.index_meta
-        return {"status": "ok", "model_version": recommender.version, "items": recommender.num_items,
-                "index": meta.kind, "index_device": meta.device, "ready": recommender.ready()[0]}
+        return _json({"status": "ok", "model_version": recommender.version, "items": recommender.num_items,
+                      "index": meta.kind, "index_device": meta.device, "ready": recommender.ready()[0]})
 
-    @app.get("/ready")
-    def ready() -> JSONResponse:
+    @app.get("/ready", tags=["operations"], response_model=ReadyOut,
+             responses={503: {"model": ReadyOut, "description": "not ready; `reason` says why"}})
+    def ready() -> Response:
+        """Ready when every query can be answered: the model is loaded and the histories can be read."""
         ok, reason = recommender.ready()
-        return JSONResponse({"ready": ok, "model_version": recommender.version, "reason": reason},
-                            status_code=200 if ok else 503)
+        return _json({"ready": ok, "model_version": recommender.version, "reason": reason}, 200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
+        """Prometheus text: requests by endpoint and status (5xx included) and latency histograms."""
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/users/{user_id}/recommendations", response_model=RecommendationsOut)
+    @app.get("/users/{user_id}/recommendations", tags=["recommendations"], response_model=RecommendationsOut,
+             responses={404: {"model": UnknownUserOut, "description": "unknown user: the body still "
+                                               "carries the most popular items"}, **INVALID, **NOT_READY})
     def user_recommendations(
-        user_id: str,
-        k: int = Query(10, ge=1, le=MAX_K),
-        explain: bool = False,
-        exclude_seen: bool = True,
-        include_categories: str | None = Query(None, description="comma-separated"),
-        exclude_categories: str | None = Query(None, description="comma-separated"),
-        exclude_items: str | None = Query(None, description="comma-separated item ids"),
-    ) -> dict[str, Any]:
+        user_id: str = PathParam(..., examples=["1"], description="a user id of the warehouse"),
+        k: int = Query(10, ge=1, le=MAX_K, description="how many items"),
+        explain: bool = Query(False, description="attach each item's reasons (attention over the history)"),
+        exclude_seen: bool = Query(True, description="leave out the items in the user's history"),
+        include_categories: str | None = Query(None, description="comma-separated: only items of these categories"),
+        exclude_categories: str | None = Query(None, description="comma-separated: no items of these categories"),
+        exclude_items: str | None = Query(None, description="comma-separated item ids to leave out"),
+    ) -> Response:
+        """Top-k for a user of the warehouse, from their history as it is now."""
         answer = recommender.recommend(user=user_id, k=k, explain=explain, exclude_seen=exclude_seen,
                                        include_categories=split_list(include_categories),
                                        exclude_categories=split_list(exclude_categories), exclude_items=split_list(exclude_items))
         if answer.known_user is False:
-            return ORJSONResponse({"error": f"unknown user {user_id!r}: not in the warehouse (the most popular items follow)",
-                                   **answer.as_dict()}, status_code=404)
-        return ORJSONResponse(answer.as_dict())
+            return _json({"error": f"unknown user {user_id!r}: not in the warehouse (the most popular items follow)",
+                          **answer.as_dict()}, 404)
+        return _json(answer.as_dict())
 
-    @app.post("/recommendations", response_model=RecommendationsOut)
-    def history_recommendations(body: HistoryRequest) -> dict[str, Any]:
+    @app.post("/recommendations", tags=["recommendations"], response_model=RecommendationsOut,
+              responses={400: _error("the body is not JSON in UTF-8"), 413: _error("the body is larger than serve.max_body_bytes"),
+                         422: {"model": UnknownItemsOut | ErrorOut,
+                               "description": "unknown item ids (listed, with their count), a history over "
+                                              "serve.max_history_items, or a field out of range"}})
+    def history_recommendations(body: HistoryRequest) -> Response:
+        """Top-k for an ad-hoc history (for example a session), oldest item first."""
         for field, ids in (("items", body.items), ("exclude_items", body.exclude_items or [])):
             if len(ids) > limits.max_history_items:
-                return JSONResponse({"error": f"{field}: at most {limits.max_history_items:,} item ids "
-                                              f"(serve.max_history_items), got {len(ids):,}"}, status_code=422)
+                return _json({"error": f"{field}: at most {limits.max_history_items:,} item ids "
+                                       f"(serve.max_history_items), got {len(ids):,}"}, 422)
         try:
             answer = recommender.recommend(
                 items=[str(i) for i in body.items], k=body.k, explain=body.explain, exclude_seen=body.exclude_seen,
@@ -149,18 +237,40 @@ def create_app(recommender: Recommender, api_token: str | None = None, limits: S
                 exclude_items=[str(i) for i in body.exclude_items] if body.exclude_items else None)
         except UnknownItems as exc:
             shown = exc.ids[:limits.max_unknown_ids_shown]
-            return JSONResponse({"error": f"unknown item ids: {', '.join(shown)}" + (" ..." if len(exc.ids) > len(shown) else ""),
-                                 "unknown_items": shown, "unknown_count": len(exc.ids)}, status_code=422)
-        return ORJSONResponse(answer.as_dict())
+            return _json({"error": f"unknown item ids: {', '.join(shown)}" + (" ..." if len(exc.ids) > len(shown) else ""),
+                          "unknown_items": shown, "unknown_count": len(exc.ids)}, 422)
+        return _json(answer.as_dict())
 
-    @app.get("/items/{item_id}/similar", response_model=RecommendationsOut)
-    def similar_items(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
+    @app.get("/items/{item_id}/similar", tags=["items"], response_model=RecommendationsOut,
+             responses={404: _error("unknown item id"), **INVALID})
+    def similar_items(item_id: str = PathParam(..., examples=["1"], description="an item id of the catalogue"), k: int = Query(10, ge=1, le=MAX_K, description="how many items")) -> Response:
+        """The k items nearest to an item in the model's item space."""
         try:
-            return ORJSONResponse(recommender.similar(item_id, k).as_dict())
+            return _json(recommender.similar(item_id, k).as_dict())
         except UnknownItems:
-            return JSONResponse({"error": f"unknown item id {item_id!r}"}, status_code=404)
+            return _json({"error": f"unknown item id {item_id!r}"}, 404)
 
+    app.openapi = lambda: _openapi_with_bearer(app, required=api_token is not None)
     return app
+
+
+def _openapi_with_bearer(app: FastAPI, required: bool) -> dict[str, Any]:
+    """The generated schema plus the bearer scheme, and its 401, on every endpoint that checks
+    the token (optional when no token is set)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             tags=app.openapi_tags)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "ATTNREC_API_TOKEN"}}
+        for path, operations in schema["paths"].items():
+            if path not in OPEN_PATHS:
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}] if required else [{"bearer": []}, {}]
+                    operation["responses"]["401"] = {
+                        "description": "missing or wrong bearer token (only when a token is set)",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _endpoint_of(path: str) -> str:
@@ -171,6 +281,8 @@ def _endpoint_of(path: str) -> str:
         return "/items/{item_id}/similar"
     if path in {"/recommendations", "/metrics"} or path in OPEN_PATHS:
         return path
+    if path.startswith(DOCS_ASSETS + "/"):
+        return DOCS_ASSETS
     return "other"
 
 
@@ -216,7 +328,7 @@ class Guard:
             return message
 
         try:
-            if self.token and path not in OPEN_PATHS and not hmac.compare_digest(
+            if self.token and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS + "/") and not hmac.compare_digest(
                     headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
                 await _send_json(guarded_send, 401, {"error": "missing or wrong bearer token"},
                                  [(b"www-authenticate", b"Bearer")])
