@@ -102,6 +102,10 @@ class ServeSettings(BaseModel):
     port: int = 8000
     api_token: str | None = Field(None, description="bearer token required by the HTTP API when set")
     threads: int = Field(1, ge=1, description="torch / FAISS threads per query (queries already run in parallel)")
+    parallel_queries: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
+                                  description="queries answered at once (the others wait in order); default: the CPU count")
+    keep_alive_s: float = Field(30.0, gt=0, description="an idle client connection is closed after this many seconds "
+                                "(longer than clients' pauses, so that a reused connection is never closed under them)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused with 413")
     max_history_items: int = Field(10_000, ge=1, description="most item ids in a POSTed history or exclude list (422 above)")
     max_unknown_ids_shown: int = Field(20, ge=1, description="unknown item ids listed in a 422 (the count is always given)")

@@ -431,4 +431,4 @@ def serve(settings: Settings, model: str | None = None, announce: Callable[[str]
         announce(f"serving model {recommender.version} ({recommender.num_items:,} items) on "
                  f"http://{settings.serve.host}:{settings.serve.port} (docs at /docs){' with bearer token' if token else ''}")
     uvicorn.run(create_app(recommender, token, settings.serve), host=settings.serve.host, port=settings.serve.port,
-                log_level="warning")
+                timeout_keep_alive=settings.serve.keep_alive_s, log_level="warning")

@@ -22,11 +22,14 @@ endpoint except ``/health``, ``/ready`` and the docs needs ``Authorization: Bear
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import anyio.to_thread
 import orjson
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -148,7 +151,12 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
 def create_app(recommender: Recommender, api_token: str | None = None, limits: ServeSettings | None = None) -> FastAPI:
     """The API over one loaded ``Recommender`` (model bundle + warehouse histories)."""
     limits = limits or ServeSettings()
-    app = FastAPIOffline(title="attnrec", version=__version__, openapi_tags=TAGS, static_url=DOCS_ASSETS,
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = limits.parallel_queries
+        yield
+
+    app = FastAPIOffline(lifespan=lifespan, title="attnrec", version=__version__, openapi_tags=TAGS, static_url=DOCS_ASSETS,
                          description="Top-k recommendations from a content-aware SASRec, with the attention over "
                                      "each user's history as the reasons. Errors are `{\"error\": message}`; "
                                      f"a body over {limits.max_body_bytes:,} bytes is a 413.")
