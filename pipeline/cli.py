@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
-from pipeline.config import Settings, invalid_settings, load_settings
+from pipeline.config import Settings, load_settings
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -29,10 +28,7 @@ ModelOpt = Annotated[str | None, typer.Option(
 
 def settings_from(home: Path | None, **overrides: Any) -> Settings:
     """The settings of a command: its flags over the environment, ``attnrec.toml`` and the defaults."""
-    try:
-        return load_settings(home=home, **overrides)
-    except ValidationError as exc:
-        raise invalid_settings(exc) from None
+    return load_settings(home=home, **overrides)
 
 
 def _echo_json(data: Any) -> None:
@@ -406,6 +402,9 @@ def ui(
     args = [mlflow_bin, "ui", "--backend-store-uri", str(s.mlflow_tracking_uri), "--host", "127.0.0.1", "--port", str(port)]
     if s.mlflow_tracking_uri.startswith("sqlite"):
         args += ["--default-artifact-root", s.mlflow_artifact_root.as_uri()]
+    from pipeline.app.steps import check_port_free
+
+    check_port_free("127.0.0.1", port, "is the MLflow UI already running? (choose another with --port)")
     err.print(f"MLflow UI on http://127.0.0.1:{port} (store {s.mlflow_tracking_uri})", highlight=False)
     os.execv(args[0], args)
 

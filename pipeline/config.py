@@ -12,12 +12,13 @@ real server by setting (``mlflow_tracking_uri``, ``prefect_api_url``, ``duckdb_p
 
 from __future__ import annotations
 
+import difflib
 import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,9 +29,17 @@ from pydantic_settings import (
 from pipeline.errors import UserError
 
 CONFIG_FILE_NAME = "attnrec.toml"
+# Environment variables attnrec reads beside the settings' own ATTNREC_* names.
+OTHER_ENV = {"ATTNREC_CONFIG", "ATTNREC_API_TOKEN"}
 
 
-class ModelSettings(BaseModel):
+class Section(BaseModel):
+    """A group of settings; a key it does not have is an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
     """Shape of the content-aware SASRec model."""
 
     hidden_size: int = Field(128, ge=4, description="item / state vector size D")
@@ -46,7 +55,7 @@ class ModelSettings(BaseModel):
     )
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Section):
     """Training loop settings.
 
     The defaults are the full-softmax SASRec+ recipe on an 80-epoch cosine, a training
@@ -82,7 +91,7 @@ class TrainSettings(BaseModel):
         return value
 
 
-class FeatureSettings(BaseModel):
+class FeatureSettings(Section):
     """How the feature set is cut out of the warehouse."""
 
     split: Literal["loo", "temporal"] = "loo"
@@ -97,13 +106,15 @@ class FeatureSettings(BaseModel):
     event_types: list[str] | None = Field(None, description="only these event types (None: all)")
 
 
-class ServeSettings(BaseModel):
+class ServeSettings(Section):
     host: str = "127.0.0.1"
     port: int = 8000
     api_token: str | None = Field(None, description="bearer token required by the HTTP API when set")
     threads: int = Field(1, ge=1, description="torch / FAISS threads per query (queries already run in parallel)")
     parallel_queries: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
                                   description="queries answered at once (the others wait in order); default: the CPU count")
+    follow_model_s: float = Field(10.0, ge=0, description="how often the server checks its registry alias (the champion) "
+                                  "for a new model or a rebuilt index, swapped in without a restart; 0: never")
     keep_alive_s: float = Field(30.0, gt=0, description="an idle client connection is closed after this many seconds "
                                 "(longer than clients' pauses, so that a reused connection is never closed under them)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused with 413")
@@ -111,7 +122,7 @@ class ServeSettings(BaseModel):
     max_unknown_ids_shown: int = Field(20, ge=1, description="unknown item ids listed in a 422 (the count is always given)")
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(Section):
     model_name: str = "attnrec"
     champion_alias: str = "champion"
     promotion_tolerance: float = Field(0.0, ge=0, description="a challenger may trail the champion's validation score (train.selection_metric) by this much")
@@ -121,7 +132,7 @@ class Settings(BaseSettings):
     """All of attnrec's configuration. Paths are absolute after validation."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ATTNREC_", env_nested_delimiter="__", extra="ignore", validate_default=True
+        env_prefix="ATTNREC_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
     home: Path = Field(Path(".attnrec"), description="state folder")
@@ -192,7 +203,8 @@ def load_settings(**overrides: Any) -> Settings:
 
     ``overrides`` take dotted or nested keys: ``load_settings(train={"epochs": 3})`` or
     ``load_settings(**{"train.epochs": 3})``. ``None`` values are dropped so that unset CLI
-    flags do not mask the environment.
+    flags do not mask the environment. An unknown key, in any source, or a bad value raises
+    one ``UserError`` line that names it (and the settings its name is close to).
     """
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -202,14 +214,49 @@ def load_settings(**overrides: Any) -> Settings:
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"invalid settings: {key} = {value!r}: {'.'.join(parts[:-1])} is not a group of settings")
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
             node[parts[-1]].update(value)
         else:
             node[parts[-1]] = value
-    return Settings(**nested)
+    unknown_env = sorted(name for name in os.environ if name.upper().startswith("ATTNREC_")
+                         and name.upper() not in OTHER_ENV
+                         and name.upper().removeprefix("ATTNREC_").split("__")[0].lower() not in Settings.model_fields)
+    if unknown_env:
+        names = ["ATTNREC_" + n.replace(".", "__").upper() for n in _setting_names()]
+        raise UserError("invalid settings: unknown environment variable " + "; ".join(
+            name + _close_to(name.upper(), names) for name in unknown_env))
+    try:
+        return Settings(**nested)
+    except ValidationError as exc:
+        raise invalid_settings(exc) from None
+
+
+def _setting_names(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    """Every setting's dotted name (``train.epochs``)."""
+    names = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names += _setting_names(kind, f"{prefix}{name}.")
+        else:
+            names.append(prefix + name)
+    return names
+
+
+def _close_to(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def invalid_settings(exc: ValidationError) -> UserError:
     """A settings validation error as one line a user can act on (the CLI's ``error:`` line)."""
-    return UserError("invalid settings: " + "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])} = {e.get('input')!r}: {e['msg']}" for e in exc.errors()))
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {where}" + _close_to(where, _setting_names()))
+        else:
+            parts.append(f"{where} = {e.get('input')!r}: {e['msg']}")
+    return UserError("invalid settings: " + "; ".join(parts))

@@ -7,7 +7,6 @@ Prefect reads its settings when imported, so call ``configure_prefect`` first.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from pipeline.app.steps import check_port_free
 from pipeline.config import Settings
 from pipeline.errors import UserError
 
@@ -34,15 +34,9 @@ def configure_prefect(settings: Settings, api_url: str | None = None) -> dict[st
     return env
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((host, port)) != 0
-
-
 def start_server(settings: Settings, host: str = "127.0.0.1", port: int = 4200, timeout: float = 120) -> subprocess.Popen:
     """Start ``prefect server start`` (database in the state folder) and wait until it answers."""
-    if not port_free(host, port):
-        raise UserError(f"{host}:{port} is in use: is a Prefect server already running? (use --no-server, or --port)")
+    check_port_free(host, port, "is a Prefect server already running? (use --no-server, or --port)")
     env = {**os.environ, **configure_prefect(settings)}
     env.pop("PREFECT_API_URL", None)
     log = open(settings.prefect_home / "server.log", "ab")  # noqa: SIM115 - lives as long as the server

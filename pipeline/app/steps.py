@@ -418,15 +418,28 @@ def _write_parquet(frame: pl.DataFrame, target: Path) -> None:
     tmp.replace(target)
 
 
+def check_port_free(host: str, port: int, hint: str) -> None:
+    """Refuse a busy port before anything says it is serving (exit 1 with ``hint``)."""
+    import socket
+
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise UserError(f"{host}:{port} is in use: {hint}")
+
+
 def serve(settings: Settings, model: str | None = None, announce: Callable[[str], None] | None = None) -> None:
     """Run the HTTP API (uvicorn) over ``Recommender.load(model)`` until interrupted."""
     import uvicorn
 
+    check_port_free(settings.serve.host, settings.serve.port, "stop what runs there, or choose another with --port")
     from pipeline.serving.http import create_app
     from pipeline.serving.recommender import Recommender
 
     recommender = Recommender.load(model, settings=settings, cache_histories=True, threads=settings.serve.threads)
     token = settings.serve.api_token or os.environ.get("ATTNREC_API_TOKEN")
+    if settings.serve.follow_model_s > 0:
+        recommender.follow(settings, model, settings.serve.follow_model_s,
+                           on_swap=lambda old, new: announce(f"now serving model {new} (was {old})") if announce else None)
     if announce:
         announce(f"serving model {recommender.version} ({recommender.num_items:,} items) on "
                  f"http://{settings.serve.host}:{settings.serve.port} (docs at /docs){' with bearer token' if token else ''}")

@@ -178,6 +178,7 @@ class Bundle:
         self.model = model
         self.meta = meta
         self.device = next(model.parameters()).device
+        self.stamp: tuple[int, ...] = ()  # bundle_stamp(path) when loaded from disk
         self.version = model_label(path, meta["sha256"])
         self.items = items.sort("item_idx")
         self.item_keys: np.ndarray = meta["item_keys"].numpy()  # (N,) warehouse key of item index 1..N
@@ -201,6 +202,7 @@ class Bundle:
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> Bundle:
         """Load the bundle in folder ``path`` (its index must have been built for its model)."""
+        stamp = bundle_stamp(path)
         model, meta = load_model(path / MODEL_FILE, device)
         items_path = path / ITEMS_FILE
         if not items_path.exists():
@@ -210,7 +212,9 @@ class Bundle:
         except Exception as exc:  # noqa: BLE001 - polars raises many types for a damaged file
             raise UserError(f"{items_path} is a damaged item table ({_first_line(exc)}): {REPAIR_MODEL}") from None
         index, index_meta = load_index(path / INDEX_DIR, meta["sha256"])
-        return cls(path, model, meta, items, index, index_meta)
+        bundle = cls(path, model, meta, items, index, index_meta)
+        bundle.stamp = stamp
+        return bundle
 
     @property
     def num_items(self) -> int:
@@ -272,6 +276,18 @@ def rebuild_index(folder: Path, kind: str = "auto", params: dict[str, Any] | Non
     index, index_meta = build_index(vectors, meta["sha256"], kind, queries, params)
     save_index(folder / INDEX_DIR, index, index_meta)
     return index_meta
+
+
+def bundle_stamp(path: Path) -> tuple[int, ...]:
+    """Changes when the bundle's model or index files are replaced: their sizes and mtimes (ns)."""
+    out: list[int] = []
+    for name in (MODEL_FILE, f"{INDEX_DIR}/index.json", f"{INDEX_DIR}/items.faiss"):
+        try:
+            st = (path / name).stat()
+            out += [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out += [-1, -1]
+    return tuple(out)
 
 
 def resolve_bundle(settings: Settings, ref: str | Path | None) -> Path:

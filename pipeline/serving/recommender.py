@@ -14,7 +14,9 @@ path, ``pipeline.serving.query.recommend``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +25,10 @@ import polars as pl
 from pipeline.config import Settings, load_settings
 from pipeline.data.histories import HistoryStore
 from pipeline.errors import UserError
-from pipeline.registry.model_store import Bundle, resolve_bundle
+from pipeline.registry.model_store import Bundle, bundle_stamp, resolve_bundle
 from pipeline.serving.query import Filters, Recommendations, check_k, indices_of_ids, rank, recommend, set_threads, similar
+
+log = logging.getLogger(__name__)
 
 
 class UnknownItems(UserError):
@@ -90,21 +94,24 @@ class Recommender:
         filters = Filters(exclude_seen, include_categories, exclude_categories, exclude_items)
         if user is not None:
             keys = self._store().history(user)
-            history = self.bundle.indices_of_keys(keys) if keys is not None else np.zeros(0, np.int64)
-            answer = recommend(self.bundle, [history], k, explain, filters)[0]
+            bundle = self.bundle  # one bundle per query, however often the model is swapped meanwhile
+            history = bundle.indices_of_keys(keys) if keys is not None else np.zeros(0, np.int64)
+            answer = recommend(bundle, [history], k, explain, filters)[0]
             answer.known_user = keys is not None
             return answer
-        known, unknown = indices_of_ids(self.bundle, list(items or []))
+        bundle = self.bundle
+        known, unknown = indices_of_ids(bundle, list(items or []))
         if unknown:
             raise UnknownItems(unknown)
-        return recommend(self.bundle, [np.asarray(known, dtype=np.int64)], k, explain, filters)[0]
+        return recommend(bundle, [np.asarray(known, dtype=np.int64)], k, explain, filters)[0]
 
     def similar(self, item: str, k: int = 10) -> Recommendations:
         """The ``k`` items nearest to ``item`` in the model's item space (FAISS)."""
-        known, unknown = indices_of_ids(self.bundle, [item])
+        bundle = self.bundle
+        known, unknown = indices_of_ids(bundle, [item])
         if unknown:
             raise UnknownItems(unknown)
-        return similar(self.bundle, known, k)[0]
+        return similar(bundle, known, k)[0]
 
     def recommend_all(self, k: int = 50) -> pl.DataFrame:
         """Top ``k`` unseen items for every warehouse user, through the same query path as
@@ -112,10 +119,11 @@ class Recommender:
         ("popular" for a user without usable history, else null), ``model_version``."""
         check_k(k)
         user_ids, key_lists = self._store().all_histories()
-        ranked = rank(self.bundle, [self.bundle.indices_of_keys(keys) for keys in key_lists], k)
+        bundle = self.bundle
+        ranked = rank(bundle, [bundle.indices_of_keys(keys) for keys in key_lists], k)
         counts = np.array([len(r.items) for r in ranked], dtype=np.int64)
         items = np.concatenate([r.items for r in ranked]) if ranked else np.zeros(0, np.int64)
-        item_ids = np.array(self.bundle.item_ids, dtype=object)
+        item_ids = np.array(bundle.item_ids, dtype=object)
         return pl.DataFrame({
             "user_id": np.repeat(np.array(user_ids, dtype=object), counts).tolist(),
             "rank": np.concatenate([np.arange(1, c + 1) for c in counts]) if len(counts) else np.zeros(0),
@@ -123,7 +131,34 @@ class Recommender:
             "score": np.concatenate([r.scores for r in ranked]) if ranked else np.zeros(0, np.float32),
             "fallback": np.repeat(np.array([r.fallback for r in ranked], dtype=object), counts).tolist(),
         }, schema={"user_id": pl.String, "rank": pl.Int32, "item_id": pl.String, "score": pl.Float32,
-                   "fallback": pl.String}).with_columns(pl.lit(self.version).alias("model_version"))
+                   "fallback": pl.String}).with_columns(pl.lit(bundle.version).alias("model_version"))
+
+    def follow(self, settings: Settings, model: str | Path | None, every_s: float,
+               on_swap: Callable[[str, str], None] | None = None) -> threading.Event | None:
+        """Keep serving whatever ``model`` names: when it is a registry alias (None: the champion),
+        check it every ``every_s`` seconds in a background thread and, when the alias has moved
+        or the bundle's index was rebuilt, load the new bundle beside the old one and swap it in
+        (one assignment: a query in flight finishes on the bundle it started with). Returns the
+        event that stops the thread, or None when ``model`` is a fixed version or folder."""
+        ref = str(model) if model is not None else f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}"
+        if not ref.startswith("models:/") or "@" not in ref:
+            return None
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(every_s):
+                try:
+                    path = resolve_bundle(settings, ref)
+                    if (path, bundle_stamp(path)) != (self.bundle.path, self.bundle.stamp):
+                        old, new = self.bundle.version, Bundle.load(path, self.bundle.device)
+                        self.bundle = new
+                        if on_swap:
+                            on_swap(old, new.version)
+                except Exception as exc:  # the registry or a file is unavailable now: keep serving, retry later
+                    log.warning("could not check %s for a new model (%s); still serving %s", ref, exc, self.version)
+
+        threading.Thread(target=watch, name="follow-model", daemon=True).start()
+        return stop
 
     def _store(self) -> HistoryStore:
         if self.histories is None:

@@ -9,6 +9,7 @@ import pydantic
 import pytest
 
 from pipeline.config import Settings, load_settings
+from pipeline.errors import UserError
 from tests.support import Attnrec
 
 
@@ -122,11 +123,34 @@ def test_none_overrides_do_not_mask_env(workdir: Path, monkeypatch: pytest.Monke
 
 def test_invalid_values_are_rejected(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ATTNREC_TRAIN__EPOCHS", "-1")
-    with pytest.raises(pydantic.ValidationError, match="epochs"):
+    with pytest.raises(UserError, match="epochs"):
         load_settings()
     monkeypatch.delenv("ATTNREC_TRAIN__EPOCHS")
-    with pytest.raises(pydantic.ValidationError, match="split"):
+    with pytest.raises(UserError, match="split"):
         load_settings(**{"features.split": "random"})
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("override", "unknown setting train.epoch (did you mean train.epochs?)"),
+    ("env", "unknown setting train.epoch (did you mean train.epochs?)"),
+    ("toml", "unknown setting train.epoch (did you mean train.epochs?)"),
+    ("env-top", "unknown environment variable ATTNREC_EPOCHS (did you mean ATTNREC_TRAIN__EPOCHS?)"),
+])
+def test_an_unknown_key_is_an_error_that_names_the_close_settings(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str) -> None:
+    overrides: dict[str, object] = {}
+    if source == "override":
+        overrides = {"train.epoch": 3}
+    elif source == "env":
+        monkeypatch.setenv("ATTNREC_TRAIN__EPOCH", "3")
+    elif source == "env-top":
+        monkeypatch.setenv("ATTNREC_EPOCHS", "3")
+    else:
+        (workdir / "attnrec.toml").write_text("[train]\nepoch = 3\n")
+        monkeypatch.setenv("ATTNREC_CONFIG", str(workdir / "attnrec.toml"))
+    with pytest.raises(UserError) as caught:
+        load_settings(**overrides)
+    assert str(caught.value) == f"invalid settings: {message}"
 
 
 def test_two_homes_are_independent_installations(tmp_path: Path, ml_small: Path) -> None:

@@ -20,13 +20,13 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, cli: Attnrec, token: str | None = None, env: dict[str, str] | None = None,
-                 wait_for: str = "/health") -> None:
+                 wait_for: str = "/health", model: str | None = "runs/model-a") -> None:
         self.port = free_port()
         env = {**_clean_env(cli.home), **(env or {})}
         if token:
             env["ATTNREC_API_TOKEN"] = token
-        model = str(cli.home / "runs" / "model-a")
-        self.proc = subprocess.Popen(cli.command("serve", "--port", str(self.port), "--model", model), cwd=cli.cwd, env=env,
+        chosen = ("--model", str(cli.home / model)) if model else ()
+        self.proc = subprocess.Popen(cli.command("serve", "--port", str(self.port), *chosen), cwd=cli.cwd, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 90
@@ -157,3 +157,16 @@ def test_http_answers_equal_the_batch_answers(server: Server, small_home: Path) 
     for user in ["1", "42", "68", "414", "599", "610"] + [str(u) for u in range(100, 140)]:
         online = httpx.get(f"{server.url}/users/{user}/recommendations", params={"k": 10}).json()["recommendations"]
         assert [r["item_id"] for r in online] == batch[(user,)].sort("rank")["item_id"].to_list(), user
+
+
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_a_busy_port_fails_with_exit_1_before_anything_says_serving(small_cli: Attnrec, command: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = small_cli.run(command, "--port", str(port), "--model", str(small_cli.home / "runs" / "model-a"),
+                             ok=False) if command == "serve" else small_cli.run(command, "--port", str(port), ok=False)
+    said = done.stdout + done.stderr
+    assert done.returncode == 1 and f"error: 127.0.0.1:{port} is in use" in said, said
+    assert "serving" not in said and "MLflow UI on" not in said and "Traceback" not in said
