@@ -125,6 +125,8 @@ class ServeSettings(Section):
 class RegistrySettings(Section):
     model_name: str = "attnrec"
     champion_alias: str = "champion"
+    popularity_floor: bool = Field(True, description="never promote a model whose validation score is below the "
+                                   "most-popular baseline's (the first model included)")
     promotion_tolerance: float = Field(0.0, ge=0, description="a challenger may trail the champion's validation score (train.selection_metric) by this much")
 
 

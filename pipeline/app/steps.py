@@ -252,7 +252,8 @@ def _log_run_artefacts(run_dir: Path, fs: FeatureSet, bundle: Bundle, rows: dict
 
 def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score: float) -> tuple[bool, str]:
     """Give ``version`` the champion alias if its validation score (the selection metric) is not
-    worse than the champion's on ``fs``, within ``registry.promotion_tolerance``.
+    worse than the champion's on ``fs``, within ``registry.promotion_tolerance``, and not below
+    the most-popular baseline's on ``fs`` (the floor, for the first model too).
 
     The champion's score is its tag when it was measured on ``fs``; otherwise the champion is
     re-evaluated on ``fs`` once (kept as the tag ``valid_<metric>_on_<feature set>``). A champion
@@ -267,8 +268,14 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
                                                   "selection_metric": metric})
     current = tracking.champion(settings)
     label = metric.upper()
-    if current is None:
-        promoted, reason = True, "first model: no champion yet"
+    floor = popularity_score(settings, fs)
+    tracking.set_version_tags(settings, version, {f"popularity_{score_tag}": f"{floor:.6f}"})
+    if valid_score < floor and reg.popularity_floor:
+        promoted, reason = False, (f"valid {label} {valid_score:.4f} < most-popular's {floor:.4f}: below the "
+                                   f"popularity floor" + ("" if current else " (no champion yet, none promoted)"))
+    elif current is None:
+        promoted, reason = True, (f"first model: no champion yet; valid {label} {valid_score:.4f}, most-popular's "
+                                  f"{floor:.4f}" + ("" if reg.popularity_floor else " (popularity floor off)"))
     else:
         champ_version, champ_tags = current
         measured_tag = f"{score_tag}_on_{fs.version}"  # the champion re-measured on this feature set
@@ -297,6 +304,18 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
         tracking.set_version_tags(settings, version, {"role": "challenger"})
     tracking.set_version_tags(settings, version, {"gate_reason": reason})
     return promoted, reason
+
+
+def popularity_score(settings: Settings, fs: FeatureSet) -> float:
+    """The most-popular baseline's validation score (the selection metric) on ``fs``: the gate's floor."""
+    from pipeline.training.evaluation import evaluate, selection_ks
+    from pipeline.training.loop import resolve_device
+    from pipeline.training.recipe import baseline_model
+
+    device = resolve_device(settings.device)
+    metric = settings.train.selection_metric
+    return evaluate(baseline_model("popularity", fs).to(device), fs, "valid", settings.model.max_len, device,
+                    ks=selection_ks(metric)).metrics[metric]
 
 
 def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | None:

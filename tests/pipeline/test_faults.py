@@ -44,6 +44,7 @@ def test_a_corrupt_mlflow_store_is_one_line(champion_home: Path, tmp_path: Path)
 @pytest.mark.slow
 def test_a_corrupt_cached_bundle_is_fetched_again_and_a_lost_one_is_said(small_cli: Attnrec) -> None:
     cli, home = small_cli, small_cli.home
+    (cli.cwd / "attnrec.toml").write_text("[registry]\npopularity_floor = false\n")  # a tiny model may be champion
     cli.run("train", *TINY)  # a champion of this state folder's own registry
     assert cli.json("recommend", "--user", "42", "-k", "3")["model_version"] == "attnrec v1"  # fills the cache
     cached = home / "model_cache" / "attnrec-v1" / "bundle" / "model.pt"
@@ -67,6 +68,7 @@ def test_resume_with_another_shape_says_what_differs(small_cli: Attnrec) -> None
 @pytest.mark.slow
 def test_a_training_killed_mid_run_is_failed_and_leaves_no_undecided_version(small_cli: Attnrec) -> None:
     db = small_cli.home / "mlflow.db"
+    (small_cli.cwd / "attnrec.toml").write_text("[registry]\npopularity_floor = false\n")  # a tiny model may be champion
     proc = small_cli.popen("train", "--epochs", "1000", "--patience", "1000", "--hidden-size", "16", "--max-len", "20",
                            "--batch-size", "256", "--negatives", "128", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)  # far from done when it is killed

@@ -35,12 +35,27 @@ def champion_version(home: Path) -> str:
 
 def test_the_first_model_is_champion_and_a_worse_one_a_challenger(home: Path) -> None:
     first = version_tags(home, "1")
-    assert first["role"] == "champion" and first["gate_reason"] == "first model: no champion yet"
+    assert first["role"] == "champion" and first["gate_reason"].startswith("first model: no champion yet; valid NDCG@10 ")
+    assert float(first["popularity_valid_ndcg_at_10"]) > 0  # measured, though the floor is off for tiny models
     assert float(first["valid_ndcg_at_10"]) > 0 and first["selection_metric"] == "ndcg@10"
     worse = train(load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0}), baselines=False)
     assert worse["version"] == "2" and worse["promoted"] is False
     assert worse["gate_reason"].startswith("valid NDCG@10 ") and " < champion v1 " in worse["gate_reason"]
     assert version_tags(home, "2")["role"] == "challenger" and champion_version(home) == "1"
+
+
+def test_a_model_below_most_popular_is_never_promoted_not_even_the_first(small_copy: Path) -> None:
+    untrained = train(load_settings(home=small_copy, **{**TINY_TRAINING, "train.epochs": 0,
+                                                         "registry.popularity_floor": True}), baselines=False)
+    tags = version_tags(small_copy, untrained["version"])
+    assert untrained["version"] == "1" and untrained["promoted"] is False and tags["role"] == "challenger"
+    floor = float(tags["popularity_valid_ndcg_at_10"])
+    assert float(tags["valid_ndcg_at_10"]) < floor
+    assert untrained["gate_reason"] == (f"valid NDCG@10 {float(tags['valid_ndcg_at_10']):.4f} < most-popular's {floor:.4f}: "
+                                        "below the popularity floor (no champion yet, none promoted)")
+    settings = load_settings(home=small_copy)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    assert not client.get_registered_model("attnrec").aliases
 
 
 def test_the_champion_is_re_evaluated_when_the_warehouse_changed(home: Path, tmp_path: Path) -> None:
