@@ -155,7 +155,9 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     tracking.recover_interrupted(settings)
     metric = settings.train.selection_metric
     tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version}
-    with tracking.tracked_run(settings, None, tags) as run_id:
+    data = f"{fs.num_users:,} users x {fs.num_items:,} items"
+    with tracking.tracked_run(settings, f"train {data}, features {fs.version[:8]}", tags) as run_id:
+        tracking.log_feature_set(fs.path, fs.version, fs.manifest["counts"])
         params = tracking.flatten(settings.model_dump(mode="json", include={"model", "train", "features", "device"}))
         params.update({"feature_set.version": fs.version, "feature_set.fingerprint": fs.manifest["source"]["fingerprint"],
                        **{f"feature_set.{k}": v for k, v in fs.manifest["counts"].items()},
@@ -204,6 +206,12 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
             tracking.set_version_tags(settings, version, {"model_sha256": bundle.meta["sha256"]})
             promoted, reason = promotion_gate(settings, fs, version, outcome.valid[metric])
             tracking.set_tags({"registered_version": str(version), "promoted": str(promoted), "gate_reason": reason})
+            tracking.set_run_name(f"train {data}, features {fs.version[:8]} -> {settings.registry.model_name} v{version}")
+            tracking.describe_version(settings, version, (
+                f"Trained on feature set {fs.version} ({data}, split {fs.manifest['split']['kind']}), "
+                f"best epoch {fit.best_epoch} of {fit.epochs_run}. Validation {metric.upper()} "
+                f"{outcome.valid[metric]:.4f}; test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}. "
+                f"Gate: {'champion' if promoted else 'challenger'} ({reason})."))
     return {"mlflow_run_id": run_id, "version": version, "promoted": promoted, "gate_reason": reason,
             "run_dir": str(outcome.run_dir), "bundle": str(bundle.path), "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1), "valid": outcome.valid,

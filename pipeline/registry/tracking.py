@@ -34,6 +34,11 @@ def metric_name(key: str, prefix: str = "") -> str:
     return prefix + key.replace("@", "_at_")
 
 
+# The MLflow UI opens an experiment of this kind in its model-training view (not the GenAI traces view).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": "attnrec: content-aware SASRec runs (train, evaluate) and their registered models"}
+
+
 def configure(settings: Settings) -> str:
     """Point MLflow at the configured store; returns the experiment id (created on first use)."""
     import mlflow
@@ -45,7 +50,10 @@ def configure(settings: Settings) -> str:
         exp = mlflow.get_experiment_by_name(EXPERIMENT)
         if exp is None:
             location = settings.mlflow_artifact_root.as_uri() if settings.mlflow_tracking_uri.startswith("sqlite") else None
-            return mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            return mlflow.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_TAGS)
+        if any(exp.tags.get(k) != v for k, v in EXPERIMENT_TAGS.items()):  # made by an older attnrec
+            for key, value in EXPERIMENT_TAGS.items():
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy, REST and MLflow errors all mean an unusable store
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"the MLflow store {settings.mlflow_tracking_uri} cannot be used ({reason}): restore it, or point "
@@ -115,6 +123,29 @@ def set_tags(tags: dict[str, str]) -> None:
     import mlflow
 
     mlflow.set_tags(tags)
+
+
+def log_feature_set(path: Path, version: str, counts: dict[str, Any]) -> None:
+    """The feature set as the run's training dataset input (its folder, its version as the digest)."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(path.as_uri()), name=f"features-{version}", digest=version[:36])
+    mlflow.log_input(dataset, context="training", tags={k: str(v) for k, v in counts.items()})
+
+
+def set_run_name(name: str) -> None:
+    import mlflow
+
+    mlflow.set_tag("mlflow.runName", name)
+
+
+def describe_version(settings: Settings, version: str, text: str) -> None:
+    from mlflow import MlflowClient
+
+    configure(settings)
+    MlflowClient().update_model_version(settings.registry.model_name, version, description=text)
 
 
 def log_artifact(path: Path, folder: str) -> None:

@@ -44,6 +44,20 @@ def test_the_first_model_is_champion_and_a_worse_one_a_challenger(home: Path) ->
     assert version_tags(home, "2")["role"] == "challenger" and champion_version(home) == "1"
 
 
+def test_runs_and_versions_read_well_in_mlflow(home: Path) -> None:
+    settings = load_settings(home=home)
+    client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name("attnrec")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    version = client.get_model_version("attnrec", "1")
+    assert version.description.startswith("Trained on feature set ") and "Gate: champion (first model" in version.description
+    run = client.get_run(version.run_id)
+    assert run.info.run_name.startswith("train 610 users x 9,") and run.info.run_name.endswith("-> attnrec v1")
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == f"features-{version.tags['feature_version']}"
+    assert [t.value for t in dataset.tags if t.key == "mlflow.data.context"] == ["training"]
+
+
 def test_a_model_below_most_popular_is_never_promoted_not_even_the_first(small_copy: Path) -> None:
     untrained = train(load_settings(home=small_copy, **{**TINY_TRAINING, "train.epochs": 0,
                                                          "registry.popularity_floor": True}), baselines=False)
