@@ -163,8 +163,9 @@ def attnrec_pipeline(event_files: list[str] | None = None, item_files: list[str]
                      home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest new files -> features -> train + gate -> index -> batch recommendations.
 
-    Training is skipped when the warehouse is unchanged since the champion's feature set
-    (unless ``force_train``); the champion then keeps serving and is re-indexed / re-scored.
+    Training is skipped when the champion was trained on this feature set with these training
+    settings (unless ``force_train``); the champion then keeps serving and is re-indexed /
+    re-scored. Changed data or changed ``train.*`` / ``model.*`` overrides train.
     """
     log = get_run_logger()
     s = _settings(home, overrides)
@@ -174,10 +175,13 @@ def attnrec_pipeline(event_files: list[str] | None = None, item_files: list[str]
         ingest_items_task(s, item_files, id_map)
     features = features_for(s)
     trained: dict[str, Any] | None = None
-    if force_train or steps.champion_feature_version(s) != features["version"]:
+    reason = "force_train" if force_train else steps.why_train(s, features["version"])
+    if reason:
+        log.info("training: %s", reason)
         trained = train_task(s, index_kind)
     else:
-        log.info("warehouse unchanged since the champion's feature set %s: training skipped", features["version"])
+        log.info("training skipped: the champion was trained on feature set %s with these settings "
+                 "(force_train=true trains anyway)", features["version"])
     index = build_index_task(s, index_kind, None, rebuild=False)
     recs = recommend_all_task(s, k, None, None)
     return {"ingested": ingested, "features": features, "trained": trained, "index": index, "recommendations": recs,

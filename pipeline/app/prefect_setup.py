@@ -25,6 +25,10 @@ def configure_prefect(settings: Settings, api_url: str | None = None) -> dict[st
         "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.prefect_home)),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        # Prefect's own chatter stays at WARNING; the flow and task run logs (epoch lines, counts,
+        # the gate decision) go to the API at INFO, deployment runs included.
+        "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": os.environ.get("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "INFO"),
+        "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": os.environ.get("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "INFO"),
     }
     url = api_url or settings.prefect_api_url or os.environ.get("PREFECT_API_URL")
     if url:

@@ -128,12 +128,28 @@ def _current_feature_set(settings: Settings) -> FeatureSet:
 # Training, tracking and the promotion gate
 
 
-def champion_feature_version(settings: Settings) -> str | None:
-    """The feature set the current champion was trained on (None without a champion)."""
+def training_fingerprint(settings: Settings) -> str:
+    """A hash of the settings that shape a trained model (``model``, ``train``, ``device``)."""
+    import hashlib
+
+    blob = json.dumps(settings.model_dump(mode="json", include={"model", "train", "device"}), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def why_train(settings: Settings, feature_version: str) -> str | None:
+    """Why the pipeline should train now, or None when the champion already is this training:
+    no champion, a changed feature set (new data), or changed training settings."""
     from pipeline.registry.tracking import champion
 
     current = champion(settings)
-    return current[1].get("feature_version") if current else None
+    if current is None:
+        return "no champion yet"
+    version, tags = current
+    if tags.get("feature_version") != feature_version:
+        return f"the data changed: feature set {feature_version}, champion v{version} has {tags.get('feature_version')}"
+    if tags.get("training_settings", training_fingerprint(settings)) != training_fingerprint(settings):
+        return f"the training settings differ from champion v{version}'s"
+    return None
 
 
 def train(settings: Settings, resume: Path | None = None, progress: bool = False,
@@ -203,7 +219,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         version, promoted, reason = None, False, "not registered"
         if register:
             version = tracking.log_bundle_model(bundle.path, settings.registry.model_name)
-            tracking.set_version_tags(settings, version, {"model_sha256": bundle.meta["sha256"]})
+            tracking.set_version_tags(settings, version, {"model_sha256": bundle.meta["sha256"],
+                                                          "training_settings": training_fingerprint(settings)})
             promoted, reason = promotion_gate(settings, fs, version, outcome.valid[metric])
             tracking.set_tags({"registered_version": str(version), "promoted": str(promoted), "gate_reason": reason})
             tracking.set_run_name(f"train {data}, features {fs.version[:8]} -> {settings.registry.model_name} v{version}")

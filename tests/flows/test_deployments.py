@@ -37,6 +37,16 @@ def wait_for(check, timeout: float, what: str) -> None:  # noqa: ANN001
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def newest_flow_run(api: str) -> dict:
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "EXPECTED_START_TIME_DESC", "limit": 1}).json()
+    return {**runs[0], "state_type": runs[0]["state"]["type"]}
+
+
+def run_logs(api: str, flow_run_id: str) -> list[str]:
+    got = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()
+    return [entry["message"] for entry in got]
+
+
 def test_deployment_run_through_a_real_prefect_server(tmp_path: Path) -> None:
     home = tmp_path / "home"
     port = free_port()
@@ -79,11 +89,37 @@ def test_deployment_run_through_a_real_prefect_server(tmp_path: Path) -> None:
         assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
         assert "Completed" in run.stdout + run.stderr
 
+        # the deployment run's own logs reached the API at INFO: epochs, counts, the gate decision
+        messages = run_logs(api, newest_flow_run(api)["id"])
+        assert any("epoch 1/2: loss" in m for m in messages), messages[:20]
+        assert any("100836 loaded" in m for m in messages) and any("promoted" in m for m in messages)
+
+        # a typo in an override fails the run at once, naming the setting it is close to
+        typo = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "attnrec-pipeline/adhoc", "--params",
+             json.dumps({"overrides": {"train.epoch": 3}}), "--watch", "--watch-timeout", "300"],
+            env=client_env, capture_output=True, text=True, timeout=400)
+        failed = newest_flow_run(api)
+        assert typo.returncode != 0 and failed["state_type"] == "FAILED", typo.stdout + typo.stderr
+        assert any("unknown setting train.epoch (did you mean train.epochs?)" in m for m in run_logs(api, failed["id"]))
+
+        # the README's ad-hoc example: changed training settings train on an unchanged warehouse
+        again = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "attnrec-pipeline/adhoc", "--params",
+             json.dumps({"overrides": {**TINY, "train.epochs": 3}, "k": 5}), "--watch", "--watch-timeout", "600"],
+            env=client_env, capture_output=True, text=True, timeout=700)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert any("training: the training settings differ from champion v1's" in m
+                   for m in run_logs(api, newest_flow_run(api)["id"]))
+
         settings = load_settings(home=home)
-        client = MlflowClient(settings.mlflow_tracking_uri)
-        runs = client.search_runs([client.get_experiment_by_name("attnrec").experiment_id], "tags.type = 'train'")
-        assert len(runs) == 1 and "test_ndcg_at_10" in runs[0].data.metrics and "valid_ndcg_at_10" in runs[0].data.metrics
-        assert str(client.get_model_version_by_alias("attnrec", "champion").version) == "1"
+        client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("attnrec").experiment_id], "tags.type = 'train'",
+                                  order_by=["attributes.start_time ASC"])
+        assert len(runs) == 2 and "test_ndcg_at_10" in runs[0].data.metrics and "valid_ndcg_at_10" in runs[0].data.metrics
+        assert runs[1].data.params["train.epochs"] == "3"
+        chosen = "2" if runs[1].data.tags["promoted"] == "True" else "1"  # as the gate decided for v2
+        assert str(client.get_model_version_by_alias("attnrec", "champion").version) == chosen
         con = duckdb.connect(str(settings.duckdb_path), read_only=True)
         try:
             assert con.execute("SELECT count(*) FROM recommendations").fetchall()[0][0] == 610 * 5
