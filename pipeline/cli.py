@@ -21,6 +21,22 @@ app = typer.Typer(
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        out.print(f"attnrec {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="print attnrec's version and exit")] = False) -> None:
+    """Attention-based content-filtering recommender: ingest, features, train, evaluate, index, recommend, serve."""
+
+
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="state folder (default $ATTNREC_HOME or ./.attnrec)")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]

@@ -134,3 +134,9 @@ def test_the_demo_reads_the_bundled_dataset() -> None:
     from pipeline.cli import DEMO_DATA
 
     assert {"ratings.csv", "movies.csv", "tags.csv"} <= {p.name for p in DEMO_DATA.iterdir()}
+
+
+def test_version(cli: Attnrec) -> None:
+    from importlib.metadata import version
+
+    assert cli.run("--version").stdout.strip() == f"attnrec {version('attnrec')}"  # the installed distribution's
