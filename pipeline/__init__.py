@@ -14,9 +14,10 @@ the Python API (imported on first use, so ``import pipeline.config`` stays light
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = version("attnrec")  # pyproject.toml's, as installed
 __all__ = ["Recommender"]
 
 if TYPE_CHECKING:

@@ -11,16 +11,13 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from pipeline.config import Settings, load_settings
+from pipeline.config import load_settings
 from pipeline.errors import UserError
 
 app = typer.Typer(
-    name="attnrec", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-    help="Attention-based content-filtering recommender: ingest, features, train, evaluate, index, recommend, serve.",
-)
+    name="attnrec", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
 
 
 def _print_version(value: bool) -> None:
@@ -40,11 +37,6 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_print_
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="state folder (default $ATTNREC_HOME or ./.attnrec)")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]
-
-
-def settings_from(home: Path | None, **overrides: Any) -> Settings:
-    """The settings of a command: its flags over the environment, ``attnrec.toml`` and the defaults."""
-    return load_settings(home=home, **overrides)
 
 
 def _echo_json(data: Any) -> None:
@@ -94,7 +86,7 @@ def ingest(
         if report.quarantined > len(report.examples):
             out.print(f"  ... {report.quarantined - len(report.examples):,} more in the quarantine table", highlight=False)
 
-    reports = ingest_events(settings_from(home), paths, opts, progress=not as_json, on_report=show)
+    reports = ingest_events(load_settings(home=home), paths, opts, progress=not as_json, on_report=show)
     if as_json:
         _echo_json([r.as_dict() for r in reports])
 
@@ -114,7 +106,7 @@ def ingest_items_cmd(
     from pipeline.app.steps import ingest_catalog
 
     nums = [c.strip() for c in numeric_cols.split(",")] if numeric_cols else None
-    reports = ingest_catalog(settings_from(home), list(paths), format, id_map, item_col, nums, strict,
+    reports = ingest_catalog(load_settings(home=home), list(paths), format, id_map, item_col, nums, strict,
                              on_report=None if as_json else lambda r: out.print(r.summary(), highlight=False))
     if as_json:
         _echo_json([r.as_dict() for r in reports])
@@ -128,7 +120,7 @@ def stats(
     """Counts of the warehouse: events, users, items, time span, sources, quarantine."""
     from pipeline.app.steps import warehouse_summary
 
-    s = settings_from(home)
+    s = load_settings(home=home)
     st = warehouse_summary(s)
     if as_json:
         _echo_json(st.as_dict())
@@ -163,7 +155,7 @@ def features(
 
     if split is not None and split not in ("loo", "temporal"):
         raise UserError("--split must be loo or temporal")
-    s = settings_from(home, **{"features.split": split, "features.split_time": split_time,
+    s = load_settings(home=home, **{"features.split": split, "features.split_time": split_time,
                                "features.valid_time": valid_time, "features.test_fraction": test_fraction,
                                "features.cold_item_fraction": cold_item_fraction})
     result = build_features(s, force=force)
@@ -210,7 +202,7 @@ def train(
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserError("--device must be auto, cpu or cuda")
-    s = settings_from(home, device=device, **{
+    s = load_settings(home=home, device=device, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
         "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
@@ -247,7 +239,7 @@ def evaluate(
     """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
     from pipeline.app.steps import evaluate as evaluate_step
 
-    s = settings_from(home, device=device)
+    s = load_settings(home=home, device=device)
     report = evaluate_step(s, split, baseline, model)
     name = report["model"]
     if as_json:
@@ -280,7 +272,7 @@ def index(
         if name not in known or not value.strip().isdigit() or int(value) < 1:
             raise UserError(f"--param {item!r}: expected NAME=positive integer with NAME one of {', '.join(sorted(known))}")
         params[name] = int(value)
-    meta = build_index(settings_from(home), kind, model, params)
+    meta = build_index(load_settings(home=home), kind, model, params)
     out.print(f"{meta['kind']} index of {meta['num_items']:,} items (D={meta['dim']}) for model {meta['model_sha256'][:12]} "
               f"at {Path(meta['bundle']) / 'index'}; recall@10 vs exact {meta['recall_at_10']:.4f}; built in "
               f"{meta['build_seconds']:.2f} s", highlight=False)
@@ -306,7 +298,7 @@ def recommend(
 
     if (user is None) == (items is None):
         raise UserError("give exactly one of --user ID or --items ID,ID,...")
-    s = settings_from(home)
+    s = load_settings(home=home)
     recommender = Recommender.load(model, settings=s, threads=s.serve.threads)
     response = recommender.recommend(user=user, items=(split(items) or []) if items is not None else None, k=k, explain=explain,
                                      exclude_seen=not include_seen, include_categories=split(category),
@@ -347,7 +339,7 @@ def recommend_all_cmd(
     """Top-k for every user of the warehouse, to Parquet and a DuckDB table."""
     from pipeline.app.steps import recommend_everyone
 
-    report = recommend_everyone(settings_from(home), k, out_path, model, table)
+    report = recommend_everyone(load_settings(home=home), k, out_path, model, table)
     out.print(f"{report['rows']:,} recommendations for {report['users']:,} users ({report['fallback_users']} by popularity) "
               f"in {report['seconds']:.2f} s -> {report['parquet']} and table {report['table']}", highlight=False)
 
@@ -362,7 +354,7 @@ def serve(
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     from pipeline.app.steps import serve as serve_step
 
-    s = settings_from(home, **{"serve.host": host, "serve.port": port})
+    s = load_settings(home=home, **{"serve.host": host, "serve.port": port})
     serve_step(s, model, announce=lambda line: err.print(line, highlight=False))
 
 
@@ -377,7 +369,7 @@ def deploy(
     """Start a local Prefect server and serve the attnrec deployments (Ctrl-C stops both)."""
     from pipeline.app.prefect_setup import configure_prefect, start_server
 
-    s = settings_from(home)
+    s = load_settings(home=home)
     server = None
     if no_server:
         url = s.prefect_api_url or os.environ.get("PREFECT_API_URL")
@@ -410,7 +402,7 @@ def ui(
     """Open the MLflow UI on attnrec's tracking store (http://127.0.0.1:PORT)."""
     import shutil
 
-    s = settings_from(home)
+    s = load_settings(home=home)
     from pipeline.registry.tracking import configure
 
     configure(s)  # creates the store and experiment if this is a fresh installation
@@ -442,7 +434,7 @@ def demo(
 
     from pipeline.app.prefect_setup import configure_prefect
 
-    s = settings_from(home)
+    s = load_settings(home=home)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # show each task and training epoch as it runs
     configure_prefect(s)
     from flows.pipeline_flows import attnrec_pipeline

@@ -211,12 +211,17 @@ def set_version_tags(settings: Settings, version: str, tags: dict[str, str]) -> 
 
 def champion(settings: Settings) -> tuple[str, dict[str, str]] | None:
     """(version, tags) of the model version holding the champion alias, or None."""
+    return version_by_alias(settings, settings.registry.model_name, settings.registry.champion_alias)
+
+
+def version_by_alias(settings: Settings, name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """(version, tags) of the version of model ``name`` holding ``alias``, or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     configure(settings)
     try:
-        mv = MlflowClient().get_model_version_by_alias(settings.registry.model_name, settings.registry.champion_alias)
+        mv = MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
     return str(mv.version), dict(mv.tags or {})

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -41,10 +41,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, BeforeValidator, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 
-from pipeline import __version__
 from pipeline.config import ServeSettings
 from pipeline.data.histories import WarehouseUnavailable
-from pipeline.data.identity import MAX_ID_CHARS, split_list
+from pipeline.data.identity import ID_WHITESPACE, MAX_ID_CHARS, split_list
 from pipeline.errors import UserError
 from pipeline.serving.query import MAX_K
 from pipeline.serving.recommender import Recommender, UnknownItems
@@ -110,8 +109,8 @@ class ReadyOut(BaseModel):
 
 # An item id as the identity rule reads it: text with something besides ASCII whitespace, at most
 # MAX_ID_CHARS characters, or a whole number.
-ItemId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=r"[^ \t\n\r\x0b\x0c]")] | StrictInt
-
+ItemId = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_ID_CHARS,
+                                                pattern="[^" + "".join(f"\\x{ord(c):02x}" for c in ID_WHITESPACE) + "]")] | StrictInt
 
 
 def _number_not_text(value: Any) -> Any:
@@ -156,7 +155,7 @@ def create_app(recommender: Recommender, api_token: str | None = None, limits: S
         anyio.to_thread.current_default_thread_limiter().total_tokens = limits.parallel_queries
         yield
 
-    app = FastAPIOffline(lifespan=lifespan, title="attnrec", version=__version__, openapi_tags=TAGS, static_url=DOCS_ASSETS,
+    app = FastAPIOffline(lifespan=lifespan, title="attnrec", version=version("attnrec"), openapi_tags=TAGS, static_url=DOCS_ASSETS,
                          description="Top-k recommendations from a content-aware SASRec, with the attention over "
                                      "each user's history as the reasons. Errors are `{\"error\": message}`; "
                                      f"a body over {limits.max_body_bytes:,} bytes is a 413.")
@@ -361,7 +360,7 @@ class Guard:
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    data = json.dumps(body).encode()
+    data = orjson.dumps(body)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             *(headers or [])]})

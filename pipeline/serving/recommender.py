@@ -143,12 +143,19 @@ class Recommender:
         ref = str(model) if model is not None else f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}"
         if not ref.startswith("models:/") or "@" not in ref:
             return None
+        from pipeline.registry.tracking import version_by_alias
+
+        name, alias = ref.removeprefix("models:/").split("@", 1)
         stop = threading.Event()
+        seen: list[str | None] = [None]  # the alias's version when last resolved
 
         def watch() -> None:
             while not stop.wait(every_s):
                 try:
-                    path = resolve_bundle(settings, ref)
+                    current = version_by_alias(settings, name, alias)  # one registry query, no file read
+                    path = self.bundle.path
+                    if current is not None and current[0] != seen[0]:
+                        path, seen[0] = resolve_bundle(settings, ref), current[0]  # fetched (and checked) once
                     if (path, bundle_stamp(path)) != (self.bundle.path, self.bundle.stamp):
                         old, new = self.bundle.version, Bundle.load(path, self.bundle.device)
                         self.bundle = new
