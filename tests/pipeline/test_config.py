@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pydantic
 import pytest
 
 from pipeline.config import Settings, load_settings
