@@ -253,6 +253,12 @@ def download_bundle(settings: Settings, uri: str) -> Path:
             name, ver = ref.split("/", 1)
             mv = client.get_model_version(name, ver)
     except MlflowException as exc:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=1, order_by=["version_number DESC"])
+        if "@" in ref and versions:  # models exist, none holds the alias: say why the newest does not
+            newest = versions[0]
+            raise UserError(f"{uri}: no version holds that alias; the newest, {name} v{newest.version}, was not "
+                            f"promoted ({(newest.tags or {}).get('gate_reason', 'no gate decision')}): train a better "
+                            f"model, or use it anyway with --model models:/{name}/{newest.version}") from exc
         raise UserError(f"{uri}: no such model in the registry at {settings.mlflow_tracking_uri} "
                         f"(train one with `attnrec train`)") from exc
     cache = settings.home / "model_cache" / f"{name}-v{mv.version}"

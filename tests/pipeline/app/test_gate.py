@@ -11,6 +11,8 @@ from mlflow import MlflowClient
 
 from pipeline.app.steps import build_features, champion_score, ingest_catalog, ingest_events, train
 from pipeline.config import load_settings
+from pipeline.errors import UserError
+from pipeline.registry.model_store import resolve_bundle
 from tests.pipeline.conftest import TINY_TRAINING
 
 pytestmark = pytest.mark.slow
@@ -70,6 +72,10 @@ def test_a_model_below_most_popular_is_never_promoted_not_even_the_first(small_c
     settings = load_settings(home=small_copy)
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     assert not client.get_registered_model("attnrec").aliases
+    with pytest.raises(UserError) as caught:  # what serve / recommend say then
+        resolve_bundle(settings, None)
+    assert "the newest, attnrec v1, was not promoted (valid NDCG@10 " in str(caught.value)
+    assert str(caught.value).endswith("use it anyway with --model models:/attnrec/1")
 
 
 def test_the_champion_is_re_evaluated_when_the_warehouse_changed(home: Path, tmp_path: Path) -> None:
