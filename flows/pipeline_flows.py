@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.app import steps
-from pipeline.config import Settings, load_settings
+from pipeline.config import Baseline, EvalSplit, IndexKind, Settings, load_settings
 
 if TYPE_CHECKING:
     from pipeline.training.loop import EpochRecord
@@ -69,7 +69,7 @@ def features_for(settings: Settings) -> dict[str, Any]:
 
 
 @task(name="train-and-gate", cache_policy=NO_CACHE)
-def train_task(settings: Settings, index_kind: str = "auto") -> dict[str, Any]:
+def train_task(settings: Settings, index_kind: IndexKind = "auto") -> dict[str, Any]:
     log = get_run_logger()
 
     def log_epoch(rec: EpochRecord) -> None:
@@ -78,17 +78,18 @@ def train_task(settings: Settings, index_kind: str = "auto") -> dict[str, Any]:
                  rec.samples_per_s, f", valid NDCG@10 {valid:.4f}" if valid is not None else "")
 
     result = steps.train(settings, on_epoch=log_epoch, index_kind=index_kind)
-    log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_id"], result["test_ndcg@10"],
+    role = "champion" if result["promoted"] else "challenger"
+    log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_url"], result["test_ndcg@10"],
              settings.registry.model_name, result["version"], "promoted" if result["promoted"] else "not promoted",
              result["gate_reason"])
-    create_markdown_artifact(
-        key="training-run",
-        markdown=(f"MLflow run `{result['mlflow_run_id']}` at `{settings.mlflow_tracking_uri}`\n\n"
-                  f"registered **{settings.registry.model_name} v{result['version']}**, "
-                  f"{'champion' if result['promoted'] else 'challenger'}: {result['gate_reason']}\n\n"
-                  f"valid NDCG@10 {result['valid_ndcg@10']:.4f}, test NDCG@10 {result['test_ndcg@10']:.4f}"),
-        description="attnrec training run",
+    create_table_artifact(
+        key="training-metrics",
+        table=[{"model": name, **{k: round(v, 4) for k, v in m.items()}} for name, m in result["report"].items()],
+        description=(f"{settings.registry.model_name} v{result['version']} ({role}: {result['gate_reason']}) on the test "
+                     "split beside the champion and the baselines; full ranking, seen items excluded"),
     )
+    create_link_artifact(key="training-mlflow-run", link=result["mlflow_run_url"], link_text=f"MLflow run of v{result['version']}",
+                         description=f"the MLflow run (store {settings.mlflow_tracking_uri})")
     return result
 
 
@@ -112,14 +113,22 @@ def build_index_task(settings: Settings, kind: str, model: str | None, rebuild: 
 def recommend_all_task(settings: Settings, k: int, out: str | None, model: str | None) -> dict[str, Any]:
     report = steps.recommend_everyone(settings, k, out, model)
     get_run_logger().info("%s recommendations for %s users from %s -> %s and table %s", report["rows"], report["users"],
-                          report["model_version"], report["parquet"], report["table"])
+                          report["model_version"], report["file"], report["table"])
     return report
 
 
 @flow(name="ingest")
 def ingest_flow(paths: list[str] | None = None, item_files: list[str] | None = None, id_map: str | None = None,
                 home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Ingest event files (default: everything in the inbox) and item catalog files."""
+    """Ingest event files and item catalogue files into the warehouse, each file exactly once.
+
+    Args:
+        paths: event files, folders or globs (default: everything waiting in the inbox).
+        item_files: item catalogue files (titles, categories, text).
+        id_map: a file mapping the catalogue's ids to the events' ids, when they differ.
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     s = _settings(home, overrides)
     files = paths if paths is not None else [str(p) for p in steps.inbox_files(s)]
     events = ingest_events_task(s, files) if files else []
@@ -129,43 +138,93 @@ def ingest_flow(paths: list[str] | None = None, item_files: list[str] | None = N
 
 @flow(name="build-features")
 def build_features_flow(home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the versioned feature set of the warehouse as it is (reused while it is unchanged).
+
+    Args:
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     return features_for(_settings(home, overrides))
 
 
 @flow(name="train")
-def train_flow(home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def train_flow(index_kind: IndexKind = "auto", home: str | None = None,
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train on the current feature set, register the model and apply the promotion gate.
+
+    Args:
+        index_kind: the FAISS index of the model's bundle (auto: exact up to 50,000 items, else HNSW).
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     s = _settings(home, overrides)
     features_for(s)
-    return train_task(s)
+    return train_task(s, index_kind)
 
 
 @flow(name="evaluate")
-def evaluate_flow(split: str = "test", baseline: str | None = None, model: str | None = None,
+def evaluate_flow(split: EvalSplit = "test", baseline: Baseline | None = None, model: str | None = None,
                   home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Full-ranking HR, NDCG, MRR and coverage at K of a model or a baseline, kept as an MLflow run.
+
+    Args:
+        split: the split to measure on.
+        baseline: measure this baseline instead of a model.
+        model: a model URI such as models:/attnrec/3, or a bundle folder (default: the champion).
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     return evaluate_task(_settings(home, overrides), split, baseline, model)
 
 
 @flow(name="build-index")
-def build_index_flow(kind: str = "auto", model: str | None = None, home: str | None = None,
+def build_index_flow(kind: IndexKind = "auto", model: str | None = None, home: str | None = None,
                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild the FAISS index of a model's bundle; its recall@10 is measured against exact search.
+
+    Args:
+        kind: the FAISS index (auto: exact up to 50,000 items, else HNSW).
+        model: a model URI such as models:/attnrec/3, or a bundle folder (default: the champion).
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     return build_index_task(_settings(home, overrides), kind, model)
 
 
 @flow(name="recommend-all")
 def recommend_all_flow(k: int = 50, out: str | None = None, model: str | None = None, home: str | None = None,
                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Top-k recommendations for every user, to the DuckDB table and a file.
+
+    Args:
+        k: recommendations per user.
+        out: the file to write (.parquet, .csv or .ndjson; default: recommendations.parquet in the state folder).
+        model: a model URI such as models:/attnrec/3, or a bundle folder (default: the champion).
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
+    """
     return recommend_all_task(_settings(home, overrides), k, out, model)
 
 
 @flow(name="attnrec-pipeline")
 def attnrec_pipeline(event_files: list[str] | None = None, item_files: list[str] | None = None,
-                     id_map: str | None = None, k: int = 50, index_kind: str = "auto", force_train: bool = False,
+                     id_map: str | None = None, k: int = 50, index_kind: IndexKind = "auto", force_train: bool = False,
                      home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest new files -> features -> train + gate -> index -> batch recommendations.
 
     Training is skipped when the champion was trained on this feature set with these training
     settings (unless ``force_train``); the champion then keeps serving and is re-indexed /
     re-scored. Changed data or changed ``train.*`` / ``model.*`` overrides train.
+
+    Args:
+        event_files: event files, folders or globs (default: everything waiting in the inbox).
+        item_files: item catalogue files (titles, categories, text).
+        id_map: a file mapping the catalogue's ids to the events' ids, when they differ.
+        k: recommendations per user in the batch output.
+        index_kind: the FAISS index of the model's bundle (auto: exact up to 50,000 items, else HNSW).
+        force_train: train even when the champion was trained on this data with these settings.
+        home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
+        overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
     """
     log = get_run_logger()
     s = _settings(home, overrides)

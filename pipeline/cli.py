@@ -13,6 +13,7 @@ from rich.console import Console
 
 from pipeline.config import load_settings
 from pipeline.errors import UserError
+from pipeline.registry.tracking import MLFLOW_UI_PORT
 
 app = typer.Typer(
     name="attnrec", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -224,7 +225,10 @@ def train(
               highlight=False)
     role = "champion" if result["promoted"] else "challenger"
     out.print(f"registered {s.registry.model_name} v{result['version']} as {role}: {result['gate_reason']}", highlight=False)
-    out.print(f"MLflow run {result['mlflow_run_id']} in {s.mlflow_tracking_uri} (see it with `attnrec ui`)", highlight=False)
+    for name, m in result["report"].items():
+        out.print(f"  {name:<28} test ndcg@10 {m['ndcg@10']:.4f}  hr@10 {m['hr@10']:.4f}", highlight=False)
+    served = "" if s.mlflow_tracking_uri.startswith(("http://", "https://")) else " (after `attnrec ui`)"
+    out.print(f"MLflow run: {result['mlflow_run_url']}{served}", highlight=False)
 
 
 @app.command()
@@ -245,7 +249,8 @@ def evaluate(
     if as_json:
         _echo_json(report)
         return
-    out.print(f"{name} on {split} ({report['users']:,} users, full ranking, seen items excluded):", highlight=False)
+    out.print(f"{name} on {split} of feature set {report['feature_set']}, {report['feature_set_note']} "
+              f"({report['users']:,} users, full ranking, seen items excluded):", highlight=False)
     for k in (5, 10, 20, 50):
         out.print(f"  @{k:<3} hr {report[f'hr@{k}']:.4f}  ndcg {report[f'ndcg@{k}']:.4f}  mrr {report[f'mrr@{k}']:.4f}"
                   f"  coverage {report[f'coverage@{k}']:.4f}", highlight=False)
@@ -331,7 +336,7 @@ def _print_recommendations(response: Any, who: str) -> None:
 @app.command("recommend-all")
 def recommend_all_cmd(
     k: Annotated[int, typer.Option("-k", "--k", help="items per user")] = 50,
-    out_path: Annotated[Path, typer.Option("--out", help="Parquet file to write")] = Path("recs.parquet"),
+    out_path: Annotated[Path, typer.Option("--out", help="file to write: .parquet, .csv or .ndjson")] = Path("recs.parquet"),
     table: Annotated[str, typer.Option(help="DuckDB table to (re)write in the warehouse")] = "recommendations",
     model: ModelOpt = None,
     home: HomeOpt = None,
@@ -341,7 +346,7 @@ def recommend_all_cmd(
 
     report = recommend_everyone(load_settings(home=home), k, out_path, model, table)
     out.print(f"{report['rows']:,} recommendations for {report['users']:,} users ({report['fallback_users']} by popularity) "
-              f"in {report['seconds']:.2f} s -> {report['parquet']} and table {report['table']}", highlight=False)
+              f"in {report['seconds']:.2f} s -> {report['file']} and table {report['table']}", highlight=False)
 
 
 @app.command()
@@ -366,8 +371,8 @@ def deploy(
     cron: Annotated[str, typer.Option(help="schedule of attnrec-pipeline/nightly")] = "0 2 * * *",
     home: HomeOpt = None,
 ) -> None:
-    """Start a local Prefect server and serve the attnrec deployments (Ctrl-C stops both)."""
-    from pipeline.app.prefect_setup import configure_prefect, start_server
+    """Start a local Prefect server and serve the attnrec deployments (Ctrl-C or SIGTERM stops both)."""
+    from pipeline.app.prefect_setup import configure_prefect, serve_deployments, start_server, stop_server
 
     s = load_settings(home=home)
     server = None
@@ -380,23 +385,21 @@ def deploy(
         server = start_server(s, host, port)
         url = f"http://{host}:{port}/api"
     configure_prefect(s, url)
-    from prefect import serve as prefect_serve
-
     from flows.deployments import deployments
 
     err.print(f"Prefect UI: {url.removesuffix('/api')}   runs: PREFECT_API_URL={url} prefect deployment run "
               "'attnrec-pipeline/nightly'", highlight=False)
     try:
-        prefect_serve(*deployments(str(s.home), cron), print_starting_message=True)
+        serve_deployments(deployments(str(s.home), cron))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(30)
+            stop_server(server)
+    err.print("stopped", highlight=False)
 
 
 @app.command()
 def ui(
-    port: Annotated[int, typer.Option(help="port of the MLflow UI")] = 5000,
+    port: Annotated[int, typer.Option(help="port of the MLflow UI")] = MLFLOW_UI_PORT,
     home: HomeOpt = None,
 ) -> None:
     """Open the MLflow UI on attnrec's tracking store (http://127.0.0.1:PORT)."""
@@ -453,13 +456,13 @@ def demo(
     if trained:
         out.print(f"model {s.registry.model_name} v{trained['version']} ({'champion' if trained['promoted'] else 'challenger'}): "
                   f"test NDCG@10 {trained['test_ndcg@10']:.4f}, HR@10 {trained['test_hr@10']:.4f}", highlight=False)
-        out.print(f"MLflow run {trained['mlflow_run_id']} in {s.mlflow_tracking_uri}", highlight=False)
+        out.print(f"MLflow run {trained['mlflow_run_url']}", highlight=False)
     else:
         out.print("warehouse unchanged since the last run: the champion model was kept (no retraining)", highlight=False)
     rec = result["recommendations"]
-    out.print(f"batch recommendations: {rec['rows']:,} rows for {rec['users']} users -> {rec['parquet']} "
+    out.print(f"batch recommendations: {rec['rows']:,} rows for {rec['users']} users -> {rec['file']} "
               f"and DuckDB table {rec['table']}", highlight=False)
-    out.print(f"see the runs: attnrec ui --home {s.home}  (then http://127.0.0.1:5000); whole demo "
+    out.print(f"see the runs: attnrec ui --home {s.home}  (then http://127.0.0.1:{MLFLOW_UI_PORT}); whole demo "
               f"{time.perf_counter() - started:.0f} s", highlight=False)
 
 

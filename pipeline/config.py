@@ -32,6 +32,11 @@ CONFIG_FILE_NAME = "attnrec.toml"
 # Environment variables attnrec reads beside the settings' own ATTNREC_* names.
 OTHER_ENV = {"ATTNREC_CONFIG", "ATTNREC_API_TOKEN"}
 
+# Choices that are arguments of a step rather than settings, typed once for the CLI and the flows.
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+EvalSplit = Literal["valid", "test"]
+Baseline = Literal["popularity", "itemknn"]
+
 
 class Section(BaseModel):
     """A group of settings; a key it does not have is an error, never ignored."""

@@ -31,15 +31,16 @@ class Attnrec:
     def db(self) -> Path:
         return self.home / "warehouse.duckdb"
 
-    def command(self, *args: str | Path) -> list[str]:
-        return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+    def command(self, *args: str | Path, python_flags: tuple[str, ...] = ()) -> list[str]:
+        return [sys.executable, *python_flags, "-m", "pipeline.cli", *map(str, args)]
 
     def popen(self, *args: str | Path, **kwargs: Any) -> subprocess.Popen:
         return subprocess.Popen(self.command(*args), cwd=self.cwd, env=_clean_env(self.home), **kwargs)
 
-    def run(self, *args: str | Path, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(self, *args: str | Path, ok: bool = True, timeout: float = 300,
+            python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            self.command(*args), cwd=self.cwd, env=_clean_env(self.home),
+            self.command(*args, python_flags=python_flags), cwd=self.cwd, env=_clean_env(self.home),
             capture_output=True, text=True, timeout=timeout,
         )
         if ok and proc.returncode != 0:

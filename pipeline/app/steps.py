@@ -31,11 +31,15 @@ if TYPE_CHECKING:
     from pipeline.data.ingest import IngestOptions, IngestReport
     from pipeline.data.warehouse import WarehouseStats
     from pipeline.registry.model_store import Bundle
+    from pipeline.training.evaluation import Scorer
     from pipeline.training.loop import EpochRecord
 
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-ATTENTION_EXAMPLE_USERS = 3
-ATTENTION_EXAMPLE_ITEMS = 15
+ATTENTION_EXAMPLE_USERS = 3     # heatmaps in a training run's report
+ATTENTION_EXAMPLE_ITEMS = 15    # the newest history items each heatmap shows
+ATTENTION_CANDIDATE_USERS = 200  # users the informative examples are chosen from
+SPLIT_WORDS = {"loo": "leave-one-out: each user's last event is the test item, the one before it the validation item",
+               "temporal": "temporal: events from the split time on are the test items"}
 
 
 # --------------------------------------------------------------------------------------
@@ -162,7 +166,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
-    from pipeline.training.recipe import baseline_model, sasrec_scorer, train_sasrec, validation_queries
+    from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer, train_sasrec, validation_queries
 
     fs = _current_feature_set(settings)
     if resume is not None and not (resume / "checkpoint.pt").exists():
@@ -205,15 +209,17 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         tracking.log_metrics({tracking.metric_name(k, "valid_"): v for k, v in outcome.valid.items() if k != "users"})
         tracking.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "train_seconds": fit.seconds})
 
-        # --- test metrics, side by side with the baselines (the checkpoint was chosen on validation)
+        # --- test metrics, side by side with the champion and the baselines (checkpoint chosen on validation)
         test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device)
         tracking.log_metrics({tracking.metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
-        rows = {"attnrec": test}
+        others: dict[str, dict[str, Any]] = {}
+        current = tracking.champion(settings) if register else None
+        if current is not None and (champion := registered_scorer(settings, fs, current[0])) is not None:
+            others[f"champion v{current[0]}"] = evaluation_report(champion[0], fs, "test", champion[1], device)
         if baselines:
-            for name in ("popularity", "itemknn"):
-                rows[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len, device)
-                tracking.log_metrics({f"baseline_{name}_test_ndcg_at_10": rows[name]["ndcg@10"]})
-        _log_run_artefacts(outcome.run_dir, fs, bundle, rows, fit.history)
+            for name in BASELINES:
+                others[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len, device)
+                tracking.log_metrics({f"baseline_{name}_test_ndcg_at_10": others[name]["ndcg@10"]})
 
         # --- register, then the gate decides who serves
         version, promoted, reason = None, False, "not registered"
@@ -229,50 +235,82 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
                 f"best epoch {fit.best_epoch} of {fit.epochs_run}. Validation {metric.upper()} "
                 f"{outcome.valid[metric]:.4f}; test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}. "
                 f"Gate: {'champion' if promoted else 'challenger'} ({reason})."))
-    return {"mlflow_run_id": run_id, "version": version, "promoted": promoted, "gate_reason": reason,
+        label = f"attnrec v{version} (this run)" if version else "attnrec (this run)"
+        rows = {label: test, **others}
+        _log_run_artefacts(fs, bundle, rows, fit.history,
+                           gate=f"{'champion' if promoted else 'challenger'}: {reason}" if register else None)
+        run_url = tracking.run_url(settings, run_id)
+    return {"mlflow_run_id": run_id, "mlflow_run_url": run_url, "version": version, "promoted": promoted, "gate_reason": reason,
             "run_dir": str(outcome.run_dir), "bundle": str(bundle.path), "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1), "valid": outcome.valid,
             "test": {k: v for k, v in test.items() if k != "cold_start"}, "cold_start": test.get("cold_start"),
             "index": {"kind": bundle.index_meta.kind, "recall_at_10": bundle.index_meta.recall_at_10},
             "valid_ndcg@10": outcome.valid["ndcg@10"], "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"],
             "selection_metric": metric, "feature_version": fs.version,
-            "baselines": {k: v["ndcg@10"] for k, v in rows.items() if k != "attnrec"} if baselines else {}}
+            "report": {name: {k: m[k] for k in ("ndcg@10", "hr@10", "mrr@10")} for name, m in rows.items()},
+            "baselines": {k: others[k]["ndcg@10"] for k in BASELINES if k in others}}
 
 
-def _log_run_artefacts(run_dir: Path, fs: FeatureSet, bundle: Bundle, rows: dict[str, dict[str, Any]],
-                       history: list[EpochRecord]) -> None:
-    """The evaluation report, the training curve, attention heatmaps of example users (answered
-    by the query path) and the index description, as artefacts of the active MLflow run."""
+def _log_run_artefacts(fs: FeatureSet, bundle: Bundle, rows: dict[str, dict[str, Any]],
+                       history: list[EpochRecord], gate: str | None) -> None:
+    """The evaluation report (this model beside the champion and the baselines, on the test split),
+    the training curve, attention heatmaps of informative users (answered by the query path) and
+    the index description, as artefacts of the active MLflow run."""
     import tempfile
 
-    import numpy as np
-
     from pipeline.registry.model_store import INDEX_DIR
-    from pipeline.registry.run_report import AttentionExample, plot_attention, plot_training_curve, write_evaluation_report
+    from pipeline.registry.run_report import plot_attention, plot_training_curve, write_evaluation_report
     from pipeline.registry.tracking import log_artifact
-    from pipeline.serving.query import recommend
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        context = {"feature_version": fs.version, "users": fs.num_users, "items": fs.num_items,
-                   "split_protocol": fs.manifest["split"]["kind"]}
+        context = {"split": "test", "protocol": SPLIT_WORDS.get(fs.manifest["split"]["kind"], fs.manifest["split"]["kind"]),
+                   "feature_version": fs.version, "users": fs.num_users, "items": fs.num_items, "gate": gate}
         for path in write_evaluation_report(folder / "evaluation", rows, context):
             log_artifact(path, "evaluation")
         log_artifact(plot_training_curve(folder / "training_curve.png", history), "plots")
-        users = [int(u) for u in np.nonzero(fs.test_pos >= 3)[0][:ATTENTION_EXAMPLE_USERS]]
-        if users:
-            histories = [fs.sequences.row(u)[:fs.test_pos[u]].astype(np.int64) for u in users]
-            answers = recommend(bundle, histories, k=5, explain=True, reasons=None)
-            examples = []
-            for u, hist, answer in zip(users, histories, answers, strict=True):
-                shown = hist[-min(ATTENTION_EXAMPLE_ITEMS, bundle.model.max_len):]
-                shown_ids = [bundle.item_ids[i - 1] for i in shown]
-                weights = np.array([[{r.item_id: r.weight for r in rec.reasons}.get(i, 0.0) for i in shown_ids]
-                                    for rec in answer.recommendations])  # (K, L)
-                examples.append(AttentionExample(fs.user_ids[u], [bundle.titles[i - 1] or bundle.item_ids[i - 1] for i in shown],
-                                                 [r.title or r.item_id for r in answer.recommendations], weights))
+        examples = attention_examples(fs, bundle)
+        if examples:
             log_artifact(plot_attention(folder / "attention.png", examples), "plots")
         log_artifact(bundle.path / INDEX_DIR / "index.json", "index")
+
+
+def attention_examples(fs: FeatureSet, bundle: Bundle) -> list[Any]:
+    """Heatmap rows for the users whose recommendations show attention filtering best.
+
+    Among up to ``ATTENTION_CANDIDATE_USERS`` users with a long enough history (spread over the
+    user table), the chosen ones have the most distinct top reasons across their top-5 (each
+    recommendation rests on other items), then the most concentrated attention. Answers come
+    from the query path, as a request with ``explain`` would get them.
+    """
+    import numpy as np
+
+    from pipeline.registry.run_report import AttentionExample
+    from pipeline.serving.query import recommend
+
+    long_enough = np.nonzero(fs.test_pos >= ATTENTION_EXAMPLE_ITEMS)[0]
+    if len(long_enough) == 0:
+        long_enough = np.nonzero(fs.test_pos >= 3)[0]
+    if len(long_enough) == 0:
+        return []
+    spread = np.linspace(0, len(long_enough) - 1, num=min(len(long_enough), ATTENTION_CANDIDATE_USERS)).astype(int)
+    users = [int(u) for u in np.unique(long_enough[spread])]
+    histories = [fs.sequences.row(u)[:fs.test_pos[u]].astype(np.int64) for u in users]
+    answers = recommend(bundle, histories, k=5, explain=True, reasons=None)
+    candidates = []
+    for u, hist, answer in zip(users, histories, answers, strict=True):
+        shown = hist[-min(ATTENTION_EXAMPLE_ITEMS, bundle.model.max_len):]
+        shown_ids = [bundle.item_ids[i - 1] for i in shown]
+        weights = np.array([[{r.item_id: r.weight for r in rec.reasons}.get(i, 0.0) for i in shown_ids]
+                            for rec in answer.recommendations])  # (K, L)
+        if weights.size == 0:
+            continue
+        distinct = len(set(weights.argmax(axis=1).tolist()))
+        candidates.append(((distinct, float(weights.max(axis=1).mean())), AttentionExample(
+            fs.user_ids[u], [bundle.titles[i - 1] or bundle.item_ids[i - 1] for i in shown],
+            [r.title or r.item_id for r in answer.recommendations], weights)))
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    return [example for _, example in candidates[:ATTENTION_EXAMPLE_USERS]]
 
 
 def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score: float) -> tuple[bool, str]:
@@ -343,24 +381,34 @@ def popularity_score(settings: Settings, fs: FeatureSet) -> float:
                     ks=selection_ks(metric)).metrics[metric]
 
 
-def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | None:
-    """Registered ``version``'s validation score (the selection metric) re-measured on ``fs``;
-    None when it was trained on another catalogue (its item indices mean other items)."""
+def registered_scorer(settings: Settings, fs: FeatureSet, version: str) -> tuple[Scorer, int] | None:
+    """Registered ``version`` as a scorer of ``fs`` and its history length; None when it was
+    trained on another catalogue (its item indices mean other items)."""
     from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model
     from pipeline.registry.tracking import download_bundle
-    from pipeline.training.evaluation import evaluate, selection_ks
     from pipeline.training.loop import resolve_device
     from pipeline.training.recipe import sasrec_scorer
 
-    device = resolve_device(settings.device)
     path = download_bundle(settings, f"models:/{settings.registry.model_name}/{version}")
-    model, meta = load_model(path / MODEL_FILE, device)
+    model, meta = load_model(path / MODEL_FILE, resolve_device(settings.device))
     try:
         check_vocabulary(meta, fs)
     except UserError:
         return None
+    return sasrec_scorer(model), model.max_len
+
+
+def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | None:
+    """Registered ``version``'s validation score (the selection metric) re-measured on ``fs``;
+    None when it was trained on another catalogue."""
+    from pipeline.training.evaluation import evaluate, selection_ks
+    from pipeline.training.loop import resolve_device
+
+    scorer = registered_scorer(settings, fs, version)
+    if scorer is None:
+        return None
     metric = settings.train.selection_metric
-    return evaluate(sasrec_scorer(model), fs, "valid", model.max_len, device, ks=selection_ks(metric)).metrics[metric]
+    return evaluate(scorer[0], fs, "valid", scorer[1], resolve_device(settings.device), ks=selection_ks(metric)).metrics[metric]
 
 
 # --------------------------------------------------------------------------------------
@@ -368,8 +416,13 @@ def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | 
 
 
 def evaluate(settings: Settings, split: str = "test", baseline: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """Full-ranking metrics of a model (default: the champion) or a baseline on the current
-    feature set, recorded as an MLflow run."""
+    """Full-ranking metrics of a model (default: the champion) on the feature set it was trained
+    on, or of a baseline on the current one, recorded as an MLflow run.
+
+    When the model's own feature set is gone from the store, the current one is used if its
+    items match the model's, and ``feature_set_note`` says so.
+    """
+    from pipeline.data.feature_store import load_feature_set
     from pipeline.registry import tracking
     from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model, model_label, resolve_bundle
     from pipeline.training.evaluation import evaluation_report
@@ -380,19 +433,29 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
         raise UserError("--split must be valid or test")
     if baseline is not None and baseline not in BASELINES:
         raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
-    fs = _current_feature_set(settings)
     device = resolve_device(settings.device)
     if baseline:
+        fs = _current_feature_set(settings)
         scorer, name, max_len = baseline_model(baseline, fs).to(device), baseline, settings.model.max_len
+        note = "the current feature set"
     else:
         path = resolve_bundle(settings, model)
         net, meta = load_model(path / MODEL_FILE, device)
+        own = settings.features_dir / str(meta.get("feature_version"))
+        if (own / "manifest.json").exists():
+            fs, note = load_feature_set(own), "the model's own feature set"
+        else:
+            fs = _current_feature_set(settings)
+            note = (f"the model's feature set {meta.get('feature_version')} is no longer in {settings.features_dir}, "
+                    "so the current one (same items)")
         check_vocabulary(meta, fs)
         name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
-    report = {"model": name, "split": split, "feature_set": fs.version, **evaluation_report(scorer, fs, split, max_len, device)}
-    with tracking.tracked_run(settings, f"evaluate {name}", {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:
-        tracking.log_params({"split": split, "model": name})
+    report = {"model": name, "split": split, "feature_set": fs.version, "feature_set_note": note,
+              **evaluation_report(scorer, fs, split, max_len, device)}
+    with tracking.tracked_run(settings, f"evaluate {name} on {split}, features {fs.version[:8]}",
+                              {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:
+        tracking.log_params({"split": split, "model": name, "feature_set.version": fs.version})
         tracking.log_metrics({tracking.metric_name(k, f"{split}_"): v for k, v in report.items()
                               if isinstance(v, float) and k != "seconds"})
     report["mlflow_run_id"] = run_id
@@ -429,10 +492,14 @@ def ensure_index(settings: Settings, kind: str = "auto", model: str | None = Non
     return build_index(settings, kind, model)
 
 
+RECOMMENDATION_FORMATS = (".parquet", ".csv", ".ndjson", ".jsonl")
+
+
 def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None = None, model: str | None = None,
                        table: str = "recommendations") -> dict[str, Any]:
     """Top ``k`` for every warehouse user through the query path (``Recommender.recommend_all``),
-    written to Parquet and to the DuckDB table ``table``."""
+    written to the DuckDB table ``table`` and to ``out`` in the format its extension names
+    (Parquet, CSV, or newline-delimited JSON; default ``recommendations.parquet`` in the state folder)."""
     import time
 
     from pipeline.data.warehouse import replace_table
@@ -441,24 +508,33 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
     if not TABLE_NAME.fullmatch(table):
         raise UserError(f"--table {table!r}: a table name is letters, digits and _ (not starting with a digit), "
                         "at most 63 characters")
+    target = Path(out).resolve() if out else settings.home / "recommendations.parquet"
+    if target.suffix.lower() not in RECOMMENDATION_FORMATS:
+        raise UserError(f"--out {out}: the extension names the format; use one of {', '.join(RECOMMENDATION_FORMATS)}")
     started = time.perf_counter()
     recommender = Recommender.load(model, settings=settings)
     frame = recommender.recommend_all(k)
-    target = Path(out).resolve() if out else settings.home / "recommendations.parquet"
-    _write_parquet(frame, target)
+    _write_recommendations(frame, target)
     replace_table(settings.duckdb_path, table, frame)
     users = frame["user_id"].n_unique()
     fallback = frame.filter(frame["fallback"].is_not_null())["user_id"].n_unique()
     return {"users": users, "rows": frame.height, "fallback_users": fallback,
-            "seconds": round(time.perf_counter() - started, 2), "parquet": str(target), "table": table,
+            "seconds": round(time.perf_counter() - started, 2), "file": str(target), "table": table,
             "model_version": recommender.version}
 
 
-def _write_parquet(frame: pl.DataFrame, target: Path) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
+def _write_recommendations(frame: pl.DataFrame, target: Path) -> None:
+    """Write in the format of ``target``'s extension, atomically: a reader sees the old file or
+    the new one, never half of one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    frame.write_parquet(tmp)
+    suffix = target.suffix.lower()
+    if suffix == ".parquet":
+        frame.write_parquet(tmp)
+    elif suffix == ".csv":
+        frame.write_csv(tmp)
+    else:
+        frame.write_ndjson(tmp)
     tmp.replace(target)
 
 

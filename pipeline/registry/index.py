@@ -16,15 +16,16 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import faiss
 import numpy as np
 
+from pipeline.config import IndexKind
 from pipeline.errors import UserError
 
 FLAT_MAX_ITEMS = 50_000
-KINDS = ("auto", "flat", "hnsw", "ivf")
+KINDS: tuple[str, ...] = get_args(IndexKind)
 
 
 @dataclass

@@ -222,13 +222,20 @@ class Bundle:
 
     def items_in_category(self, name: str) -> np.ndarray:
         """Item indices (1..N) of the items in category ``name`` (empty for an unknown category)."""
+        return self._categories().get(name, np.zeros(0, np.int64))
+
+    def category_names(self) -> list[str]:
+        """The catalogue's category names, sorted."""
+        return sorted(self._categories())
+
+    def _categories(self) -> dict[str, np.ndarray]:
         if self._by_category is None:
             groups: dict[str, list[int]] = {}
             for idx, cats in enumerate(self.categories, start=1):
                 for c in cats:
                     groups.setdefault(c, []).append(idx)
             self._by_category = {c: np.asarray(v, dtype=np.int64) for c, v in groups.items()}
-        return self._by_category.get(name, np.zeros(0, np.int64))
+        return self._by_category
 
     def indices_of_keys(self, keys: np.ndarray) -> np.ndarray:
         """Warehouse item keys -> model item indices (0 for items the model does not know)."""

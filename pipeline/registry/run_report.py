@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPORT_METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10", "hr@20", "ndcg@20")
+TITLE_WRAP = 28  # characters per line of a heatmap label: whole titles, wrapped
 
 
 def write_evaluation_report(folder: Path, rows: dict[str, dict[str, Any]], context: dict[str, Any]) -> list[Path]:
-    """``rows``: model name -> metrics on the test split. Writes report.json / .md / .html."""
+    """``rows``: model name -> metrics on ``context['split']`` (this model first, then the
+    champion and the baselines); ``context``: split, protocol, feature_version, users, items and
+    the gate decision (or None). Writes report.json / .md / .html."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps({"context": context, "test": rows}, indent=2, default=str))
+    split = context["split"]
+    (folder / "report.json").write_text(json.dumps({"context": context, split: rows}, indent=2, default=str))
+    title = f"attnrec evaluation on the {split} split"
+    facts = [f"Split: {split} ({context['protocol']}); the checkpoint was chosen on the validation split.",
+             f"Feature set {context['feature_version']}: {context['users']:,} users, {context['items']:,} items; "
+             "full ranking over the whole catalogue, seen items excluded."]
+    if context.get("gate"):
+        facts.append(f"Promotion gate (on validation): {context['gate']}.")
     header = "| model | " + " | ".join(REPORT_METRICS) + " |"
-    lines = [f"# attnrec evaluation: {context.get('split_protocol', '')}", "",
-             f"feature set `{context.get('feature_version')}`, {context.get('users')} users, "
-             f"{context.get('items')} items; full ranking, seen items excluded.", "", header,
-             "|" + " --- |" * (len(REPORT_METRICS) + 1)]
+    lines = [f"# {title}", "", *[f"{f}  " for f in facts], "", header, "|" + " --- |" * (len(REPORT_METRICS) + 1)]
     for name, m in rows.items():
         lines.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in REPORT_METRICS) + " |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
@@ -36,10 +45,10 @@ def write_evaluation_report(folder: Path, rows: dict[str, dict[str, Any]], conte
         f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{m.get(k, float('nan')):.4f}</td>" for k in REPORT_METRICS) + "</tr>"
         for name, m in rows.items()
     )
+    paragraphs = "".join(f"<p>{html.escape(f)}</p>" for f in facts)
     (folder / "report.html").write_text(
-        f"<html><body><h2>attnrec evaluation</h2><p>feature set {html.escape(str(context.get('feature_version')))}; "
-        f"full ranking, seen items excluded</p><table border='1' cellpadding='4'><tr><th>model</th>{cells}</tr>{body}</table>"
-        "</body></html>\n")
+        f"<html><body><h2>{html.escape(title)}</h2>{paragraphs}<table border='1' cellpadding='4'>"
+        f"<tr><th>model</th>{cells}</tr>{body}</table></body></html>\n")
     return [folder / "report.json", folder / "report.md", folder / "report.html"]
 
 
@@ -72,13 +81,20 @@ class AttentionExample:
 
 
 def plot_attention(path: Path, examples: list[AttentionExample]) -> Path:
-    """One heatmap per user: which recent history items each recommendation rests on."""
-    fig, axes = plt.subplots(len(examples), 1, figsize=(11, 3.2 * len(examples)), squeeze=False)
+    """One heatmap per user: which recent history items each recommendation rests on, with a
+    colour scale (share of the attention, 0 to 1) and whole titles, wrapped."""
+    label = partial(textwrap.fill, width=TITLE_WRAP)
+    rows = [max(len(ex.recommended_titles), 1) for ex in examples]
+    fig, axes = plt.subplots(len(examples), 1, figsize=(13, sum(1.1 * r + 3.4 for r in rows)), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.1 * r + 3.4 for r in rows]})
     for ax, ex in zip(axes[:, 0], examples, strict=True):
-        ax.imshow(ex.weights, aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(ex.recommended_titles)), [t[:22] for t in ex.recommended_titles])
-        ax.set_xticks(range(len(ex.history_titles)), [t[:22] for t in ex.history_titles], rotation=60, ha="right", fontsize=7)
+        image = ax.imshow(ex.weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        ax.set_yticks(range(len(ex.recommended_titles)), [label(t) for t in ex.recommended_titles], fontsize=7)
+        ax.set_xticks(range(len(ex.history_titles)), [label(t) for t in ex.history_titles], rotation=60, ha="right",
+                      fontsize=6)
+        ax.set_xlabel("history, oldest to newest", fontsize=8)
         ax.set_title(f"user {ex.user_id}: which recent items each recommendation rests on", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("share of attention", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

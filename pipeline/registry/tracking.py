@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import Settings
 from pipeline.errors import UserError
 
 EXPERIMENT = "attnrec"
+MLFLOW_UI_PORT = 5000  # where `attnrec ui` serves the embedded store by default
+MLFLOW_UI_URL = f"http://127.0.0.1:{MLFLOW_UI_PORT}"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,6 +86,7 @@ def system_tags(device: str) -> dict[str, str]:
     import faiss
     import mlflow
     import polars
+    import torch
 
     return {
         "device": device, "cuda": str(torch.cuda.is_available()),
@@ -105,6 +106,17 @@ def tracked_run(settings: Settings, run_name: str | None, tags: dict[str, str]) 
     with mlflow.start_run(experiment_id=experiment, run_name=run_name) as run:
         mlflow.set_tags(tags)
         yield run.info.run_id
+
+
+def run_url(settings: Settings, run_id: str) -> str:
+    """The MLflow UI's page of a run: on the tracking server when the store is one (http/https),
+    else on ``attnrec ui``'s default address (``MLFLOW_UI_URL``)."""
+    import mlflow
+
+    uri = settings.mlflow_tracking_uri
+    base = uri if uri.startswith(("http://", "https://")) else MLFLOW_UI_URL
+    experiment = mlflow.MlflowClient(uri, registry_uri=uri).get_run(run_id).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -165,12 +177,19 @@ def log_bundle_model(bundle_dir: Path, registered_name: str | None) -> str | Non
 
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, ParamSchema, ParamSpec, Property, Schema
 
-    signature = ModelSignature(
+    reason = Object([Property("item_id", DataType.string), Property("title", DataType.string, required=False),
+                     Property("weight", DataType.double)])
+    item = Object([Property("item_id", DataType.string), Property("score", DataType.double),
+                   Property("title", DataType.string, required=False), Property("reasons", Array(reason))])
+    signature = ModelSignature(  # the pyfunc's columns and params (pipeline/serving/pyfunc.py)
         inputs=Schema([ColSpec(Array(DataType.string), "items")]),
-        outputs=Schema([ColSpec(Array(DataType.string), "item_ids"), ColSpec(Array(DataType.double), "scores")]),
-        params=ParamSchema([ParamSpec("k", DataType.long, 10)]),
+        outputs=Schema([ColSpec(Array(item), "recommendations"), ColSpec(DataType.string, "fallback", required=False),
+                        ColSpec(DataType.string, "model_version"), ColSpec(DataType.long, "history_length"),
+                        ColSpec(DataType.string, "error", required=False), ColSpec(Array(DataType.string), "unknown_items")]),
+        params=ParamSchema([ParamSpec("k", DataType.long, 10), ParamSpec("explain", DataType.boolean, False),
+                            ParamSpec("exclude_seen", DataType.boolean, True)]),
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided")
@@ -238,13 +257,16 @@ def download_bundle(settings: Settings, uri: str) -> Path:
     """A local bundle folder for a ``models:/name@alias`` or ``models:/name/version`` URI, cached
     under ``HOME/model_cache``: a version is downloaded once, and again when its cached model
     file no longer has the hash the registry recorded (a damaged cache is never served)."""
+    ref = uri.removeprefix("models:/")
+    current = _current_cached_bundle(settings, ref)
+    if current is not None:
+        return current
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     configure(settings)
     client = MlflowClient()
-    ref = uri.removeprefix("models:/")
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
@@ -286,6 +308,40 @@ def download_bundle(settings: Settings, uri: str) -> Path:
                             "not have the hash recorded at registration): retrain with `attnrec train`")
     (cache / "bundle" / "VERSION").write_text(f"{name} v{mv.version}\n")
     return cache / "bundle"
+
+
+def _current_cached_bundle(settings: Settings, ref: str) -> Path | None:
+    """The cached bundle of ``ref`` (``name@alias`` or ``name/version``) when it is current,
+    read straight from the embedded SQLite store, without importing MLflow (about a second of a
+    warm CLI query). None, so that MLflow resolves ``ref``, when the store is not the embedded
+    SQLite file, its tables are not the ones read here, or the cache is missing or damaged."""
+    import sqlite3
+    from contextlib import closing
+
+    uri = settings.mlflow_tracking_uri
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or not db.is_file():
+        return None
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        query, args = ("SELECT a.version, t.value FROM registered_model_aliases a JOIN model_version_tags t ON "
+                       "t.name = a.name AND t.version = a.version AND t.key = 'model_sha256' "
+                       "WHERE a.name = ? AND a.alias = ?"), (name, alias)
+    else:
+        name, version = ref.split("/", 1)
+        query, args = ("SELECT version, value FROM model_version_tags WHERE name = ? AND version = ? "
+                       "AND key = 'model_sha256'"), (name, version)
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as con:
+            rows = con.execute(query, args).fetchall()
+    except sqlite3.Error:
+        return None
+    if len(rows) != 1:
+        return None
+    bundle = settings.home / "model_cache" / f"{name}-v{rows[0][0]}" / "bundle"
+    if not (bundle / "VERSION").exists() or not _cached_bundle_intact(bundle, rows[0][1]):
+        return None
+    return bundle
 
 
 @contextmanager

@@ -21,6 +21,7 @@ items, flagged ``fallback="popular"``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -285,6 +286,7 @@ def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dic
             mask[history] = True
         return mask
     if id(filters) not in static:
+        _check_categories(bundle, filters)
         mask = np.zeros(bundle.num_items + 1, dtype=bool)
         mask[0] = True
         if filters.exclude_items:
@@ -303,6 +305,19 @@ def _excluded(bundle: Bundle, history: np.ndarray, filters: Filters, static: dic
         mask = mask.copy()
         mask[history] = True
     return mask
+
+
+def _check_categories(bundle: Bundle, filters: Filters) -> None:
+    """A category the catalogue does not have is an error, never an empty or unfiltered list."""
+    for field_name, names in (("include_categories", filters.include_categories),
+                              ("exclude_categories", filters.exclude_categories)):
+        for name in names or []:
+            if not len(bundle.items_in_category(name)):
+                known = bundle.category_names()
+                close = difflib.get_close_matches(name, known, n=3)
+                hint = (f"did you mean {' or '.join(close)}?" if close
+                        else f"the catalogue has {len(known)} categories" + (f", e.g. {', '.join(known[:5])}" if known else ""))
+                raise UserError(f"{field_name}: unknown category {name!r} ({hint})")
 
 
 def _popular(bundle: Bundle, excluded: np.ndarray, k: int) -> Ranked:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -21,14 +22,14 @@ from models.item_knn import ItemKNN
 from models.losses import NextItemLoss
 from models.popularity import MostPopular
 from models.sasrec import SASRec
-from pipeline.config import ModelSettings, Settings
+from pipeline.config import Baseline, ModelSettings, Settings
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.registry.model_store import SASRecShape
 from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
 from pipeline.training.loop import EpochRecord, FitResult, fit, resolve_device, seed_everything
 
-BASELINES = ("popularity", "itemknn")
+BASELINES: tuple[str, ...] = get_args(Baseline)
 RECALL_QUERY_USERS = 1000
 
 

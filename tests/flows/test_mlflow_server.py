@@ -1,4 +1,4 @@
-"""The MLflow UI checked for real: `mlflow server` on the SQLite store, read back over REST."""
+"""The MLflow UI checked for real: `attnrec ui` on the SQLite store, read back over REST."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ pytestmark = pytest.mark.slow
 
 def test_mlflow_server_serves_the_run_metrics_and_registered_model(pipeline_run: tuple[Path, dict, dict], tmp_path: Path) -> None:
     home, first, _ = pipeline_run
-    settings = load_settings(home=home)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", settings.mlflow_tracking_uri, "--default-artifact-root",
-         settings.mlflow_artifact_root.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTNREC_")}
+    env["ATTNREC_HOME"] = str(home)
+    # the README's command: `attnrec ui` (it execs `mlflow ui` on the state folder's store)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -49,6 +49,11 @@ def test_mlflow_server_serves_the_run_metrics_and_registered_model(pipeline_run:
         model = httpx.get(f"{base}/api/2.0/mlflow/registered-models/get", params={"name": "attnrec"}).json()["registered_model"]
         assert any(a["alias"] == "champion" for a in model.get("aliases", []))
         assert httpx.get(base + "/").status_code == 200  # the UI itself
+        # with the store behind this server, a run's link is the server's page of that run
+        from pipeline.registry.tracking import run_url
+
+        experiment = run["info"]["experiment_id"]
+        assert run_url(load_settings(home=home, mlflow_tracking_uri=base), run_id) == f"{base}/#/experiments/{experiment}/runs/{run_id}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
