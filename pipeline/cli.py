@@ -310,10 +310,19 @@ def recommend(
                                      exclude_categories=split(exclude_category), exclude_items=split(exclude))
     if as_json:
         _echo_json(response.as_dict())
-        return
-    if response.known_user is False:
-        err.print(f"user {user} is not in the warehouse {s.duckdb_path}: the most popular items follow", highlight=False)
-    _print_recommendations(response, f"user {user}" if user is not None else f"history {items}")
+    else:
+        if response.known_user is False:
+            err.print(f"user {user} is not in the warehouse {s.duckdb_path}: the most popular items follow", highlight=False)
+        _print_recommendations(response, f"user {user}" if user is not None else f"history {items}")
+    _end_read_only_command()
+
+
+def _end_read_only_command() -> None:
+    """Exit now, skipping the interpreter's teardown of torch, FAISS and the rest (0.3-0.5 s of
+    a 2 s query). Only for commands that wrote nothing and leave nothing to finish."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _print_recommendations(response: Any, who: str) -> None:

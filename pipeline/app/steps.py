@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 ATTENTION_EXAMPLE_USERS = 3     # heatmaps in a training run's report
-ATTENTION_EXAMPLE_ITEMS = 15    # the newest history items each heatmap shows
+ATTENTION_EXAMPLE_ITEMS = 15    # the history items with the most attention each heatmap shows
 ATTENTION_CANDIDATE_USERS = 200  # users the informative examples are chosen from
 SPLIT_WORDS = {"loo": "leave-one-out: each user's last event is the test item, the one before it the validation item",
                "temporal": "temporal: events from the split time on are the test items"}
@@ -278,37 +278,40 @@ def _log_run_artefacts(fs: FeatureSet, bundle: Bundle, rows: dict[str, dict[str,
 def attention_examples(fs: FeatureSet, bundle: Bundle) -> list[Any]:
     """Heatmap rows for the users whose recommendations show attention filtering best.
 
-    Among up to ``ATTENTION_CANDIDATE_USERS`` users with a long enough history (spread over the
-    user table), the chosen ones have the most distinct top reasons across their top-5 (each
-    recommendation rests on other items), then the most concentrated attention. Answers come
-    from the query path, as a request with ``explain`` would get them.
+    Among up to ``ATTENTION_CANDIDATE_USERS`` users with at least 5 history items (spread over
+    the user table), each gets its top-5 with the attention over its whole history (what a
+    request with ``explain`` answers, through the query path); the columns kept are the
+    ``ATTENTION_EXAMPLE_ITEMS`` history items with the most attention, in time order. Chosen:
+    the users whose recommendations rest on the most distinct items, then whose shown items
+    hold the largest share of the attention.
     """
     import numpy as np
 
     from pipeline.registry.run_report import AttentionExample
     from pipeline.serving.query import recommend
 
-    long_enough = np.nonzero(fs.test_pos >= ATTENTION_EXAMPLE_ITEMS)[0]
-    if len(long_enough) == 0:
-        long_enough = np.nonzero(fs.test_pos >= 3)[0]
-    if len(long_enough) == 0:
+    eligible = np.nonzero(fs.test_pos >= 5)[0]
+    if len(eligible) == 0:
         return []
-    spread = np.linspace(0, len(long_enough) - 1, num=min(len(long_enough), ATTENTION_CANDIDATE_USERS)).astype(int)
-    users = [int(u) for u in np.unique(long_enough[spread])]
+    spread = np.linspace(0, len(eligible) - 1, num=min(len(eligible), ATTENTION_CANDIDATE_USERS)).astype(int)
+    users = [int(u) for u in np.unique(eligible[spread])]
     histories = [fs.sequences.row(u)[:fs.test_pos[u]].astype(np.int64) for u in users]
     answers = recommend(bundle, histories, k=5, explain=True, reasons=None)
     candidates = []
     for u, hist, answer in zip(users, histories, answers, strict=True):
-        shown = hist[-min(ATTENTION_EXAMPLE_ITEMS, bundle.model.max_len):]
-        shown_ids = [bundle.item_ids[i - 1] for i in shown]
-        weights = np.array([[{r.item_id: r.weight for r in rec.reasons}.get(i, 0.0) for i in shown_ids]
-                            for rec in answer.recommendations])  # (K, L)
-        if weights.size == 0:
+        read = hist[-bundle.model.max_len:]  # the items the model reads, oldest first
+        ids = [bundle.item_ids[i - 1] for i in read]
+        full = np.array([[{r.item_id: r.weight for r in rec.reasons}.get(i, 0.0) for i in ids]
+                         for rec in answer.recommendations])  # (K, L) attention shares, rows sum to 1
+        if full.size == 0:
             continue
-        distinct = len(set(weights.argmax(axis=1).tolist()))
-        candidates.append(((distinct, float(weights.max(axis=1).mean())), AttentionExample(
-            fs.user_ids[u], [bundle.titles[i - 1] or bundle.item_ids[i - 1] for i in shown],
-            [r.title or r.item_id for r in answer.recommendations], weights)))
+        keep = np.sort(np.argsort(-full.max(axis=0), kind="stable")[:ATTENTION_EXAMPLE_ITEMS])  # time order
+        weights = full[:, keep]  # (K, <= ATTENTION_EXAMPLE_ITEMS)
+        distinct = len(set(full.argmax(axis=1).tolist()))
+        captured = float(weights.sum(axis=1).mean())
+        candidates.append(((distinct, captured), AttentionExample(
+            fs.user_ids[u], [bundle.titles[read[j] - 1] or ids[j] for j in keep],
+            [r.title or r.item_id for r in answer.recommendations], weights, len(read))))
     candidates.sort(key=lambda c: c[0], reverse=True)
     return [example for _, example in candidates[:ATTENTION_EXAMPLE_USERS]]
 

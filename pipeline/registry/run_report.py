@@ -72,28 +72,31 @@ def plot_training_curve(path: Path, history: list[Any]) -> Path:
 
 @dataclass
 class AttentionExample:
-    """One user's recommendations and the attention each puts on the user's newest history items."""
+    """One user's recommendations and the attention each puts on the user's history items."""
 
     user_id: str
-    history_titles: list[str]      # (L,) the newest history items, oldest first
+    history_titles: list[str]      # (L,) the history items shown, oldest first
     recommended_titles: list[str]  # (K,)
-    weights: np.ndarray            # (K, L) attention share of each history item, per recommendation
+    weights: np.ndarray            # (K, L) attention share of each shown history item, per recommendation
+    history_length: int            # how many history items the model read (L of them are shown)
 
 
 def plot_attention(path: Path, examples: list[AttentionExample]) -> Path:
-    """One heatmap per user: which recent history items each recommendation rests on, with a
-    colour scale (share of the attention, 0 to 1) and whole titles, wrapped."""
+    """One heatmap per user: which history items each recommendation rests on, with a colour
+    scale (share of the attention, from 0 to the largest share shown) and whole titles, wrapped."""
     label = partial(textwrap.fill, width=TITLE_WRAP)
-    rows = [max(len(ex.recommended_titles), 1) for ex in examples]
-    fig, axes = plt.subplots(len(examples), 1, figsize=(13, sum(1.1 * r + 3.4 for r in rows)), squeeze=False,
-                             gridspec_kw={"height_ratios": [1.1 * r + 3.4 for r in rows]})
+    heights = [0.55 * max(len(ex.recommended_titles), 1) + 3.2 for ex in examples]
+    fig, axes = plt.subplots(len(examples), 1, figsize=(13, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, ex in zip(axes[:, 0], examples, strict=True):
-        image = ax.imshow(ex.weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        image = ax.imshow(ex.weights, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(ex.weights.max()), 1e-6))
         ax.set_yticks(range(len(ex.recommended_titles)), [label(t) for t in ex.recommended_titles], fontsize=7)
         ax.set_xticks(range(len(ex.history_titles)), [label(t) for t in ex.history_titles], rotation=60, ha="right",
                       fontsize=6)
-        ax.set_xlabel("history, oldest to newest", fontsize=8)
-        ax.set_title(f"user {ex.user_id}: which recent items each recommendation rests on", fontsize=9)
+        held = float(ex.weights.sum(axis=1).mean())
+        ax.set_xlabel(f"the {len(ex.history_titles)} of {ex.history_length} history items with the most attention, "
+                      f"oldest to newest (they hold {held:.0%} of it)", fontsize=8)
+        ax.set_title(f"user {ex.user_id}: which history items each recommendation rests on", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01).set_label("share of attention", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
