@@ -47,7 +47,7 @@ def _echo_json(data: Any) -> None:
 @app.command()
 def ingest(
     paths: Annotated[list[str], typer.Argument(help="files, folders or globs of user-item events")],
-    format: Annotated[str, typer.Option("--format", help="auto|csv|tsv|parquet|ndjson|sasrec|movielens-100k|movielens-1m|movielens-csv")] = "auto",
+    format: Annotated[str, typer.Option("--format", help="auto|csv|tsv|parquet|ndjson|sasrec|sequences|movielens-100k|movielens-1m|movielens-csv")] = "auto",
     user_col: Annotated[str | None, typer.Option(help="user id column (name, or 1-based position without header)")] = None,
     item_col: Annotated[str | None, typer.Option(help="item id column")] = None,
     time_col: Annotated[str | None, typer.Option(help="time column (unix s/ms/us or ISO-8601)")] = None,
@@ -94,8 +94,8 @@ def ingest(
 
 @app.command("ingest-items")
 def ingest_items_cmd(
-    paths: Annotated[list[Path], typer.Argument(help="item files: movies.dat, movies.csv, u.item, tags.csv, or a table")],
-    format: Annotated[str, typer.Option("--format", help="auto|movielens-movies-dat|movielens-movies-csv|movielens-u-item|movielens-tags|table")] = "auto",
+    paths: Annotated[list[Path], typer.Argument(help="item files: movies.dat, movies.csv, u.item, tags.csv, a JSON attribute map, or a table")],
+    format: Annotated[str, typer.Option("--format", help="auto|movielens-movies-dat|movielens-movies-csv|movielens-u-item|movielens-tags|attribute-map|table")] = "auto",
     id_map: Annotated[Path | None, typer.Option(help="two columns: id used in the events, id used in the item file")] = None,
     item_col: Annotated[str | None, typer.Option(help="item id column of a generic table")] = None,
     numeric_cols: Annotated[str | None, typer.Option(help="comma-separated numeric columns (default: all numeric)")] = None,

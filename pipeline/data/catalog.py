@@ -2,8 +2,9 @@
 
 Formats: MovieLens ``movies.dat`` (``::``, ISO-8859-1), ``movies.csv``, ``u.item`` (``|``,
 19 genre flags named by ``u.genre``), MovieLens ``tags.csv`` (free-text tags become item
-text), and any CSV/TSV/Parquet/NDJSON with an item id column plus any of title, categories,
-text and numeric columns. ``--id-map FILE`` (two columns: id used in the events, id used in
+text), a JSON attribute map ``{"item id": [attribute, ...]}`` (the attributes become
+categories, as in the S3-Rec Amazon files), and any CSV/TSV/Parquet/NDJSON with an item id
+column plus any of title, categories, text and numeric columns. ``--id-map FILE`` (two columns: id used in the events, id used in
 the item file) renames catalog ids to event ids, so ``ml-1m.txt``'s items get their titles.
 
 Catalog rows are appended per source; ``items_v`` resolves each field to its latest value.
@@ -12,6 +13,7 @@ Catalog rows are appended per source; ``items_v`` resolves each field to its lat
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +36,8 @@ TITLE_NAMES = ("title", "name", "itemname", "moviename", "productname")
 CATEGORY_NAMES = ("genres", "genre", "categories", "category", "tagslist", "labels")
 TEXT_NAMES = ("text", "description", "overview", "summary", "plot", "tag", "tags", "keywords")
 ITEM_NAMES = ("itemid", "item", "movieid", "productid", "id", "iid", "asin", "sku", "trackid", "articleid")
-ITEM_FORMATS = ("auto", "movielens-movies-dat", "movielens-movies-csv", "movielens-u-item", "movielens-tags", "table")
+ITEM_FORMATS = ("auto", "movielens-movies-dat", "movielens-movies-csv", "movielens-u-item", "movielens-tags",
+                "attribute-map", "table")
 
 
 
@@ -86,6 +89,10 @@ def _detect(path: Path, fmt: str) -> str:
         return "movielens-movies-dat"
     if name == "u.item":
         return "movielens-u-item"
+    if path.suffix.lower() == ".json":
+        with path.open("rb") as fh:
+            if fh.read(4096).lstrip()[:1] == b"{":
+                return "attribute-map"
     if path.suffix.lower() == ".csv":
         head = path.open("rb").readline().decode("utf-8", "replace").strip().lower()
         if head.startswith("movieid,title,genres"):
@@ -137,6 +144,8 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
               .otherwise(pl.col("genres").str.split("|")).alias("categories"),
             pl.lit(None, pl.String).alias("text"), *empty_num,
         )
+    if fmt == "attribute-map":
+        return _attribute_map(path)
     if fmt == "movielens-tags":
         df = pl.read_csv(io.StringIO(_read_text(path)), infer_schema=False).with_row_index("line", 2)
         return (
@@ -192,6 +201,30 @@ def _frame(path: Path, fmt: str, item_col: str | None, numeric_cols: list[str] |
     )
 
 
+def _attribute_map(path: Path) -> pl.DataFrame:
+    """``{"item id": [attribute, ...]}`` as catalog rows: the attributes (as text) are the item's
+    categories; ``line`` is the entry's position in the object (1-based). An entry whose value is
+    not a list of plain values is kept out, with its reason in ``problem``."""
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise InputFileError(path, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise InputFileError(path, "an attribute map is one JSON object: {\"item id\": [attribute, ...]}")
+    ids, cats, problems = [], [], []
+    for item, value in data.items():
+        ids.append(item)
+        plain = isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+        cats.append([str(v) for v in value] if plain else [])
+        problems.append(None if plain else f"the attributes of item {item!r} are not a list of plain values")
+    n = len(ids)
+    return pl.DataFrame({
+        "line": list(range(1, n + 1)), "item_id": ids, "title": [None] * n, "categories": cats, "text": [None] * n,
+        "num_keys": [[] for _ in range(n)], "num_values": [[] for _ in range(n)], "problem": problems,
+    }, schema={"line": pl.Int64, "item_id": pl.String, "title": pl.String, "categories": pl.List(pl.String),
+               "text": pl.String, "num_keys": pl.List(pl.String), "num_values": pl.List(pl.Float64), "problem": pl.String})
+
+
 def _id_column(columns: list[str], item_col: str | None) -> str | None:
     """The item id column of a generic table: ``--item-col``, else the first recognised name."""
     if item_col is not None:
@@ -236,11 +269,15 @@ def ingest_items(con: duckdb.DuckDBPyConnection, path: Path, fmt: str = "auto", 
     df = df.with_columns(id_text_expr(pl.col("item_id"), id_type).alias("item_id"),
                          not_whole_expr(pl.col("item_id"), id_type).alias("not_whole"))
     report.rows = df.height
+    problem = pl.col("problem") if "problem" in df.columns else pl.lit(None, pl.String)  # a format's own finding
     df = df.with_columns(
         pl.when(pl.col("not_whole")).then(pl.lit("item id is a number that is not whole"))
         .when(pl.col("item_id").is_null()).then(pl.lit("missing item id"))
         .when(pl.col("item_id").str.len_chars() > MAX_ID_CHARS).then(pl.lit(f"item id longer than {MAX_ID_CHARS:,} characters"))
+        .otherwise(problem)
         .alias("reason"))
+    if "problem" in df.columns:
+        df = df.drop("problem")
     bad = df.filter(pl.col("reason").is_not_null())
     if bad.height:
         report.quarantined = bad.height

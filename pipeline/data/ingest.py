@@ -207,8 +207,9 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
     """SQL over ``relation`` giving: line, user_key, user_raw, item_key, item_raw, ts, event_type,
     weight, event_id, reason, bad_column, raw. ``reason`` is NULL for good rows.
 
-    An order-only file's ``ts`` is ``source_id * 2**40 + line``: its events follow the earlier
-    files' in time, and two such files never share an event identity by their line numbers."""
+    An order-only file's ``ts`` is ``source_id * 2**40 + line`` (``+ order``, the event's position
+    in the file, for one sequence per line): its events follow the earlier files' in time, and
+    two such files never share an event identity by their line numbers."""
     types = {} if staged else _column_types(con, relation)
     if staged:
         col = {r: _ident(r) for r in STAGE_COLUMNS if spec.mapping.get(r)}
@@ -250,7 +251,8 @@ def _canonical_sql(con: duckdb.DuckDBPyConnection, spec: SourceSpec, relation: s
         t_bad = f"({ts}) IS NOT NULL AND NOT {in_range}"
         ts = f"CASE WHEN {in_range} THEN round({ts})::BIGINT END"
     else:
-        ts, tmiss, t_text = f"({line})::BIGINT + {source_id << ORDER_SOURCE_SHIFT}", "false", "NULL"
+        order = 'coalesce("order", line)' if staged else line  # events in a line: their position in the file
+        ts, tmiss, t_text = f"({order})::BIGINT + {source_id << ORDER_SOURCE_SHIFT}", "false", "NULL"
         t_bad = "false"
 
     default_type = _sql_str(opts.event_type or spec.default_event_type)

@@ -1,8 +1,8 @@
 """Event-log formats: detection, column mapping, and streaming text files into DuckDB.
 
 Every text format (CSV/TSV with any delimiter, MovieLens ``u.data`` / ``ratings.dat`` /
-``ratings.csv``, the SASRec ``user item`` file, NDJSON) is read lazily by Polars with its
-1-based line number and streamed, batch by batch, as Arrow batches of *string* columns
+``ratings.csv``, the SASRec ``user item`` file, one sequence per line ``user item1 item2 ...``,
+NDJSON) is read lazily by Polars with its 1-based line number and streamed, batch by batch, as Arrow batches of *string* columns
 into a DuckDB temporary table. Typing and validation then happen once, in SQL
 (``pipeline.data.ingest``), for streamed text and native Parquet alike.
 """
@@ -27,7 +27,8 @@ from pipeline.errors import InputFileError, UserError
 
 SAMPLE_BYTES = 1 << 16       # bytes read to detect a file's layout
 MAX_LINE_BYTES = 1 << 20     # a longer line is no event: quarantined (the first line: the file is refused)
-FORMATS = ("auto", "csv", "tsv", "parquet", "ndjson", "sasrec", "movielens-100k", "movielens-1m", "movielens-csv")
+FORMATS = ("auto", "csv", "tsv", "parquet", "ndjson", "sasrec", "sequences", "movielens-100k", "movielens-1m",
+           "movielens-csv")
 DATA_SUFFIXES = {".csv", ".tsv", ".txt", ".dat", ".data", ".parquet", ".pq", ".ndjson", ".jsonl", ".json"}
 
 # Names we recognise for each role, compared after lower-casing and dropping non-alphanumerics.
@@ -252,6 +253,14 @@ def _default_event_type(columns: list[str]) -> str:
     return "rating" if _is_movielens_ratings(columns) else "interaction"
 
 
+def _looks_like_sequences(lines: list[str]) -> bool:
+    """One sequence per line (``user item1 item2 ...``): space-separated tokens, no other
+    delimiter, lines of different lengths (a fixed count is a space-delimited table) and some
+    with at least two items. A line with a user alone is read, and quarantined at load."""
+    counts = [len(ln.split()) for ln in lines]
+    return len(set(counts)) > 1 and max(counts) >= 3 and not any(c in ln for ln in lines for c in ",|;\t")
+
+
 def _positional_roles(n: int) -> dict[str, int]:
     """Roles of columns in a file without header: user item [weight] [time] (MovieLens order)."""
     if n == 2:
@@ -320,6 +329,10 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
         cols = ["user", "item"]
         spec = SourceSpec(path, "sasrec", cols, _map_columns(cols, flags, path, None), " ", False, False)
         return spec
+    if fmt == "sequences" or (fmt == "auto" and _looks_like_sequences(lines)):
+        cols = ["user", "item"]
+        return SourceSpec(path, "sequences", cols, {"user": "user", "item": "item"}, " ", False, False,
+                          notes=["one sequence per line: the user, then the items, oldest first"])
 
     sep, n = (delimiter, 0) if delimiter else _sniff_delimiter(lines)
     if fmt == "tsv":
@@ -387,12 +400,46 @@ def _text_frame(spec: SourceSpec) -> pl.LazyFrame:
     )
 
 
+def _sequence_frame(spec: SourceSpec) -> pl.LazyFrame:
+    """One sequence per line, exploded to one row per event: ``user`` is the line's first token,
+    ``item`` each of the others in turn, ``order`` the event's position in the file (the time
+    order: a line's items are oldest first, and the file has no times). ``raw`` is the
+    ``user item`` pair, so a quarantined event names its line and what it held."""
+    lf = pl.scan_csv(
+        spec.path, has_header=False, separator="\x1f", quote_char=None, infer_schema=False,
+        new_columns=["raw"], encoding="utf8-lossy",
+    ).with_row_index("__row")
+    tokens = pl.col("raw").str.extract_all(r"\S+")
+    lf = (lf.filter(pl.col("raw").is_not_null() & (pl.col("raw").str.strip_chars() != ""))
+          .select((pl.col("__row").cast(pl.Int64) + 1).alias("line"), tokens.list.first().alias("user"),
+                  tokens.list.slice(1).alias("item"))
+          # a line with a user and no item keeps one row, item null: quarantined as such
+          .with_columns(pl.when(pl.col("item").list.len() == 0).then(pl.lit([None], pl.List(pl.String)))
+                        .otherwise(pl.col("item")).alias("item"))
+          .explode("item")
+          .with_row_index("__order"))
+    return lf.select(
+        "line",
+        pl.concat_str([pl.col("user"), pl.col("item").fill_null("")], separator=" ").alias("raw"),
+        pl.lit(None, pl.Int64).alias("nfields"),
+        pl.lit(None, pl.String).alias("nested"),
+        *[pl.col(r) if r in ("user", "item") else pl.lit(None, pl.String).alias(r) for r in STAGE_COLUMNS],
+        (pl.col("__order").cast(pl.Int64) + 1).alias("order"),
+    )
+
+
 def _staged(role: str, value: pl.Expr | None) -> pl.Expr:
     """The staged column of ``role``: ids as read (the identity rule trims them in SQL), other
     fields without surrounding whitespace, NULL for a role the file does not have."""
     if value is None:
         return pl.lit(None, pl.String).alias(role)
     return (value if role in ("user", "item") else value.str.strip_chars()).alias(role)
+
+
+def _staged_frame(spec: SourceSpec) -> pl.LazyFrame:
+    if spec.format == "ndjson":
+        return _ndjson_frame(spec)
+    return _sequence_frame(spec) if spec.format == "sequences" else _text_frame(spec)
 
 
 NOT_JSON = -1  # ``nfields`` of an NDJSON line that is not a JSON object (quarantined as such)
@@ -452,13 +499,18 @@ def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
 
 def text_batches(spec: SourceSpec, on_rows: Callable[[int], None] | None = None,
                  batch_rows: int = 500_000) -> pa.RecordBatchReader:
-    """Stream a text file as Arrow batches of string columns (+ ``line``, ``raw``, ``nfields``).
+    """Stream a text file as Arrow batches of string columns (+ ``line``, ``raw``, ``nfields``,
+    ``nested``, and ``order``: an event's position in a file without times where a line holds
+    several events, else null).
 
     Read once, lazily: memory stays bounded by ``batch_rows`` whatever the file size.
     """
-    lf = _ndjson_frame(spec) if spec.format == "ndjson" else _text_frame(spec)
+    lf = _staged_frame(spec)
+    if spec.format != "sequences":
+        lf = lf.with_columns(pl.lit(None, pl.Int64).alias("order"))
     schema = pa.schema([("line", pa.int64()), ("raw", pa.large_string()), ("nfields", pa.int64()),
-                        ("nested", pa.large_string())] + [(r, pa.large_string()) for r in STAGE_COLUMNS])
+                        ("nested", pa.large_string())] + [(r, pa.large_string()) for r in STAGE_COLUMNS]
+                       + [("order", pa.int64())])
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
@@ -489,7 +541,7 @@ def unit_from_values(values: np.ndarray) -> str:
 
 def infer_time_unit(spec: SourceSpec, rows: int = 10_000) -> str:
     """Unit of the numeric times in the first ``rows`` rows of a text file."""
-    lf = _ndjson_frame(spec) if spec.format == "ndjson" else _text_frame(spec)
+    lf = _staged_frame(spec)
     try:
         values = lf.head(rows).select(pl.col("time").str.strip_chars().cast(pl.Float64, strict=False)).collect()["time"]
     except pl.exceptions.PolarsError as exc:

@@ -163,3 +163,18 @@ def test_rows_without_item_id_are_quarantined_or_rejected(cli: Attnrec, tmp_path
     [report] = cli.ingest_items(path)
     assert (report["loaded"], report["quarantined"]) == (2, 1)
     assert cli.query("SELECT line, reason FROM quarantine") == [(3, "missing item id")]
+
+
+def test_a_json_attribute_map_gives_categories(cli: Attnrec, tmp_path: Path, shared_data: Path) -> None:
+    [report] = cli.ingest_items(shared_data / "amazon-toys" / "Toys_and_Games_item2attributes.json")
+    assert (report["format"], report["loaded"], report["quarantined"]) == ("attribute-map", 11_924, 0)
+    key = cli.query("SELECT item_key FROM item_ids_v WHERE item_id = '145'")[0][0]
+    assert catalog(cli, key)[key][1] == ["1", "2", "6", "7", "8"]
+    bad = tmp_path / "attrs.json"
+    bad.write_text('{"a": ["x", "y"], "b": {"nested": 1}, "c": [3]}')
+    [report] = cli.ingest_items(bad)
+    assert (report["loaded"], report["quarantined"]) == (2, 1)
+    assert report["examples"] == [[2, "the attributes of item 'b' are not a list of plain values"]]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": [1,')
+    assert_one_line_error(cli.run("ingest-items", broken, ok=False), "broken.json", "not valid JSON")

@@ -273,3 +273,35 @@ def test_explicit_delimiter_and_header_flags(cli: Attnrec, tmp_path: Path) -> No
     [report] = cli.ingest(path, "--delimiter", "|", "--no-header")
     assert report["description"].startswith("csv / delimiter '|' / no header")
     assert [e[:3] for e in events(cli)] == [("1", "10", 100_000_000), ("2", "20", 200_000_000)]
+
+
+def test_one_sequence_per_line_is_read_in_line_and_position_order(cli: Attnrec, tmp_path: Path) -> None:
+    path = write(tmp_path / "seqs.txt", "u1 a b a c\nu2 x\nu3\n\nu2 y z\n")
+    [report] = cli.ingest(path)
+    assert report["format"] == "sequences" and "one sequence per line" in report["description"]
+    assert (report["loaded"], report["quarantined"]) == (7, 1)
+    assert report["examples"] == [[3, "item", "missing item id"]]  # the user alone: line 3, named
+    got = events(cli)
+    assert [(u, i) for u, i, *_ in sorted(got, key=lambda e: e[2])] == [
+        ("u1", "a"), ("u1", "b"), ("u1", "a"), ("u1", "c"), ("u2", "x"), ("u2", "y"), ("u2", "z")]
+    assert len({ts for _, _, ts, *_ in got}) == 7  # a repeat (u1 a) is its own event
+    assert cli.stats()["time"]["kind"] == "order"
+    [again] = cli.ingest(path)  # exactly once
+    assert again["loaded"] == 0 and cli.query("SELECT count(*) FROM events") == [(7,)]
+    assert detect(path).format == "sequences"
+
+
+def test_a_space_delimited_table_is_not_taken_for_sequences(tmp_path: Path) -> None:
+    path = write(tmp_path / "table.txt", "1 10 5 978300760\n1 11 3 978300761\n2 10 4 978300762\n")
+    spec = detect(path)
+    assert spec.format != "sequences" and spec.mapping["time"] is not None
+
+
+def test_the_amazon_toys_sequences_file(cli: Attnrec, shared_data: Path) -> None:
+    [report] = cli.ingest(shared_data / "amazon-toys" / "Toys_and_Games.txt")
+    assert (report["format"], report["loaded"], report["quarantined"]) == ("sequences", 167_597, 0)
+    stats = cli.stats()
+    assert (stats["users"], stats["items"]) == (19_412, 11_924)
+    history = cli.query("""SELECT string_agg(i.item_id, ' ' ORDER BY e.ts) FROM events e
+                           JOIN users_v u USING (user_key) JOIN item_ids_v i USING (item_key) WHERE u.user_id = '3'""")
+    assert history == [("9 10 11 12 4 5 13 14 15",)]  # line 3 of the file, in its order
