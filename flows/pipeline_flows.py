@@ -94,8 +94,9 @@ def train_task(settings: Settings, index_kind: IndexKind = "auto") -> dict[str, 
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(settings: Settings, split: str, baseline: str | None, model: str | None) -> dict[str, Any]:
-    report = steps.evaluate(settings, split, baseline, model)
+def evaluate_task(settings: Settings, split: str, baseline: str | None, model: str | None,
+                  keep_seen: bool = False) -> dict[str, Any]:
+    report = steps.evaluate(settings, split, baseline, model, keep_seen=keep_seen)
     get_run_logger().info("%s on %s: NDCG@10 %.4f (MLflow run %s)", report["model"], split, report["ndcg@10"],
                           report["mlflow_run_id"])
     return report
@@ -164,17 +165,19 @@ def train_flow(index_kind: IndexKind = "auto", home: str | None = None,
 
 @flow(name="evaluate")
 def evaluate_flow(split: EvalSplit = "test", baseline: Baseline | None = None, model: str | None = None,
-                  home: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  keep_seen: bool = False, home: str | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full-ranking HR, NDCG, MRR and coverage at K of a model or a baseline, kept as an MLflow run.
 
     Args:
         split: the split to measure on.
         baseline: measure this baseline instead of a model.
+        keep_seen: also rank the items each user has seen (repeat consumption), beside the default.
         model: a model URI such as models:/attnrec/3, or a bundle folder (default: the champion).
         home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
         overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
     """
-    return evaluate_task(_settings(home, overrides), split, baseline, model)
+    return evaluate_task(_settings(home, overrides), split, baseline, model, keep_seen)
 
 
 @flow(name="build-index")

@@ -237,6 +237,7 @@ def evaluate(
     baseline: Annotated[str | None, typer.Option(help="evaluate a baseline instead: popularity | itemknn")] = None,
     model: ModelOpt = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    keep_seen: Annotated[bool, typer.Option("--keep-seen", help="also rank seen items (repeat consumption), beside the default")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
@@ -244,7 +245,7 @@ def evaluate(
     from pipeline.app.steps import evaluate as evaluate_step
 
     s = load_settings(home=home, device=device)
-    report = evaluate_step(s, split, baseline, model)
+    report = evaluate_step(s, split, baseline, model, keep_seen=keep_seen)
     name = report["model"]
     if as_json:
         _echo_json(report)
@@ -254,6 +255,12 @@ def evaluate(
     for k in (5, 10, 20, 50):
         out.print(f"  @{k:<3} hr {report[f'hr@{k}']:.4f}  ndcg {report[f'ndcg@{k}']:.4f}  mrr {report[f'mrr@{k}']:.4f}"
                   f"  coverage {report[f'coverage@{k}']:.4f}", highlight=False)
+    if report.get("keep_seen"):
+        ks = report["keep_seen"]
+        out.print("  seen items ranked too (--keep-seen):", highlight=False)
+        for k in (5, 10, 20, 50):
+            out.print(f"  @{k:<3} hr {ks[f'hr@{k}']:.4f}  ndcg {ks[f'ndcg@{k}']:.4f}  mrr {ks[f'mrr@{k}']:.4f}"
+                      f"  coverage {ks[f'coverage@{k}']:.4f}", highlight=False)
     if report.get("cold_start"):
         c = report["cold_start"]
         out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)

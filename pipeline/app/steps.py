@@ -418,12 +418,14 @@ def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | 
 # Evaluation, index, recommendations
 
 
-def evaluate(settings: Settings, split: str = "test", baseline: str | None = None, model: str | None = None) -> dict[str, Any]:
+def evaluate(settings: Settings, split: str = "test", baseline: str | None = None, model: str | None = None,
+             keep_seen: bool = False) -> dict[str, Any]:
     """Full-ranking metrics of a model (default: the champion) on the feature set it was trained
     on, or of a baseline on the current one, recorded as an MLflow run.
 
     When the model's own feature set is gone from the store, the current one is used if its
-    items match the model's, and ``feature_set_note`` says so.
+    items match the model's, and ``feature_set_note`` says so. ``keep_seen`` adds the metrics
+    with seen items ranked too (section ``keep_seen``).
     """
     from pipeline.data.feature_store import load_feature_set
     from pipeline.registry import tracking
@@ -455,12 +457,14 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
         name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
     report = {"model": name, "split": split, "feature_set": fs.version, "feature_set_note": note,
-              **evaluation_report(scorer, fs, split, max_len, device)}
+              **evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen)}
     with tracking.tracked_run(settings, f"evaluate {name} on {split}, features {fs.version[:8]}",
                               {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:
-        tracking.log_params({"split": split, "model": name, "feature_set.version": fs.version})
+        tracking.log_params({"split": split, "model": name, "feature_set.version": fs.version, "keep_seen": keep_seen})
         tracking.log_metrics({tracking.metric_name(k, f"{split}_"): v for k, v in report.items()
                               if isinstance(v, float) and k != "seconds"})
+        tracking.log_metrics({tracking.metric_name(k, f"{split}_keep_seen_"): v
+                              for k, v in report.get("keep_seen", {}).items() if isinstance(v, float)})
     report["mlflow_run_id"] = run_id
     return report
 

@@ -2,7 +2,8 @@
 
 Every user with a target in the split is scored against the whole catalogue; items the
 user already interacted with (the whole history before the target) are excluded from the
-ranking, except the target itself; item 0 (padding) is never ranked. The rank of the
+ranking, except the target itself; item 0 (padding) is never ranked. With ``keep_seen``
+the seen items are ranked too (the protocol of catalogues where people buy or watch again). The rank of the
 target is the number of items with a strictly higher score (ties favour the target, as
 in the reference implementations). Scoring runs in batches on the model's device.
 """
@@ -37,8 +38,9 @@ def rank_metrics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target among unseen items.
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.Tensor, seen_items: torch.Tensor,
+                 keep_seen: bool = False) -> torch.Tensor:
+    """0-based rank of each target among unseen items (``keep_seen``: among all items).
 
     Args:
         scores: (B, N+1) float, modified in place (seen items and padding set to -inf).
@@ -48,7 +50,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, seen_rows: torch.T
         (B,) long ranks.
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
-    scores[seen_rows, seen_items] = float("-inf")
+    if not keep_seen:
+        scores[seen_rows, seen_items] = float("-inf")
     scores[:, 0] = float("-inf")
     scores.scatter_(1, targets.unsqueeze(1), target_scores)  # the target is never excluded
     return (scores > target_scores).sum(dim=1)  # (B,)
@@ -80,7 +83,7 @@ def split_targets(fs: FeatureSet, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512) -> EvalResult:
+             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False) -> EvalResult:
     """Full-ranking metrics of ``scorer`` on the validation or test targets of ``fs``.
 
     Users are batched by history length (shortest first) so attention cost tracks real
@@ -106,7 +109,8 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         targets = torch.from_numpy(fs.sequences.values[fs.sequences.offsets[u] + p].astype(np.int64)).to(device)
         rows, items = seen_pairs(fs.sequences, u, p)
         scores = scorer(seq).float().contiguous()  # (B, N+1), modified in place below
-        ranks = target_ranks(scores, targets, torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device))
+        ranks = target_ranks(scores, targets, torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device),
+                             keep_seen)
         all_ranks[sel] = ranks.cpu().numpy()
         all_targets[sel] = targets.cpu().numpy()
         top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
@@ -118,14 +122,18 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
 
 
 def evaluation_report(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
-    """``evaluate``'s metrics and seconds, plus the cold-start section (targets among held-out items)."""
+                      ks: Sequence[int] = DEFAULT_KS, keep_seen: bool = False) -> dict[str, Any]:
+    """``evaluate``'s metrics and seconds (seen items excluded), plus the cold-start section
+    (targets among held-out items) and, with ``keep_seen``, a ``keep_seen`` section: the same
+    metrics with seen items ranked too, beside the default."""
     result = evaluate(scorer, fs, split, max_len, device, ks)
     report: dict[str, Any] = dict(result.metrics)
     report["seconds"] = round(result.seconds, 3)
     cold = fs.cold_mask
     if cold.any():
         report["cold_start"] = result.restricted(cold[result.targets], ks)
+    if keep_seen:
+        report["keep_seen"] = evaluate(scorer, fs, split, max_len, device, ks, keep_seen=True).metrics
     return report
 
 

@@ -94,3 +94,12 @@ def test_evaluate_uses_the_models_own_feature_set(champion_cli: Attnrec) -> None
     assert report["feature_set"] == newer and f"the model's feature set {trained_on} is no longer" in report["feature_set_note"]
     text = champion_cli.run("evaluate").stdout
     assert f"of feature set {newer}, the model's feature set {trained_on} is no longer" in text
+
+
+def test_evaluate_keep_seen_reports_beside_the_default(champion_cli: Attnrec) -> None:
+    report = champion_cli.json("evaluate", "--keep-seen")
+    kept = report["keep_seen"]
+    assert kept["users"] == report["users"] == 610
+    for k in (5, 10, 20, 50):  # more items compete for each rank: never better than with seen items left out
+        assert kept[f"hr@{k}"] <= report[f"hr@{k}"] and kept[f"ndcg@{k}"] <= report[f"ndcg@{k}"]
+    assert "seen items ranked too (--keep-seen)" in champion_cli.run("evaluate", "--keep-seen").stdout

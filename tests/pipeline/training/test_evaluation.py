@@ -92,3 +92,19 @@ def test_evaluate_respects_max_len_for_input_but_excludes_whole_history() -> Non
     res = evaluate(scorer, fs, "test", max_len=2, device=torch.device("cpu"), ks=(1,))
     assert seen_inputs[0].tolist() == [[3, 4]]  # newest two events
     assert res.ranks.tolist() == [0]  # items 1..4 excluded although outside the window
+
+
+def test_keep_seen_ranks_the_seen_items_too_by_hand() -> None:
+    scorer = FixedScorer([100.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    fs = tiny_feature_set(histories=[[1, 2, 3], [4, 5, 1, 2], [5, 4]], valid_pos=[1, 2, -1], test_pos=[2, 3, 1])
+    # seen items ranked too: u0 [1,2] -> 3: items 1, 2 above it -> rank 2
+    #                        u1 [4,5,1] -> 2: item 1 above -> rank 1
+    #                        u2 [5] -> 4: items 1, 2, 3 above -> rank 3 (as before: 5 scores lower)
+    res = evaluate(scorer, fs, "test", max_len=10, device=torch.device("cpu"), ks=(1, 3, 5), keep_seen=True)
+    assert res.ranks.tolist() == [2, 1, 3]
+    assert res.metrics["hr@1"] == 0.0 and res.metrics["hr@3"] == pytest.approx(2 / 3)
+    assert res.metrics["ndcg@5"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(3) + 1 / math.log2(5)) / 3)
+    # padding is never ranked, with or without seen items
+    rank = target_ranks(torch.tensor([[9.0, 5.0, 4.0]]), torch.tensor([2]), torch.tensor([0]), torch.tensor([1]),
+                        keep_seen=True)
+    assert rank.item() == 1
