@@ -111,6 +111,13 @@ class SASRec(nn.Module):
         Returns:
             (B, T, D): state t summarises items 0..t and predicts the item after t.
         """
+        x, mask, valid = self._block_inputs(seq, item_table)  # (B, T, D), (B, 1, T, T), (B, T)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_final(x) * valid.unsqueeze(-1)  # (B, T, D)
+
+    def _block_inputs(self, seq: torch.Tensor, item_table: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(x (B, T, D) item vectors plus positions, mask (B, 1, T, T), valid (B, T)) for the blocks."""
         B, T = seq.shape
         assert T <= self.max_len, f"sequence length {T} > max_len {self.max_len}"
         x = item_table[seq] if item_table is not None else self.item_tower(seq)  # (B, T, D)
@@ -121,10 +128,7 @@ class SASRec(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T)
         eye = torch.eye(T, dtype=torch.bool, device=seq.device)  # padded queries see themselves: no NaN rows
         mask = (causal & valid[:, None, :]) | eye  # (B, T, T)
-        mask = mask.unsqueeze(1)  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln_final(x) * valid.unsqueeze(-1)  # (B, T, D)
+        return x, mask.unsqueeze(1), valid  # mask (B, 1, T, T)
 
     def user_vectors(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         """State after the newest item: (B, T) -> (B, D). This is the FAISS query vector."""
@@ -138,29 +142,102 @@ class SASRec(nn.Module):
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
         return self.user_vectors(seq, table) @ table.T  # (B, N+1)
 
-    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None,
-                states: torch.Tensor | None = None) -> torch.Tensor:
-        """Which history items a candidate's score rests on ("attention filtering").
+    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Which history items a candidate's score rests on, read from the attention that makes it.
 
-        For candidate c, the weight of history position t is
-        softmax_t(<h_t, item(c)> / sqrt(D)) over the non-padding positions, where h_t is
-        the encoder state after item t. Weights sum to 1 over the history, 0 on padding.
+        The score is <h, e_c> with h the final state at the newest position T-1. Its last block,
+        given the block's input x (one vector per position), is
+
+            y = x_{T-1} + sum_j c_j + b_o,   c_j = W_o concat_heads(a_j v_j)   (a: attention of T-1)
+            h = LN_f(y + W_down gelu(W_up LN_ff(y) + b_up) + b_down)
+
+        Every map here is linear in the parts of y once the LayerNorm scales (1 / sigma of the
+        actual vector) and the GELU ratios gelu(z) / z (of the actual z) are held at their
+        values, so y, the feed-forward output and h split exactly into one part per history
+        position j (c_j, plus x_{T-1} for the newest position) and a bias part:
+
+            score(c) = sum_j s_j(c) + s_bias(c),   s_j(c) = <part_j of h, e_c>.
+
+        A position's x_j is its own item read through the earlier blocks. The weight of
+        position j is its share of the positive contributions, max(s_j, 0) / sum_t max(s_t, 0):
+        the items that push this candidate up, summing to 1 over the history, 0 on padding
+        (the mean attention of T-1 over the heads where no contribution is positive).
 
         Args:
-            seq: (B, T) left-padded histories.
+            seq: (B, T) left-padded histories, at least one item each.
             items: (B, K) candidate item indices.
             item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
-            states: (B, T, D) ``encode(seq)`` when the caller has it (saves a second encoder pass).
         Returns:
             (B, K, T) weights.
         """
+        parts, attention = self.score_parts(seq, item_table)  # (B, T+1, D), (B, T)
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
-        states = states if states is not None else self.encode(seq, table)  # (B, T, D)
-        cand = table[items]  # (B, K, D)
-        logits = cand @ states.transpose(1, 2) / math.sqrt(self.dim)  # (B, K, T)
-        logits = logits.masked_fill((seq == 0).unsqueeze(1), float("-inf"))  # (B, K, T)
-        weights = torch.softmax(logits, dim=-1)  # (B, K, T)
-        return torch.nan_to_num(weights, nan=0.0)  # all-padding rows -> 0
+        contributions = table[items] @ parts[:, :-1].transpose(1, 2)  # (B, K, T) s_j(c), bias part left out
+        positive = contributions.clamp(min=0.0) * (seq != 0).unsqueeze(1)  # (B, K, T)
+        total = positive.sum(-1, keepdim=True)  # (B, K, 1)
+        fallback = attention.unsqueeze(1).expand_as(positive)  # (B, K, T)
+        return torch.where(total > 0, positive / total.clamp(min=1e-30), fallback)
+
+    def score_parts(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final state at the newest position split by history position (see ``explain``).
+
+        Block by block, the newest position's state is kept as parts: its input is its own
+        item; each block adds, to every position j, what the newest position's attention reads
+        from j (a_j W_o v_j, the value of j counted as j's own), and splits its feed-forward
+        over the parts. The last LayerNorm is split the same way.
+
+        Returns:
+            parts (B, T+1, D): parts[:, j] for position j, parts[:, T] the bias part; they sum
+                to ``encode(seq)[:, -1]``.
+            attention (B, T): the newest position's attention over the history in the last
+                block, averaged over the heads.
+        """
+        x, mask, valid = self._block_inputs(seq, item_table)  # (B, T, D), (B, 1, T, T), (B, T)
+        B, T, D = x.shape
+        parts = x.new_zeros(B, T + 1, D)  # (B, T+1, D)
+        parts[:, T - 1] = x[:, -1]  # the newest position's input: its own item and position
+        attention = x.new_zeros(B, T)
+        for block in self.blocks:
+            parts, attention = self._block_parts(block, x, mask, parts)
+            x = block(x, mask)
+        parts = self._layernorm_parts(parts, parts.sum(1), self.ln_final)  # (B, T+1, D): parts of h
+        return parts, attention * valid  # (B, T+1, D), (B, T)
+
+    def _block_parts(self, block: Block, x: torch.Tensor, mask: torch.Tensor,
+                     parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``block``'s output at the newest position as parts, from its input ``x`` (B, T, D) and
+        the parts (B, T+1, D) of that input's newest position; also the newest position's
+        attention (B, T), averaged over the heads."""
+        B, T, D = x.shape
+        H = block.attn.num_heads
+        # --- attention at the newest position, every position's value counted as its own
+        q, k, v = block.attn.qkv(block.ln_attn(x)).split(D, dim=2)  # 3 x (B, T, D)
+        q = q[:, -1].view(B, H, 1, D // H)  # (B, H, 1, Dh)
+        k = k.view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
+        logits = (q @ k.transpose(2, 3)).squeeze(2) / math.sqrt(D // H)  # (B, H, T)
+        a = torch.softmax(logits.masked_fill(~mask[:, :, -1], float("-inf")), dim=-1)  # (B, H, T)
+        mixed = (a.unsqueeze(-1) * v).transpose(1, 2).reshape(B, T, D)  # (B, T, D): head h's a_j v_j in its slice
+        read = torch.cat([mixed @ block.attn.proj.weight.T, block.attn.proj.bias.expand(B, 1, D)], dim=1)  # (B, T+1, D)
+        parts = parts + read  # (B, T+1, D): the post-attention state at T-1
+        # --- the feed-forward on LN_ff(y), split with its LayerNorm scale and GELU ratios held
+        normed = self._layernorm_parts(parts, parts.sum(1), block.ln_ff)  # (B, T+1, D)
+        up = normed @ block.ff.up.weight.T  # (B, T+1, F)
+        up[:, T] += block.ff.up.bias
+        z = up.sum(1, keepdim=True)  # (B, 1, F)
+        ratio = torch.where(z.abs() > 1e-6, F.gelu(z) / z, torch.full_like(z, 0.5))  # (B, 1, F)
+        ff = (ratio * up) @ block.ff.down.weight.T  # (B, T+1, D)
+        ff[:, T] += block.ff.down.bias
+        return parts + ff, a.mean(1)  # (B, T+1, D), (B, T)
+
+    @staticmethod
+    def _layernorm_parts(parts: torch.Tensor, whole: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
+        """LayerNorm of ``whole`` (B, D) = sum of ``parts`` (B, P, D), split into the parts' shares
+        (scale 1 / sigma of ``whole`` held); the bias (beta) goes to the last part."""
+        sigma = torch.sqrt(whole.var(-1, unbiased=False, keepdim=True) + ln.eps)  # (B, 1)
+        out = (parts - parts.mean(-1, keepdim=True)) / sigma.unsqueeze(1) * ln.weight  # (B, P, D)
+        out[:, -1] += ln.bias
+        return out
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, object]]:
         """AdamW parameter groups: the weight matrices of the linear maps decay; embedding

@@ -164,7 +164,7 @@ def _ranked(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: 
             seq, states = encode(bundle, [cleaned[i] for i in scored])
             users = np.ascontiguousarray(states[:, -1].cpu().numpy(), dtype=np.float32)  # (B, D)
             tops = top_k(bundle, users, [masks[i] for i in scored], k)
-            why = _reasons(bundle, seq, states, [idx for idx, _ in tops], reasons) if explain else None
+            why = _reasons(bundle, seq, [idx for idx, _ in tops], reasons) if explain else None
             for row, i in enumerate(scored):
                 idx, scores = tops[row]
                 yield i, Ranked(idx, scores.astype(np.float32), None, int(len(cleaned[i]))), why[row] if why else None
@@ -330,15 +330,15 @@ def _item(bundle: Bundle, idx: int, score: float) -> Recommendation:
     return Recommendation(bundle.item_ids[idx - 1], score, bundle.titles[idx - 1])
 
 
-def _reasons(bundle: Bundle, seq: torch.Tensor, states: torch.Tensor, tops: list[np.ndarray],
-             limit: int | None) -> list[list[list[Reason]]]:
-    """For each query and each of its recommendations, the history items with the most attention.
+def _reasons(bundle: Bundle, seq: torch.Tensor, tops: list[np.ndarray], limit: int | None) -> list[list[list[Reason]]]:
+    """For each query and each of its recommendations, the history items its score rests on
+    most (``SASRec.explain``: shares of the score made through the last attention).
 
-    ``seq`` (B, T) and ``states`` (B, T, D) come from the query's encoder pass.
+    ``seq`` (B, T) is the query's encoder input.
     """
     K = max(1, max(len(t) for t in tops))
     cand = torch.from_numpy(left_pad(tops, K)).to(seq.device)  # (B, K), left-padded with 0
-    weights = bundle.model.explain(seq, cand, bundle.table, states).cpu().numpy()  # (B, K, T)
+    weights = bundle.model.explain(seq, cand, bundle.table).cpu().numpy()  # (B, K, T)
     hist = seq.cpu().numpy()  # (B, T)
     out = []
     for b, top in enumerate(tops):

@@ -63,13 +63,33 @@ def test_explain_weights_sum_to_one_and_zero_on_padding() -> None:
     assert torch.all(w >= 0)
 
 
-def test_explain_matches_definition() -> None:
+def test_score_parts_add_up_to_the_state_and_the_score() -> None:
     model = make_model()
+    model.eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 5], [0, 0, 0, 0, 7]])
+    with torch.no_grad():
+        parts, attention = model.score_parts(seq)  # (B, T+1, D), (B, T)
+        state = model.encode(seq)[:, -1]  # (B, D)
+        scores = model(seq)  # (B, N+1)
+        table = model.item_vectors()
+    assert parts.shape == (3, T + 1, D) and attention.shape == (3, T)
+    torch.testing.assert_close(parts.sum(1), state, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((parts @ table.T).sum(1), scores, atol=1e-4, rtol=1e-4)  # score = sum of the parts' scores
+    assert torch.all(parts[0, :2] == 0) and torch.all(parts[2, :4] == 0)  # padding holds no part
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3))
+
+
+def test_explain_weights_are_the_shares_of_the_positive_contributions() -> None:
+    model = make_model()
+    model.eval()
     seq = torch.tensor([[0, 1, 2, 3, 4]])
-    table = model.item_vectors()
-    states = model.encode(seq)[0, 1:]  # (4, D) non-padding states
-    expected = torch.softmax(states @ table[6] / D ** 0.5, dim=0)
-    torch.testing.assert_close(model.explain(seq, torch.tensor([[6]]))[0, 0, 1:], expected)
+    with torch.no_grad():
+        parts, _ = model.score_parts(seq)
+        contributions = parts[0, :T] @ model.item_vectors()[6]  # (T,) s_j for candidate 6
+        weights = model.explain(seq, torch.tensor([[6]]))[0, 0]
+    positive = contributions.clamp(min=0)
+    assert positive.sum() > 0
+    torch.testing.assert_close(weights, positive / positive.sum())
 
 
 def test_pure_id_model_has_no_content_parameters() -> None:
