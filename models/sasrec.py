@@ -102,17 +102,21 @@ class SASRec(nn.Module):
         """All item vectors (N+1, D); row 0 (padding) is zero."""
         return self.item_tower()
 
-    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None,
+               block_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states for left-padded item sequences.
 
         Args:
             seq: (B, T) long item indices, 0 = padding, T <= max_len, newest item last.
             item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
+            block_inputs: a list that receives each block's input (B, T, D), for ``explain``.
         Returns:
             (B, T, D): state t summarises items 0..t and predicts the item after t.
         """
         x, mask, valid = self._block_inputs(seq, item_table)  # (B, T, D), (B, 1, T, T), (B, T)
         for block in self.blocks:
+            if block_inputs is not None:
+                block_inputs.append(x)
             x = block(x, mask)
         return self.ln_final(x) * valid.unsqueeze(-1)  # (B, T, D)
 
@@ -142,7 +146,8 @@ class SASRec(nn.Module):
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
         return self.user_vectors(seq, table) @ table.T  # (B, N+1)
 
-    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None,
+                block_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Which history items a candidate's score rests on, read from the attention that makes it.
 
         The score is <h, e_c> with h the final state at the newest position T-1. Its last block,
@@ -167,10 +172,11 @@ class SASRec(nn.Module):
             seq: (B, T) left-padded histories, at least one item each.
             items: (B, K) candidate item indices.
             item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
+            block_inputs: the blocks' inputs from ``encode(seq, block_inputs=...)`` (saves the blocks' pass).
         Returns:
             (B, K, T) weights.
         """
-        parts, attention = self.score_parts(seq, item_table)  # (B, T+1, D), (B, T)
+        parts, attention = self.score_parts(seq, item_table, block_inputs)  # (B, T+1, D), (B, T)
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
         contributions = table[items] @ parts[:, :-1].transpose(1, 2)  # (B, K, T) s_j(c), bias part left out
         positive = contributions.clamp(min=0.0) * (seq != 0).unsqueeze(1)  # (B, K, T)
@@ -178,7 +184,8 @@ class SASRec(nn.Module):
         fallback = attention.unsqueeze(1).expand_as(positive)  # (B, K, T)
         return torch.where(total > 0, positive / total.clamp(min=1e-30), fallback)
 
-    def score_parts(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_parts(self, seq: torch.Tensor, item_table: torch.Tensor | None = None,
+                    block_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The final state at the newest position split by history position (see ``explain``).
 
         Block by block, the newest position's state is kept as parts: its input is its own
@@ -197,9 +204,11 @@ class SASRec(nn.Module):
         parts = x.new_zeros(B, T + 1, D)  # (B, T+1, D)
         parts[:, T - 1] = x[:, -1]  # the newest position's input: its own item and position
         attention = x.new_zeros(B, T)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            x = block_inputs[i] if block_inputs is not None else x  # (B, T, D) this block's input
             parts, attention = self._block_parts(block, x, mask, parts)
-            x = block(x, mask)
+            if block_inputs is None:
+                x = block(x, mask)
         parts = self._layernorm_parts(parts, parts.sum(1), self.ln_final)  # (B, T+1, D): parts of h
         return parts, attention * valid  # (B, T+1, D), (B, T)
 
@@ -211,8 +220,11 @@ class SASRec(nn.Module):
         B, T, D = x.shape
         H = block.attn.num_heads
         # --- attention at the newest position, every position's value counted as its own
-        q, k, v = block.attn.qkv(block.ln_attn(x)).split(D, dim=2)  # 3 x (B, T, D)
-        q = q[:, -1].view(B, H, 1, D // H)  # (B, H, 1, Dh)
+        normed = block.ln_attn(x)  # (B, T, D)
+        weight, bias = block.attn.qkv.weight, block.attn.qkv.bias  # (3D, D), (3D,)
+        q = normed[:, -1] @ weight[:D].T + bias[:D]  # (B, D) the newest position's query only
+        k, v = (normed @ weight[D:].T + bias[D:]).split(D, dim=2)  # 2 x (B, T, D)
+        q = q.view(B, H, 1, D // H)  # (B, H, 1, Dh)
         k = k.view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
         v = v.view(B, T, H, D // H).transpose(1, 2)  # (B, H, T, Dh)
         logits = (q @ k.transpose(2, 3)).squeeze(2) / math.sqrt(D // H)  # (B, H, T)

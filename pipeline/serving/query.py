@@ -161,25 +161,28 @@ def _ranked(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: 
             scored = [i for i in chunk if len(cleaned[i])]
             if not scored:
                 continue
-            seq, states = encode(bundle, [cleaned[i] for i in scored])
+            block_inputs: list[torch.Tensor] | None = [] if explain else None
+            seq, states = encode(bundle, [cleaned[i] for i in scored], block_inputs)
             users = np.ascontiguousarray(states[:, -1].cpu().numpy(), dtype=np.float32)  # (B, D)
             tops = top_k(bundle, users, [masks[i] for i in scored], k)
-            why = _reasons(bundle, seq, [idx for idx, _ in tops], reasons) if explain else None
+            why = _reasons(bundle, seq, block_inputs, [idx for idx, _ in tops], reasons) if explain else None
             for row, i in enumerate(scored):
                 idx, scores = tops[row]
                 yield i, Ranked(idx, scores.astype(np.float32), None, int(len(cleaned[i]))), why[row] if why else None
 
 
-def encode(bundle: Bundle, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(bundle: Bundle, histories: Sequence[np.ndarray],
+           block_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one encoder pass of the query path: (seq (B, T), states (B, T, D)).
 
     ``histories``: model item indices, oldest first, no zeros; each is cut to its newest
     ``max_len`` items and left-padded to the longest (``left_pad``). ``states[:, -1]`` are the
-    user vectors the index is searched with.
+    user vectors the index is searched with. ``block_inputs`` receives each encoder block's
+    input, which the reasons read (``SASRec.explain``).
     """
     seq = torch.from_numpy(left_pad([h[-bundle.model.max_len:] for h in histories])).to(bundle.device)  # (B, T)
     with torch.no_grad():
-        return seq, bundle.model.encode(seq, bundle.table)  # (B, T, D)
+        return seq, bundle.model.encode(seq, bundle.table, block_inputs)  # (B, T, D)
 
 
 def exclusion_mask(bundle: Bundle, history: np.ndarray, filters: Filters) -> np.ndarray:
@@ -330,15 +333,17 @@ def _item(bundle: Bundle, idx: int, score: float) -> Recommendation:
     return Recommendation(bundle.item_ids[idx - 1], score, bundle.titles[idx - 1])
 
 
-def _reasons(bundle: Bundle, seq: torch.Tensor, tops: list[np.ndarray], limit: int | None) -> list[list[list[Reason]]]:
+def _reasons(bundle: Bundle, seq: torch.Tensor, block_inputs: list[torch.Tensor] | None, tops: list[np.ndarray],
+             limit: int | None) -> list[list[list[Reason]]]:
     """For each query and each of its recommendations, the history items its score rests on
-    most (``SASRec.explain``: shares of the score made through the last attention).
+    most (``SASRec.explain``: shares of the score made through the attention).
 
-    ``seq`` (B, T) is the query's encoder input.
+    ``seq`` (B, T) and ``block_inputs`` come from the query's encoder pass.
     """
     K = max(1, max(len(t) for t in tops))
     cand = torch.from_numpy(left_pad(tops, K)).to(seq.device)  # (B, K), left-padded with 0
-    weights = bundle.model.explain(seq, cand, bundle.table).cpu().numpy()  # (B, K, T)
+    with torch.no_grad():
+        weights = bundle.model.explain(seq, cand, bundle.table, block_inputs).cpu().numpy()  # (B, K, T)
     hist = seq.cpu().numpy()  # (B, T)
     out = []
     for b, top in enumerate(tops):
