@@ -227,7 +227,7 @@ def ml1m_case(args: argparse.Namespace) -> Case:
         fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
         bundles, weights = args.workdir / "bundles" / ML1M, "random (seeded)"
         source = bundles / "flat"
-        ms = ModelSettings()  # defaults, not the environment: hidden 128, max_len 200, 2 blocks
+        ms = ModelSettings(max_len=200, dropout=0.2)  # the ML-1M benchmark shape, not the environment: hidden 128, 2 blocks
         spec = {"case": ML1M, "feature_set": fs.version, "seed": args.seed, "model": ms.model_dump(mode="json")}
         written = not cached(source, spec)
         if written:
@@ -290,7 +290,7 @@ def synthetic_case(n: int, args: argparse.Namespace) -> Case:
     name = f"synthetic-{size_label(n)}"
     bundles = args.workdir / "bundles" / name
     source = bundles / "flat"
-    ms = ModelSettings(use_content=False)
+    ms = ModelSettings(use_content=False, max_len=200, dropout=0.2)  # the benchmark shape
     shape = SASRecShape(num_items=n, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
                         num_heads=ms.num_heads, dropout=ms.dropout, ff_mult=ms.ff_mult, use_content=False,
                         id_dropout=ms.id_dropout)

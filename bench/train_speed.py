@@ -34,6 +34,7 @@ from pipeline.training.loop import (  # noqa: E402
     resolve_device,
     train_step,
 )
+from pipeline.training.data_defaults import fit_to_data  # noqa: E402
 from pipeline.training.recipe import train_sasrec, training_setup  # noqa: E402
 
 
@@ -124,6 +125,7 @@ def main() -> None:
     settings = load_settings(home=home, device=args.device, **{**({"train.epochs": args.max_epochs} if args.max_epochs else {}), **parse_overrides(args.set)})
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
+    settings = fit_to_data(settings, fs)[0]
     shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
              f"full softmax over {fs.num_items:,} items, {device}")
     xh = settings.train.exclude_history

@@ -180,8 +180,8 @@ def train(
     hidden_size: Annotated[int | None, typer.Option(help="item / state vector size")] = None,
     blocks: Annotated[int | None, typer.Option(help="self-attention blocks")] = None,
     heads: Annotated[int | None, typer.Option(help="attention heads")] = None,
-    max_len: Annotated[int | None, typer.Option(help="history length read by the encoder")] = None,
-    dropout: Annotated[float | None, typer.Option(help="dropout rate")] = None,
+    max_len: Annotated[int | None, typer.Option(help="history length read by the encoder (default: fitted to the data)")] = None,
+    dropout: Annotated[float | None, typer.Option(help="dropout rate (default: fitted to the data)")] = None,
     content: Annotated[bool | None, typer.Option("--content/--no-content", help="mix content features into item vectors")] = None,
     negatives: Annotated[int | None, typer.Option(help="0 = full softmax; N = sampled softmax with logQ correction")] = None,
     exclude_history: Annotated[bool | None, typer.Option(
@@ -190,7 +190,7 @@ def train(
     group_by_length: Annotated[bool | None, typer.Option(
         "--group-by-length/--no-group-by-length",
         help="batch windows of similar length together: faster steps (1.25x on ML-1M), lower NDCG on ML-100K (-9%)")] = None,
-    patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping")] = None,
+    patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping (default: fitted to the data)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
@@ -216,7 +216,11 @@ def train(
             out.print(f"epoch {rec.epoch:3d}  loss {rec.loss:.4f}  {rec.samples_per_s:,.0f} seq/s"
                       + (f"  valid ndcg@10 {v:.4f}" if v is not None else ""), highlight=False)
 
-    result = train_step(s, resume=resume, progress=not as_json, on_epoch=show, index_kind=index_kind)
+    def note(line: str) -> None:
+        if not as_json:
+            out.print(f"fitted to the data: {line}", highlight=False)
+
+    result = train_step(s, resume=resume, progress=not as_json, on_epoch=show, index_kind=index_kind, on_note=note)
     if as_json:
         _echo_json({**result, "registered_version": result["version"]})
         return

@@ -16,7 +16,7 @@ import difflib
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -50,8 +50,11 @@ class ModelSettings(Section):
     hidden_size: int = Field(128, ge=4, description="item / state vector size D")
     num_blocks: int = Field(2, ge=1, description="self-attention blocks")
     num_heads: int = Field(1, ge=1, description="attention heads per block")
-    max_len: int = Field(200, ge=2, description="history length T the encoder reads")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_len: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        "auto", description="history length T the encoder reads; auto: the 99th percentile of the training "
+                            "histories, rounded up to 25, at most 200 (pipeline/training/data_defaults.py)")
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] = Field(
+        "auto", description="auto: 0.5 for short histories (median under 20 items), else 0.2")
     ff_mult: int = Field(1, ge=1, description="feed-forward hidden size = ff_mult x hidden_size")
     use_content: bool = Field(True, description="mix content features into the item tower")
     id_dropout: float = Field(
@@ -76,7 +79,9 @@ class TrainSettings(Section):
     grad_clip: float = Field(1.0, gt=0)
     negatives: int = Field(0, ge=0, description="0 = full softmax; N = sampled softmax with logQ correction")
     exclude_history: bool = Field(True, description="items of a training window are never negatives at its positions (ranking excludes seen items)")
-    patience: int = Field(20, ge=1, description="epochs without a gain of the selection metric before stopping")
+    patience: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="epochs without a gain of the selection metric before stopping; auto: 5 for short "
+                            "histories (median under 20 items), else 20")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
     selection_metric: str = Field(
         "ndcg@10", pattern=r"^(hr|ndcg|mrr)@[1-9][0-9]*$",

@@ -158,23 +158,31 @@ def why_train(settings: Settings, feature_version: str) -> str | None:
 
 def train(settings: Settings, resume: Path | None = None, progress: bool = False,
           on_epoch: Callable[[EpochRecord], None] | None = None, index_kind: str = "auto",
-          baselines: bool = True, register: bool = True) -> dict[str, Any]:
+          baselines: bool = True, register: bool = True, on_note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train on the current feature set, write the bundle (with its index, built once), measure
     test metrics next to the baselines, track it all in one MLflow run, register the model and
-    apply the promotion gate. ``resume``: a run folder to continue from its checkpoint."""
+    apply the promotion gate. ``resume``: a run folder to continue from its checkpoint.
+    ``on_note`` hears, before the first epoch, each setting fitted to the data and why."""
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
+    from pipeline.training.data_defaults import fit_to_data
     from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer, train_sasrec, validation_queries
 
     fs = _current_feature_set(settings)
+    fingerprint = training_fingerprint(settings)  # of the settings as given ("auto" included)
+    settings, fitted = fit_to_data(settings, fs)
+    for note in fitted:
+        if on_note:
+            on_note(note)
     if resume is not None and not (resume / "checkpoint.pt").exists():
         raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
     device = resolve_device(settings.device)
     tracking.recover_interrupted(settings)
     metric = settings.train.selection_metric
-    tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version}
+    tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version,
+            "fitted_to_data": "; ".join(fitted) or "nothing: every setting given"}
     data = f"{fs.num_users:,} users x {fs.num_items:,} items"
     with tracking.tracked_run(settings, f"train {data}, features {fs.version[:8]}", tags) as run_id:
         tracking.log_feature_set(fs.path, fs.version, fs.manifest["counts"])
@@ -226,7 +234,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         if register:
             version = tracking.log_bundle_model(bundle.path, settings.registry.model_name)
             tracking.set_version_tags(settings, version, {"model_sha256": bundle.meta["sha256"],
-                                                          "training_settings": training_fingerprint(settings)})
+                                                          "training_settings": fingerprint})
             promoted, reason = promotion_gate(settings, fs, version, outcome.valid[metric])
             tracking.set_tags({"registered_version": str(version), "promoted": str(promoted), "gate_reason": reason})
             tracking.set_run_name(f"train {data}, features {fs.version[:8]} -> {settings.registry.model_name} v{version}")
@@ -246,7 +254,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
             "test": {k: v for k, v in test.items() if k != "cold_start"}, "cold_start": test.get("cold_start"),
             "index": {"kind": bundle.index_meta.kind, "recall_at_10": bundle.index_meta.recall_at_10},
             "valid_ndcg@10": outcome.valid["ndcg@10"], "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"],
-            "selection_metric": metric, "feature_version": fs.version,
+            "selection_metric": metric, "feature_version": fs.version, "fitted_to_data": fitted,
             "report": {name: {k: m[k] for k in ("ndcg@10", "hr@10", "mrr@10")} for name, m in rows.items()},
             "baselines": {k: others[k]["ndcg@10"] for k in BASELINES if k in others}}
 
@@ -378,9 +386,12 @@ def popularity_score(settings: Settings, fs: FeatureSet) -> float:
     from pipeline.training.loop import resolve_device
     from pipeline.training.recipe import baseline_model
 
+    from pipeline.training.data_defaults import fit_model
+
     device = resolve_device(settings.device)
     metric = settings.train.selection_metric
-    return evaluate(baseline_model("popularity", fs).to(device), fs, "valid", settings.model.max_len, device,
+    max_len = fit_model(settings.model, fs)[0].max_len
+    return evaluate(baseline_model("popularity", fs).to(device), fs, "valid", max_len, device,
                     ks=selection_ks(metric)).metrics[metric]
 
 
@@ -432,6 +443,7 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
     from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model, model_label, resolve_bundle
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
+    from pipeline.training.data_defaults import fit_model
     from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer
 
     if split not in ("valid", "test"):
@@ -441,7 +453,8 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
     device = resolve_device(settings.device)
     if baseline:
         fs = _current_feature_set(settings)
-        scorer, name, max_len = baseline_model(baseline, fs).to(device), baseline, settings.model.max_len
+        scorer, name = baseline_model(baseline, fs).to(device), baseline
+        max_len = fit_model(settings.model, fs)[0].max_len
         note = "the current feature set"
     else:
         path = resolve_bundle(settings, model)

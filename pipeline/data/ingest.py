@@ -373,6 +373,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
         return report
 
     view = f"canon_{os.getpid()}_{time.time_ns()}"
+    failures: list[InputFileError] = []  # what the text reader raised inside DuckDB's scan
     staged = spec.format != "parquet"
     read = spec  # what Polars reads: the file, or its UTF-8 copy when another encoding was named
     valid_utf8 = True
@@ -387,7 +388,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
             if staged:
                 # Text: stream it once through Polars into a typed temp table inside the transaction.
                 relation = f"reader_{view}"
-                con.register(relation, text_batches(read, on_rows))
+                con.register(relation, text_batches(read, on_rows, failures=failures))
             else:
                 relation = f"read_parquet({_sql_str(str(spec.path))}, file_row_number = true)"
             source_id = next_source_id(con)  # one writer at a time: still free when the transaction starts
@@ -398,7 +399,7 @@ def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOp
                 con.execute(f"CREATE TEMP {'TABLE' if staged else 'VIEW'} {view} AS {canon.sql}")
                 _load(con, spec, opts, view, fingerprint, report, source_id)
     except duckdb.Error as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else None
+        cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else next(iter(failures), None)
         if cause is not None:
             raise cause from None
         raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from exc

@@ -143,7 +143,7 @@ def _sample_lines(path: Path, n: int = 50) -> list[str]:
                     raise InputFileError(path, f"line 1 is longer than {MAX_LINE_BYTES:,} bytes: not an event log line")
     except OSError as exc:
         raise InputFileError(path, f"cannot read the file ({exc.strerror or exc})") from exc
-    if head[:4096].count(b"\x00") > 40 and path.suffix.lower() not in {".parquet", ".pq"}:
+    if head.count(b"\x00") > 40 and path.suffix.lower() not in {".parquet", ".pq"}:
         raise InputFileError(path, "looks binary, not a text event log (use --format parquet for Parquet files)")
     text = head.decode("utf-8-sig", errors="replace")  # a leading BOM is no part of the header
     lines = text.splitlines()
@@ -498,12 +498,14 @@ def _ndjson_frame(spec: SourceSpec) -> pl.LazyFrame:
 
 
 def text_batches(spec: SourceSpec, on_rows: Callable[[int], None] | None = None,
-                 batch_rows: int = 500_000) -> pa.RecordBatchReader:
+                 batch_rows: int = 500_000, failures: list[InputFileError] | None = None) -> pa.RecordBatchReader:
     """Stream a text file as Arrow batches of string columns (+ ``line``, ``raw``, ``nfields``,
     ``nested``, and ``order``: an event's position in a file without times where a line holds
     several events, else null).
 
-    Read once, lazily: memory stays bounded by ``batch_rows`` whatever the file size.
+    Read once, lazily: memory stays bounded by ``batch_rows`` whatever the file size. A file
+    Polars cannot parse raises ``InputFileError``, also appended to ``failures``: the reader's
+    consumer (DuckDB) reports it wrapped in its own error, without the cause.
     """
     lf = _staged_frame(spec)
     if spec.format != "sequences":
@@ -519,7 +521,10 @@ def text_batches(spec: SourceSpec, on_rows: Callable[[int], None] | None = None,
                 if on_rows:
                     on_rows(frame.height)
         except pl.exceptions.PolarsError as exc:
-            raise InputFileError(spec.path, f"cannot parse as {spec.format}: {str(exc).splitlines()[0]}") from exc
+            error = InputFileError(spec.path, f"cannot parse as {spec.format}: {str(exc).splitlines()[0]}")
+            if failures is not None:
+                failures.append(error)
+            raise error from exc
 
     return pa.RecordBatchReader.from_batches(schema, batches())
 

@@ -26,6 +26,7 @@ from pipeline.config import Baseline, ModelSettings, Settings
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.registry.model_store import SASRecShape
 from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
+from pipeline.training.data_defaults import fit_model, fit_to_data
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
 from pipeline.training.loop import EpochRecord, FitResult, fit, resolve_device, seed_everything
 
@@ -50,7 +51,9 @@ def content_tensors(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def build_sasrec(fs: FeatureSet, ms: ModelSettings) -> tuple[SASRec, SASRecShape]:
-    """A fresh model shaped for ``fs``: content buffers loaded, cold items marked; and its shape."""
+    """A fresh model shaped for ``fs`` (``auto`` values of ``ms`` fitted to it): content buffers
+    loaded, cold items marked; and its shape."""
+    ms = fit_model(ms, fs)[0]
     cats, toks, nums = content_tensors(fs)
     shape = SASRecShape(
         num_items=fs.num_items, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
@@ -104,7 +107,9 @@ class TrainingSetup:
 
 
 def training_setup(settings: Settings, fs: FeatureSet, device: torch.device) -> TrainingSetup:
-    """The model, batches and loss of a run (seeded by ``settings.train.seed`` before the model is built)."""
+    """The model, batches and loss of a run (seeded by ``settings.train.seed`` before the model
+    is built; ``auto`` settings fitted to ``fs``)."""
+    settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
     seed_everything(cfg.seed)
     model, shape = build_sasrec(fs, ms)
@@ -144,8 +149,10 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     """Train on ``fs``'s training events, early-stop on the validation selection metric.
 
     The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
-    the validation split only; the test split is never read here.
+    the validation split only; the test split is never read here. ``auto`` settings are
+    fitted to ``fs`` (``pipeline.training.data_defaults``).
     """
+    settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
     device = resolve_device(settings.device)
     run_dir = run_dir or new_run_dir(settings)

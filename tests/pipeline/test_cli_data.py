@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,14 @@ def test_missing_unreadable_binary_and_empty_files(seeded: Attnrec, tmp_path: Pa
     assert_one_line_error(seeded.run("ingest", "/proc/self/mem", ok=False), "/proc/self/mem", "cannot read")
 
     binary = tmp_path / "blob.csv"
-    binary.write_bytes(os.urandom(4096) + b"\x00" * 64)
+    binary.write_bytes(os.urandom(4096) + b"\x00" * 64)  # NUL bytes past the first 4 KiB still say binary
     assert_one_line_error(seeded.run("ingest", binary, ok=False), "blob.csv", "binary")
+    # bytes without NULs that Polars cannot parse mid-file: its error, in one line (it once came
+    # wrapped in DuckDB's, with a Python traceback inside)
+    noise = tmp_path / "noise.csv"
+    rng = random.Random(2)
+    noise.write_bytes(bytes(rng.randrange(1, 256) for _ in range(4096)))
+    assert_one_line_error(seeded.run("ingest", noise, ok=False), "noise.csv", "cannot parse as csv: CSV malformed")
     fake_parquet = tmp_path / "fake.parquet"
     fake_parquet.write_text("user,item\n1,2\n")
     assert_one_line_error(seeded.run("ingest", fake_parquet, ok=False), "fake.parquet", "Parquet")
