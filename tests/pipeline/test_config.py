@@ -41,7 +41,7 @@ def test_defaults_resolve_home_to_dot_attnrec_of_cwd(workdir: Path) -> None:
     # built-in defaults of the nested groups
     assert s.train.epochs == 80  # the ML-1M benchmark schedule (docs/benchmarks.md)
     assert s.train.batch_size == 128
-    assert s.model.max_len == 200
+    assert (s.model.max_len, s.model.dropout, s.train.patience) == ("auto", "auto", "auto")  # fitted to the data
     assert s.features.split == "loo"
     assert s.features.split_time is None
     # nothing is created just by loading settings
