@@ -180,8 +180,12 @@ def test_ctrl_c_stops_deploy_and_its_own_server(tmp_path: Path) -> None:
         assert deploy.wait(10) == 0
         assert time.monotonic() - stopped_at < 10
     finally:
-        if deploy.poll() is None:
-            os.killpg(deploy.pid, signal.SIGKILL)
+        if deploy.poll() is None:  # SIGTERM first: its Prefect server runs in its own session and stops with it
+            os.kill(deploy.pid, signal.SIGTERM)
+            try:
+                deploy.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(deploy.pid, signal.SIGKILL)
     text = log_path.read_text()
     assert "Traceback" not in text and "never awaited" not in text and text.rstrip().endswith("stopped"), text[-2000:]
     with pytest.raises(httpx.ConnectError):  # its Prefect server is gone too
