@@ -6,6 +6,10 @@ Leave-one-out split, ranking over ALL items, items the user already saw excluded
 averaged over every user (the protocol of ../shared/data/README.md). Prints HR@10 / NDCG@10
 on the test split for most-popular, item-kNN, attnrec without content (pure-ID SASRec) and
 attnrec with content, with training time and epochs; checkpoints are chosen on validation.
+The variants ``hashed``, ``minilm`` and ``notext`` are attnrec with content and one text
+encoder each (hashed words, frozen MiniLM sentence vectors, no text). With
+``--cold-item-fraction F`` a share of the items is held out of training and a cold-start
+table follows: those targets' NDCG@10 in the whole catalogue and among the held-out items.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ DATASETS = {
     "ml-latest-small": {"events": ["ml-latest-small/ratings.csv"],
                         "items": [("ml-latest-small/movies.csv", None), ("ml-latest-small/tags.csv", None)]},
 }
+# variant -> (name in the tables, settings it sets)
+ATTNREC_VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "id": ("no content, pure ID", {"model.use_content": False}),
+    "content": ("with content", {"model.use_content": True}),
+    "hashed": ("content, hashed words", {"model.use_content": True, "model.text_encoder": "hashed"}),
+    "minilm": ("content, MiniLM sentence vectors", {"model.use_content": True, "model.text_encoder": "minilm"}),
+    "notext": ("content without text", {"model.use_content": True, "model.text_encoder": "none"}),
+}
 PUBLISHED_ML1M = [
     ("SASRec, full cross-entropy (SASRec+)", 0.3152, 0.1821),
     ("SASRec, sampled CE, 3,000 negatives", 0.3159, 0.1857),
@@ -71,10 +83,10 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return out
 
 
-def prepare(home: Path, dataset: str) -> None:
+def prepare(home: Path, dataset: str, overrides: dict[str, object]) -> None:
     """Ingest the dataset and its item content into a fresh state folder, build LOO features."""
     spec = DATASETS[dataset]
-    settings = load_settings(home=home)
+    settings = load_settings(home=home, **overrides)
     con = connect(settings.duckdb_path)
     try:
         ingest_paths(con, [DATA / p for p in spec["events"]], IngestOptions(), settings.tmp_dir)
@@ -89,7 +101,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(DATASETS), default="ml-1m")
     ap.add_argument("--variants", default="popularity,itemknn,id,content",
-                    help="comma list of popularity, itemknn, id (attnrec without content), content (attnrec)")
+                    help="comma list of popularity, itemknn, id (attnrec without content), content (attnrec), "
+                         "hashed, minilm, notext (attnrec with content and that text encoder)")
+    ap.add_argument("--cold-item-fraction", type=float, default=None,
+                    help="hold this share of the items out of training (a new state folder) for the cold-start table")
     ap.add_argument("--home", type=Path, default=None, help="state folder (default: bench/out/quality-DATASET)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--epochs", type=int, default=None, help="override the maximum epochs (default: attnrec's)")
@@ -111,18 +126,20 @@ def main() -> None:
     if args.seed is not None:
         overrides["train.seed"] = args.seed
     overrides.update(parse_overrides(args.set))
+    if args.cold_item_fraction is not None:
+        overrides["features.cold_item_fraction"] = args.cold_item_fraction
 
     if not (home / "features" / "CURRENT").exists():
         t = time.perf_counter()
-        prepare(home, args.dataset)
+        prepare(home, args.dataset, overrides)
         print(f"prepared {args.dataset} in {time.perf_counter() - t:.1f} s")
     settings = load_settings(home=home, **overrides)
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
     print(f"dataset: {fs.num_users:,} users, {fs.num_items:,} items, {fs.manifest['counts']['events']:,} events; device {device}")
 
-    if args.resume and sum(v in ("id", "content") for v in args.variants.split(",")) != 1:
-        raise SystemExit("--resume continues one attnrec run: pass exactly one of --variants id / content")
+    if args.resume and sum(v in ATTNREC_VARIANTS for v in args.variants.split(",")) != 1:
+        raise SystemExit(f"--resume continues one attnrec run: pass exactly one of --variants {' / '.join(ATTNREC_VARIANTS)}")
     rows = []
     for variant in args.variants.split(","):
         t = time.perf_counter()
@@ -131,22 +148,24 @@ def main() -> None:
             fit_s = time.perf_counter() - t
             report = evaluation_report(model, fs, "test", fit_model(settings.model, fs)[0].max_len, device, ks=(10,))
             rows.append({"model": variant, "hr@10": report["hr@10"], "ndcg@10": report["ndcg@10"],
-                         "train_s": round(fit_s, 1), "epochs": None, "best_epoch": None})
-        elif variant in ("id", "content"):
-            s = load_settings(home=home, **{**overrides, "model.use_content": variant == "content"})
+                         "train_s": round(fit_s, 1), "epochs": None, "best_epoch": None, "cold_start": report.get("cold_start")})
+        elif variant in ATTNREC_VARIANTS:
+            s = load_settings(home=home, **{**overrides, **ATTNREC_VARIANTS[variant][1]})
 
             def log(rec: object, name: str = variant) -> None:
                 v = getattr(rec, "valid", {}).get("ndcg@10")
                 print(f"  [{name}] epoch {rec.epoch:3d} loss {rec.loss:.4f} {rec.samples_per_s:,.0f} seq/s {rec.seconds:.1f} s"
                       + (f" valid ndcg@10 {v:.4f}" if v is not None else ""), flush=True)
 
-            outcome = train_sasrec(s, fs, run_dir=args.resume, resume=args.resume is not None, progress=False, on_epoch=log)
+            outcome = train_sasrec(s, fs, run_dir=args.resume, resume=args.resume is not None, progress=False, on_epoch=log,
+                                   note=print)
             train_s = sum(h.seconds + (h.valid_seconds or 0.0) for h in outcome.fit.history)
             report = evaluation_report(sasrec_scorer(outcome.model), fs, "test", outcome.model.max_len, device, ks=(10,))
-            rows.append({"model": f"attnrec ({'with content' if variant == 'content' else 'no content, pure ID'})",
+            rows.append({"model": f"attnrec ({ATTNREC_VARIANTS[variant][0]})",
                          "hr@10": report["hr@10"], "ndcg@10": report["ndcg@10"], "valid_ndcg@10": outcome.valid["ndcg@10"],
                          "train_s": round(train_s, 1), "epochs": outcome.fit.epochs_run,
-                         "best_epoch": outcome.fit.best_epoch, "run_dir": str(outcome.run_dir)})
+                         "best_epoch": outcome.fit.best_epoch, "run_dir": str(outcome.run_dir),
+                         "cold_start": report.get("cold_start")})
         else:
             raise SystemExit(f"unknown variant {variant!r}")
         r = rows[-1]
@@ -161,6 +180,15 @@ def main() -> None:
     if args.dataset == "ml-1m":
         for name, hr, ndcg in PUBLISHED_ML1M:
             print(f"| published: {name} | {hr:.4f} | {ndcg:.4f} | | |")
+    if any(r["cold_start"] for r in rows):
+        users = next(r["cold_start"]["users"] for r in rows if r["cold_start"])
+        print(f"\ncold start: {users} test targets among {fs.manifest['counts']['cold_items']:,} items held out of training")
+        print("| model | NDCG@10, whole catalogue | HR@10, whole catalogue | NDCG@10 among held-out | HR@10 among held-out |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in rows:
+            c = r["cold_start"] or {}
+            h = c.get("among_held_out", {})
+            print(f"| {r['model']} | {c.get('ndcg@10', 0):.4f} | {c.get('hr@10', 0):.4f} | {h.get('ndcg@10', 0):.4f} | {h.get('hr@10', 0):.4f} |")
     if args.json:
         args.json.write_text(json.dumps({"dataset": args.dataset, "machine": machine(), "command": sys.argv, "rows": rows}, indent=2))
 

@@ -1,4 +1,5 @@
-"""Item content features: category ids, hashed text tokens, normalised numeric fields.
+"""Item content features: category ids, hashed text tokens, the text a sentence encoder reads,
+normalised numeric fields.
 
 Input is the catalog aligned to the item vocabulary: ``item_idx``, ``title``, ``categories``
 (list[str]), ``text``, ``num_keys`` (list[str]) and ``num_values`` (list[f64]). All
@@ -46,6 +47,21 @@ def text_tokens(content: pl.DataFrame, buckets: int, max_tokens: int, seed: int 
     grams = pl.concat_list([words, bigrams]).list.unique(maintain_order=True)
     ids = grams.list.eval((pl.element().hash(seed) % (buckets - 1) + 1).cast(pl.Int32))
     return content.select(ids.list.head(max_tokens).fill_null(pl.lit([], pl.List(pl.Int32))).alias("text_tokens")).to_series()
+
+
+def item_texts(content: pl.DataFrame) -> pl.Series:
+    """The text a sentence encoder reads per item (str, maybe empty): title, categories, free text.
+
+    "Toy Story (1995)", ["Animation", "Comedy"], "pixar fun" -> "Toy Story (1995). Animation, Comedy. pixar fun"
+    """
+    parts = [
+        pl.col("title").fill_null("").str.strip_chars(),
+        pl.col("categories").list.join(", ").fill_null("").str.strip_chars(),
+        pl.col("text").fill_null("").str.strip_chars(),
+    ]
+    return content.select(
+        pl.concat_list(parts).list.eval(pl.element().filter(pl.element() != "")).list.join(". ").alias("item_text")
+    ).to_series()
 
 
 def numeric_fields(content: pl.DataFrame) -> tuple[list[str], pl.Series]:

@@ -183,6 +183,9 @@ def train(
     max_len: Annotated[int | None, typer.Option(help="history length read by the encoder (default: fitted to the data)")] = None,
     dropout: Annotated[float | None, typer.Option(help="dropout rate (default: fitted to the data)")] = None,
     content: Annotated[bool | None, typer.Option("--content/--no-content", help="mix content features into item vectors")] = None,
+    text_encoder: Annotated[str | None, typer.Option(
+        "--text-encoder", help="item text in the item tower: hashed (words, trained) | minilm (frozen sentence "
+                               "vectors, encoded once per feature set) | none")] = None,
     negatives: Annotated[int | None, typer.Option(help="0 = full softmax; N = sampled softmax with logQ correction")] = None,
     exclude_history: Annotated[bool | None, typer.Option(
         "--exclude-history/--no-exclude-history",
@@ -208,6 +211,7 @@ def train(
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
         "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
+        "model.text_encoder": text_encoder,
     })
 
     def show(rec: Any) -> None:
@@ -218,7 +222,7 @@ def train(
 
     def note(line: str) -> None:
         if not as_json:
-            out.print(f"fitted to the data: {line}", highlight=False)
+            out.print(line, highlight=False)
 
     result = train_step(s, resume=resume, progress=not as_json, on_epoch=show, index_kind=index_kind, on_note=note)
     if as_json:
@@ -267,7 +271,11 @@ def evaluate(
                       f"  coverage {ks[f'coverage@{k}']:.4f}", highlight=False)
     if report.get("cold_start"):
         c = report["cold_start"]
-        out.print(f"  cold-start items ({c['users']} targets): hr@10 {c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
+        out.print(f"  held-out items, scored from content alone ({c['users']} targets): whole catalogue hr@10 "
+                  f"{c['hr@10']:.4f}  ndcg@10 {c['ndcg@10']:.4f}", highlight=False)
+        if c.get("among_held_out"):
+            h = c["among_held_out"]
+            out.print(f"    among the held-out items only: hr@10 {h['hr@10']:.4f}  ndcg@10 {h['ndcg@10']:.4f}", highlight=False)
 
 
 @app.command()

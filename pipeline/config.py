@@ -32,10 +32,11 @@ CONFIG_FILE_NAME = "attnrec.toml"
 # Environment variables attnrec reads beside the settings' own ATTNREC_* names.
 OTHER_ENV = {"ATTNREC_CONFIG", "ATTNREC_API_TOKEN"}
 
-# Choices that are arguments of a step rather than settings, typed once for the CLI and the flows.
+# Choices typed once for the CLI, the flows and the settings.
 IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 EvalSplit = Literal["valid", "test"]
 Baseline = Literal["popularity", "itemknn"]
+TextEncoder = Literal["hashed", "minilm", "none"]
 
 
 class Section(BaseModel):
@@ -57,6 +58,9 @@ class ModelSettings(Section):
         "auto", description="auto: 0.5 for short histories (median under 20 items), else 0.2")
     ff_mult: int = Field(1, ge=1, description="feed-forward hidden size = ff_mult x hidden_size")
     use_content: bool = Field(True, description="mix content features into the item tower")
+    text_encoder: TextEncoder = Field(
+        "hashed", description="how the item tower reads item text: hashed words and word pairs (trained "
+                              "embeddings), minilm (frozen all-MiniLM-L6-v2 sentence vectors, projected) or none")
     id_dropout: float = Field(
         0.1, ge=0.0, le=1.0,
         description="share of item-ID embeddings hidden per step so content alone learns to stand in",

@@ -162,7 +162,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     """Train on the current feature set, write the bundle (with its index, built once), measure
     test metrics next to the baselines, track it all in one MLflow run, register the model and
     apply the promotion gate. ``resume``: a run folder to continue from its checkpoint.
-    ``on_note`` hears, before the first epoch, each setting fitted to the data and why."""
+    ``on_note`` hears, before the first epoch, each setting fitted to the data and why, and
+    whether item texts were encoded."""
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
@@ -175,7 +176,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     settings, fitted = fit_to_data(settings, fs)
     for note in fitted:
         if on_note:
-            on_note(note)
+            on_note(f"fitted to the data: {note}")
     if resume is not None and not (resume / "checkpoint.pt").exists():
         raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
     device = resolve_device(settings.device)
@@ -201,7 +202,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
                 on_epoch(rec)
 
         # --- train, then write the bundle: model, item table, FAISS index (recall on real queries)
-        outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress, on_epoch=log_epoch)
+        outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress, on_epoch=log_epoch,
+                               note=on_note or (lambda line: None))
         fit = outcome.fit
         bundle = write_bundle(outcome.run_dir / BUNDLE_DIR, outcome.model, outcome.shape, fs.items, fs.version,
                               validation_queries(outcome.model, fs), index_kind,

@@ -4,11 +4,14 @@ Layout of ``HOME/features/<version>/``::
 
     manifest.json        source fingerprint, parameters, counts, split times (no wall-clock times,
                          so the same warehouse and parameters give the same bytes)
-    items.parquet        item_idx, item_key, item_id, title, categories, in_events, cold, train_count
+    items.parquet        item_idx, item_key, item_id, title, categories, in_events, cold, train_count,
+                         item_text (what a sentence encoder reads: title, categories, free text)
     item_features.arrow  one row per item_idx (row 0 = padding): category_ids, text_tokens, numeric
     histories.arrow      user_idx, user_key, user_id, items (oldest first), times
     splits.parquet       user_idx, train_end, valid_pos, test_pos
     categories.parquet   category_id, name
+    text-<encoder>-<digest>.npy  sentence embeddings of item_text, written on first use
+                         (``pipeline.data.text_vectors``), named by a digest of the texts
 
 ``version`` hashes the warehouse fingerprint with the parameters and the feature code
 version, so an unchanged warehouse reuses its feature set instead of rebuilding it.
@@ -33,14 +36,14 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from features.histories import item_popularity, user_histories
-from features.item_content import category_ids, category_vocabulary, numeric_fields, text_tokens
+from features.item_content import category_ids, category_vocabulary, item_texts, numeric_fields, text_tokens
 from features.splits import cold_items, leave_one_out, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
 from pipeline.data.warehouse import query_frame
 from pipeline.errors import UserError
 
-FEATURES_CODE_VERSION = 1
+FEATURES_CODE_VERSION = 2
 COLD_SEED = 20240601
 
 
@@ -175,11 +178,11 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     cold_idx = items.filter(pl.col("cold"))["item_idx"]
     pop = pop.with_columns(pl.when(pl.col("item_idx").is_in(cold_idx.implode())).then(0).otherwise(pl.col("count")).alias("count"))
     items_table = (
-        content.select("item_idx", "item_key", "title", "categories", "in_events", "cold")
+        content.select("item_idx", "item_key", "title", "categories", "in_events", "cold", item_texts(content))
         .join(item_ids, on="item_key", how="left")
         .join(pop.rename({"count": "train_count"}), on="item_idx", how="left")
         .select("item_idx", "item_key", "item_id", "title",
-                "categories", "in_events", "cold", "train_count")
+                "categories", "in_events", "cold", "train_count", "item_text")
         .sort("item_idx")
     )
 

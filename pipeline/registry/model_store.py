@@ -67,13 +67,14 @@ class SASRecShape:
     num_numeric: int = 0
     max_categories: int = 1
     max_tokens: int = 1
+    text_dim: int = 0
 
     def build(self) -> SASRec:
         """A freshly initialised model of this shape (content buffers zero, no item cold)."""
         tower = ItemTower(
             num_items=self.num_items, dim=self.dim, num_categories=self.num_categories, text_buckets=self.text_buckets,
             num_numeric=self.num_numeric, use_content=self.use_content, id_dropout=self.id_dropout,
-            max_categories=self.max_categories, max_tokens=self.max_tokens,
+            max_categories=self.max_categories, max_tokens=self.max_tokens, text_dim=self.text_dim,
         )
         return SASRec(tower, max_len=self.max_len, num_blocks=self.num_blocks, num_heads=self.num_heads,
                       dropout=self.dropout, ff_mult=self.ff_mult)

@@ -6,10 +6,18 @@ ranking, except the target itself; item 0 (padding) is never ranked. With ``keep
 the seen items are ranked too (the protocol of catalogues where people buy or watch again). The rank of the
 target is the number of items with a strictly higher score (ties favour the target, as
 in the reference implementations). Scoring runs in batches on the model's device.
+
+When the feature set holds items out of training (``cold_item_fraction``), the report adds
+a cold-start section for the targets among them: their ranks in the whole catalogue, and
+their ranks among the held-out items alone (``among_held_out``: can the model tell which new
+item a user will take?). There, tied items are taken in random order (the metrics are their
+expectation), so a model that scores every new item alike, as most-popular does, scores
+what chance does.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +43,25 @@ def rank_metrics(ranks: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
         out[f"hr@{k}"] = hit.double().mean().item()
         out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean().item()
         out[f"mrr@{k}"] = torch.where(hit, 1.0 / (r + 1.0), torch.zeros_like(r)).mean().item()
+    return out
+
+
+def tied_rank_metrics(higher: torch.Tensor, ties: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """Expected HR@K, NDCG@K, MRR@K when each target's ``ties`` (U,) equal-scored items are
+    ordered at random after the ``higher`` (U,) items scored above it (rank uniform in
+    higher..higher+ties)."""
+    h, t = higher.to(torch.float64), ties.to(torch.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        hr = torch.zeros_like(h)
+        ndcg = torch.zeros_like(h)
+        mrr = torch.zeros_like(h)
+        for r in range(k):
+            p = ((h <= r) & (r <= h + t)).double() / (t + 1.0)  # (U,) probability that the rank is r
+            hr += p
+            ndcg += p / math.log2(r + 2.0)
+            mrr += p / (r + 1.0)
+        out[f"hr@{k}"], out[f"ndcg@{k}"], out[f"mrr@{k}"] = hr.mean().item(), ndcg.mean().item(), mrr.mean().item()
     return out
 
 
@@ -64,13 +91,17 @@ class EvalResult:
     users: np.ndarray      # (U_eval,) user_idx evaluated
     targets: np.ndarray    # (U_eval,) target item_idx
     seconds: float
+    held_out: np.ndarray | None = None  # (U_eval, 2) long: held-out items scored above the target, tied with it
 
-    def restricted(self, mask: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-        """Metrics over the users selected by ``mask`` (U_eval,) bool (e.g. cold targets)."""
+    def restricted(self, mask: np.ndarray, ks: Sequence[int]) -> dict[str, Any]:
+        """Metrics over the users selected by ``mask`` (U_eval,) bool (e.g. cold targets), with
+        ``among_held_out`` when the held-out ranks were measured."""
         if not mask.any():
             return {}
-        out = rank_metrics(torch.from_numpy(self.ranks[mask]), ks)
+        out: dict[str, Any] = rank_metrics(torch.from_numpy(self.ranks[mask]), ks)
         out["users"] = int(mask.sum())
+        if self.held_out is not None:
+            out["among_held_out"] = tied_rank_metrics(*torch.from_numpy(self.held_out[mask]).T, ks)
         return out
 
 
@@ -102,6 +133,9 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     all_ranks = np.empty(len(users), dtype=np.int64)
     all_targets = np.empty(len(users), dtype=np.int64)
     top = np.zeros((len(users), min(kmax, fs.num_items + 1)), dtype=np.int64)  # a K beyond the catalogue: all of it
+    held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
+    held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
+    held_out_counts = np.zeros((len(users), 2), dtype=np.int64) if len(held_out) else None
     for i in range(0, len(order), batch_size):
         sel = order[i:i + batch_size]
         u, p = users[sel], positions[sel]
@@ -112,13 +146,19 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         ranks = target_ranks(scores, targets, torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device),
                              keep_seen)
         all_ranks[sel] = ranks.cpu().numpy()
+        if held_out_counts is not None:
+            held_scores = scores[:, held_out]  # (B, C)
+            target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+            higher = (held_scores > target_scores).sum(dim=1)  # (B,)
+            ties = (held_scores == target_scores).sum(dim=1) - held_mask[targets].long()  # (B,) the target is no tie of its own
+            held_out_counts[sel] = torch.stack([higher, ties], dim=1).cpu().numpy()
         all_targets[sel] = targets.cpu().numpy()
         top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
     for k in ks:
         metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items
     metrics["users"] = len(users)
-    return EvalResult(metrics, all_ranks, users, all_targets, time.perf_counter() - started)
+    return EvalResult(metrics, all_ranks, users, all_targets, time.perf_counter() - started, held_out_counts)
 
 
 def evaluation_report(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,

@@ -22,8 +22,9 @@ from models.item_knn import ItemKNN
 from models.losses import NextItemLoss
 from models.popularity import MostPopular
 from models.sasrec import SASRec
-from pipeline.config import Baseline, ModelSettings, Settings
+from pipeline.config import Baseline, ModelSettings, Settings, TextEncoder
 from pipeline.data.feature_store import FeatureSet, Ragged
+from pipeline.data.text_vectors import SENTENCE_ENCODERS, text_vectors
 from pipeline.registry.model_store import SASRecShape
 from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
 from pipeline.training.data_defaults import fit_model, fit_to_data
@@ -45,25 +46,34 @@ def padded(ragged: Ragged, width: int | None = None) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def content_tensors(fs: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(category ids (N+1, Kc), token ids (N+1, Kt), numeric (N+1, F)) of the catalogue."""
-    return padded(fs.item_categories), padded(fs.item_tokens), torch.from_numpy(np.ascontiguousarray(fs.item_numeric))
+def content_tensors(fs: FeatureSet, text_encoder: TextEncoder,
+                    note: Callable[[str], None] = lambda line: None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The catalogue's content for ``text_encoder``: category ids (N+1, Kc), token ids (N+1, Kt)
+    (hashed words; a (N+1, 1) zero column for the other encoders), numeric (N+1, F) and, for a
+    sentence encoder, its vectors (N+1, S) (else None)."""
+    cats, nums = padded(fs.item_categories), torch.from_numpy(np.ascontiguousarray(fs.item_numeric))
+    toks = padded(fs.item_tokens) if text_encoder == "hashed" else torch.zeros(fs.num_items + 1, 1, dtype=torch.long)
+    sentences = torch.from_numpy(text_vectors(fs, text_encoder, note)) if text_encoder in SENTENCE_ENCODERS else None
+    return cats, toks, nums, sentences
 
 
-def build_sasrec(fs: FeatureSet, ms: ModelSettings) -> tuple[SASRec, SASRecShape]:
+def build_sasrec(fs: FeatureSet, ms: ModelSettings,
+                 note: Callable[[str], None] = lambda line: None) -> tuple[SASRec, SASRecShape]:
     """A fresh model shaped for ``fs`` (``auto`` values of ``ms`` fitted to it): content buffers
-    loaded, cold items marked; and its shape."""
+    loaded, cold items marked; and its shape. ``note`` hears about text encoding."""
     ms = fit_model(ms, fs)[0]
-    cats, toks, nums = content_tensors(fs)
+    text_encoder = ms.text_encoder if ms.use_content else "none"  # a pure-ID tower reads no content
+    cats, toks, nums, sentences = content_tensors(fs, text_encoder, note)
     shape = SASRecShape(
         num_items=fs.num_items, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
         num_heads=ms.num_heads, dropout=ms.dropout, ff_mult=ms.ff_mult, use_content=ms.use_content,
         id_dropout=ms.id_dropout, num_categories=int(fs.manifest["counts"]["categories"]),
-        text_buckets=int(fs.manifest["text_buckets"]), num_numeric=nums.shape[1],
-        max_categories=cats.shape[1], max_tokens=toks.shape[1],
+        text_buckets=int(fs.manifest["text_buckets"]) if text_encoder == "hashed" else 0,
+        num_numeric=nums.shape[1], max_categories=cats.shape[1], max_tokens=toks.shape[1],
+        text_dim=sentences.shape[1] if sentences is not None else 0,
     )
     model = shape.build()
-    model.item_tower.set_content(cats, toks, nums)
+    model.item_tower.set_content(cats, toks, nums, sentences)
     model.item_tower.set_cold(torch.from_numpy(fs.cold_mask))
     return model, shape
 
@@ -106,13 +116,14 @@ class TrainingSetup:
     loss: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # (model, batch) -> scalar
 
 
-def training_setup(settings: Settings, fs: FeatureSet, device: torch.device) -> TrainingSetup:
+def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
+                   note: Callable[[str], None] = lambda line: None) -> TrainingSetup:
     """The model, batches and loss of a run (seeded by ``settings.train.seed`` before the model
-    is built; ``auto`` settings fitted to ``fs``)."""
+    is built; ``auto`` settings fitted to ``fs``). ``note`` hears about text encoding."""
     settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
     seed_everything(cfg.seed)
-    model, shape = build_sasrec(fs, ms)
+    model, shape = build_sasrec(fs, ms, note)
 
     # --- batches: every training window once per epoch, shuffled by a per-epoch seed
     cold = fs.cold_mask
@@ -145,18 +156,19 @@ def next_item_objective(next_item: NextItemLoss) -> Callable[[torch.nn.Module, t
 
 
 def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
-                 progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainOutcome:
+                 progress: bool = True, on_epoch: Callable[[EpochRecord], None] | None = None,
+                 note: Callable[[str], None] = lambda line: None) -> TrainOutcome:
     """Train on ``fs``'s training events, early-stop on the validation selection metric.
 
     The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
     the validation split only; the test split is never read here. ``auto`` settings are
-    fitted to ``fs`` (``pipeline.training.data_defaults``).
+    fitted to ``fs`` (``pipeline.training.data_defaults``); ``note`` hears about text encoding.
     """
     settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
     device = resolve_device(settings.device)
     run_dir = run_dir or new_run_dir(settings)
-    setup = training_setup(settings, fs, device)
+    setup = training_setup(settings, fs, device, note)
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric)).metrics

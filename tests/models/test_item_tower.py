@@ -59,3 +59,29 @@ def test_id_dropout_only_while_training() -> None:
 def test_pure_id_tower_is_an_embedding() -> None:
     tower = ItemTower(N, D, use_content=False)
     torch.testing.assert_close(tower(torch.tensor([2])), tower.id_embedding.weight[2:3])
+
+
+def test_sentence_vectors_are_frozen_and_projected() -> None:
+    """A text_dim tower reads (N+1, S) sentence vectors through a trained projection; the vectors
+    themselves are a buffer (saved, never trained) and items without text get no text part."""
+    torch.manual_seed(0)
+    tower = ItemTower(N, D, num_categories=3, text_dim=5, max_categories=2)
+    sentences = torch.nn.functional.normalize(torch.randn(N + 1, 5), dim=1)
+    sentences[0] = 0
+    sentences[3] = 0  # item 3 has no text
+    tower.set_content(torch.zeros(N + 1, 2, dtype=torch.long), torch.zeros(N + 1, 1, dtype=torch.long),
+                      torch.zeros(N + 1, 0), sentences)
+    assert tower.text_bag is None and "text_vectors" in dict(tower.named_buffers())
+    assert "text_vectors" not in dict(tower.named_parameters())
+    assert tower.state_dict()["text_vectors"].shape == (N + 1, 5)
+    tower.eval()
+    content = tower.embed_content(tower.category_ids, tower.token_ids, tower.numeric, tower.text_vectors)  # (N+1, D)
+    torch.testing.assert_close(content[3], tower.content_proj.bias)  # no categories, no text: the bias alone
+    tower().sum().backward()
+    assert tower.text_proj.weight.grad is not None and tower.text_proj.weight.grad.abs().sum() > 0
+
+
+def test_text_none_tower_has_no_text_path() -> None:
+    tower = ItemTower(N, D, num_categories=3, max_categories=2)
+    assert tower.text_bag is None and tower.text_proj is None and tower.text_vectors is None
+    assert tower(torch.tensor([1, 2])).shape == (2, D)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -92,3 +93,36 @@ def champion_home(small_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
     result = train(load_settings(home=home, **TINY_TRAINING), baselines=False)
     assert result["promoted"] and result["version"] == "1"
     return home
+
+
+TINY_CATALOGUE_MOVIES = 40  # the first 40 movies of ml-latest-small and their ratings
+
+
+def tiny_feature_set(home: Path, data: Path) -> FeatureSet:
+    """Ingest ``data``'s ratings.csv and movies.csv into ``home`` and build its feature set."""
+    settings = load_settings(home=home)
+    con = connect(settings.duckdb_path)
+    try:
+        ingest_paths(con, [data / "ratings.csv"], IngestOptions(), settings.tmp_dir)
+        ingest_items(con, data / "movies.csv")
+        path, _ = build_feature_set(con, settings)
+    finally:
+        con.close()
+    return load_feature_set(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real catalogue: 40 MovieLens movies (plus one with no title) and their ratings, so
+    that sentence encoding takes a second."""
+    src = REPO / "datasets" / "ml-latest-small"
+    out = tmp_path_factory.mktemp("tiny-catalogue")
+    movies = pl.read_csv(src / "movies.csv").head(TINY_CATALOGUE_MOVIES)
+    movies.vstack(pl.DataFrame({"movieId": [999999], "title": [""], "genres": ["(no genres listed)"]})).write_csv(out / "movies.csv")
+    pl.read_csv(src / "ratings.csv").filter(pl.col("movieId").is_in(movies["movieId"].implode())).write_csv(out / "ratings.csv")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
+    return tiny_feature_set(tmp_path_factory.mktemp("tiny") / "home", tiny_data)

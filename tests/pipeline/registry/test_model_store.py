@@ -119,3 +119,22 @@ def test_a_bundle_written_from_a_model_in_training_mode_indexes_the_served_vecto
     loaded = Bundle.load(tmp_path / "bundle")
     flat = faiss.downcast_index(loaded.index.index)
     np.testing.assert_array_equal(flat.reconstruct_n(0, loaded.num_items), loaded.vectors[1:])
+
+
+@pytest.mark.parametrize("encoder", ["minilm", "none"])
+def test_text_encoders_round_trip(encoder: str, tiny_fs: FeatureSet, tmp_path: Path) -> None:
+    """A model with frozen sentence vectors (or no text path) saves and loads whole: the vectors
+    travel in the model file, so serving needs no encoder."""
+    settings = load_settings(home=tmp_path / "home", **{"model.hidden_size": 8, "model.max_len": 10,
+                                                        "model.text_encoder": encoder})
+    torch.manual_seed(0)
+    model, shape = build_sasrec(tiny_fs, settings.model)
+    assert shape.text_dim == (384 if encoder == "minilm" else 0) and shape.text_buckets == 0
+    save_model(tmp_path / "model.pt", model.eval(), shape, tiny_fs.items["item_key"].to_numpy(), tiny_fs.version)
+    loaded, meta = load_model(tmp_path / "model.pt")
+    assert meta["shape"] == shape
+    if encoder == "minilm":
+        torch.testing.assert_close(loaded.item_tower.text_vectors, model.item_tower.text_vectors, rtol=0, atol=0)
+        assert loaded.item_tower.text_vectors.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.item_vectors(), model.item_vectors(), rtol=0, atol=0)

@@ -12,7 +12,7 @@ from pipeline.data.feature_store import build_feature_set, load_feature_set
 from pipeline.data.ingest import IngestOptions, ingest_paths
 from pipeline.data.warehouse import connect
 from pipeline.training.batches import training_sequences
-from pipeline.training.evaluation import evaluate, evaluation_report, rank_metrics
+from pipeline.training.evaluation import evaluate, evaluation_report, rank_metrics, tied_rank_metrics
 from pipeline.training.recipe import build_sasrec, sasrec_scorer
 
 REPO = Path(__file__).resolve().parents[3]
@@ -67,3 +67,33 @@ def test_cold_start_report_is_restricted_to_cold_targets(cold_fs) -> None:
     assert cold["users"] == int(mask.sum()) > 0
     expected = rank_metrics(torch.from_numpy(full.ranks[mask]), (10, 50))
     assert cold["ndcg@50"] == pytest.approx(expected["ndcg@50"]) and cold["hr@10"] == pytest.approx(expected["hr@10"])
+
+
+
+def test_tied_rank_metrics_by_hand() -> None:
+    """Target 1 is first outright; target 2 has 3 items above it and 1 tie: rank 3 or 4, each half."""
+    m = tied_rank_metrics(torch.tensor([0, 3]), torch.tensor([0, 1]), (1, 4, 5))
+    assert m["hr@1"] == pytest.approx(0.5) and m["hr@4"] == pytest.approx((1 + 0.5) / 2) and m["hr@5"] == pytest.approx(1.0)
+    assert m["ndcg@5"] == pytest.approx((1.0 + (1 / np.log2(5) + 1 / np.log2(6)) / 2) / 2)
+    assert m["mrr@5"] == pytest.approx((1.0 + (1 / 4 + 1 / 5) / 2) / 2)
+    assert tied_rank_metrics(torch.tensor([2]), torch.tensor([0]), (5,)) == rank_metrics(torch.tensor([2]), (5,))
+
+
+def test_among_held_out_a_constant_scorer_scores_chance(cold_fs) -> None:
+    """Every held-out item scored alike (most-popular's view of new items): chance's expected
+    metrics among them; the ties are the held-out items the user has not seen."""
+    _, fs = cold_fs
+    held = fs.cold_mask
+    constant = lambda seq: torch.zeros(seq.shape[0], fs.num_items + 1)  # noqa: E731
+    report = evaluation_report(constant, fs, "test", 20, torch.device("cpu"), ks=(10,))
+    full = evaluate(constant, fs, "test", 20, torch.device("cpu"), ks=(10,))
+    is_held = held[full.targets]
+    for row in np.nonzero(is_held)[0]:
+        u = full.users[row]
+        seen = fs.sequences.row(u)[:fs.test_pos[u]]
+        unseen_held = held.sum() - len(set(seen[held[seen]].tolist()) - {int(full.targets[row])})
+        assert tuple(full.held_out[row]) == (0, unseen_held - 1)
+    ties = full.held_out[is_held, 1]
+    among = report["cold_start"]["among_held_out"]
+    assert among["hr@10"] == pytest.approx(np.mean(np.minimum(1.0, 10 / (ties + 1))))
+    assert among["ndcg@10"] == pytest.approx(np.mean([sum(1 / np.log2(r + 2) for r in range(min(10, t + 1))) / (t + 1) for t in ties]))
