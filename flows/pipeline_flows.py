@@ -78,7 +78,7 @@ def train_task(settings: Settings, index_kind: IndexKind = "auto") -> dict[str, 
                  rec.samples_per_s, f", valid NDCG@10 {valid:.4f}" if valid is not None else "")
 
     result = steps.train(settings, on_epoch=log_epoch, index_kind=index_kind,
-                         on_note=lambda line: log.info("fitted to the data: %s", line))
+                         on_note=log.info)
     role = "champion" if result["promoted"] else "challenger"
     log.info("MLflow run %s: test NDCG@10 %.4f; %s v%s %s (%s)", result["mlflow_run_url"], result["test_ndcg@10"],
              settings.registry.model_name, result["version"], "promoted" if result["promoted"] else "not promoted",
