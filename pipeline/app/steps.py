@@ -18,9 +18,9 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
-from pipeline.config import Settings
+from pipeline.config import Baseline, EvalSplit, Settings
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -431,7 +431,7 @@ def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | 
 # Evaluation, index, recommendations
 
 
-def evaluate(settings: Settings, split: str = "test", baseline: str | None = None, model: str | None = None,
+def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline | None = None, model: str | None = None,
              keep_seen: bool = False) -> dict[str, Any]:
     """Full-ranking metrics of a model (default: the champion) on the feature set it was trained
     on, or of a baseline on the current one, recorded as an MLflow run.
@@ -446,12 +446,12 @@ def evaluate(settings: Settings, split: str = "test", baseline: str | None = Non
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
     from pipeline.training.data_defaults import fit_model
-    from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer
+    from pipeline.training.recipe import baseline_model, sasrec_scorer
 
-    if split not in ("valid", "test"):
-        raise UserError("--split must be valid or test")
-    if baseline is not None and baseline not in BASELINES:
-        raise UserError(f"--baseline must be one of {', '.join(BASELINES)}")
+    if split not in get_args(EvalSplit):
+        raise UserError(f"--split must be one of {', '.join(get_args(EvalSplit))}")
+    if baseline is not None and baseline not in get_args(Baseline):
+        raise UserError(f"--baseline must be one of {', '.join(get_args(Baseline))}")
     device = resolve_device(settings.device)
     if baseline:
         fs = _current_feature_set(settings)

@@ -41,6 +41,8 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
 
 def configure(settings: Settings) -> str:
     """Point MLflow at the configured store; returns the experiment id (created on first use)."""
+    # MLflow draws a progress bar for every artefact it copies; attnrec prints its own lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     settings.home.mkdir(parents=True, exist_ok=True)
