@@ -105,19 +105,20 @@ class TryState:
     q: str
     k: int
 
-    def url(self, items: list[str] | None = None, q: str | None = None) -> str:
-        chosen = self.items if items is None else items
-        params = {"items": ",".join(chosen), "q": self.q if q is None else q, "k": self.k}
-        return "/ui/try?" + urlencode({k: v for k, v in params.items() if v not in ("", None)})
+    def url(self, items: list[str]) -> str:
+        """This page's address with the history ``items`` instead (the search and k kept)."""
+        params = {"items": ",".join(items), "q": self.q, "k": self.k}
+        return "/ui/try?" + urlencode({k: v for k, v in params.items() if v != ""})
 
 
 def _k_of(text: str | None) -> int:
     """k from a form field: a whole number in 1..MAX_K (a UserError says otherwise)."""
-    if text is None or text == "":
+    value = (text or "").strip()
+    if not value:
         return 10
-    if not text.strip().isdigit() or not 1 <= int(text) <= MAX_K:
-        raise UserError(f"k must be a whole number between 1 and {MAX_K}, got {text[:40]!r}")
-    return int(text)
+    if not (value.isdecimal() and len(value) <= len(str(MAX_K)) and 1 <= int(value) <= MAX_K):
+        raise UserError(f"k must be a whole number between 1 and {MAX_K}, got {value[:40]!r}")
+    return int(value)
 
 
 def _bounded(text: str | None, what: str) -> str:

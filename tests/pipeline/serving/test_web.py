@@ -119,6 +119,8 @@ def test_titles_and_ids_are_escaped_everywhere(server: Server) -> None:
 
 @pytest.mark.parametrize("path,status,message", [
     ("/ui/users/42?k=abc", 422, "k must be a whole number"),
+    ("/ui/users/42?k=%C2%B2", 422, "k must be a whole number"),
+    ("/ui/try?k=" + "9" * 5000, 422, "k must be a whole number"),
     ("/ui/users/42?include_categories=Comdy", 422, "did you mean Comedy"),
     ("/ui/users/42?exclude_items=" + "9" * 300, 422, "longer than 200"),
     ("/ui/items/no-such-item", 404, "unknown item ids: no-such-item"),
@@ -142,7 +144,6 @@ def test_pages_load_nothing_from_elsewhere_and_weigh_little(server: Server) -> N
     assert "default-src 'self'" in page.headers["content-security-policy"]
 
 
-@pytest.mark.slow
 def test_a_person_uses_the_pages_in_chromium(server: Server) -> None:
     from playwright.sync_api import expect, sync_playwright
 
