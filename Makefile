@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast bench serve ui clean lock
+CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
+
+.PHONY: install browser demo test test-fast bench serve ui clean lock
 
 install: $(STAMP)
 
@@ -16,13 +19,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The web page's browser test drives Debian's Chromium (Playwright's own browser download cannot
+# run here): installed when missing if we are root, else a message says how.
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+	      { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; \
+	  else \
+	    echo "error: the browser test needs Chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium', or set CHROMIUM=/path/to/chromium" >&2; \
+	    exit 1; \
+	  fi; }
+
 demo: install
 	$(BIN)/attnrec demo
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install

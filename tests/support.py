@@ -11,6 +11,12 @@ from typing import Any
 
 import duckdb
 
+# Debian's Chromium, driven headless through Playwright (its own browser download cannot run here);
+# without the background-networking flags its connections are refused by a closed network.
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 
 def _clean_env(home: Path) -> dict[str, str]:
     """The environment for a CLI run: ours, minus any ATTNREC_* leaking in, plus ATTNREC_HOME."""

@@ -570,10 +570,11 @@ def check_port_free(host: str, port: int, hint: str) -> None:
 
 
 def serve(settings: Settings, model: str | None = None, announce: Callable[[str], None] | None = None) -> None:
-    """Run the HTTP API (uvicorn) over ``Recommender.load(model)`` until interrupted."""
+    """Run the HTTP API and the web page (uvicorn) over ``Recommender.load(model)`` until interrupted."""
     import uvicorn
 
     check_port_free(settings.serve.host, settings.serve.port, "stop what runs there, or choose another with --port")
+    from pipeline.registry.tracking import registered_versions
     from pipeline.serving.http import create_app
     from pipeline.serving.recommender import Recommender
 
@@ -584,6 +585,8 @@ def serve(settings: Settings, model: str | None = None, announce: Callable[[str]
                            on_swap=lambda old, new: announce(f"now serving model {new} (was {old})") if announce else None)
     if announce:
         announce(f"serving model {recommender.version} ({recommender.num_items:,} items) on "
-                 f"http://{settings.serve.host}:{settings.serve.port} (docs at /docs){' with bearer token' if token else ''}")
-    uvicorn.run(create_app(recommender, token, settings.serve), host=settings.serve.host, port=settings.serve.port,
+                 f"http://{settings.serve.host}:{settings.serve.port} (web page at /, docs at /docs)"
+                 f"{' with bearer token' if token else ''}")
+    app = create_app(recommender, token, settings.serve, list_versions=lambda: registered_versions(settings))
+    uvicorn.run(app, host=settings.serve.host, port=settings.serve.port,
                 timeout_keep_alive=settings.serve.keep_alive_s, log_level="warning")

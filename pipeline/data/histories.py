@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -24,6 +26,16 @@ HISTORY_ORDER = "ts, source_id, line"
 
 class WarehouseUnavailable(UserError):
     """The warehouse cannot be read right now (missing, or a writer holds its lock): try again."""
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    """One event of a user's history as a person reads it: the item and when (None for a
+    source that gives order only)."""
+
+    item_key: int
+    item_id: str
+    at: datetime | None
 
 
 class HistoryStore:
@@ -143,6 +155,27 @@ class HistoryStore:
         finally:
             con.close()
         return rows["item_key"]
+
+    def timeline(self, user_id: str) -> list[HistoryEvent] | None:
+        """The events of ``user_id`` oldest first, in the order of ``history``, with each item's id
+        and time, read from the warehouse file (never the cache: times are not cached); None for
+        a user the warehouse does not know."""
+        uid = canonical_id(user_id, "user id")
+        con = self._connect()
+        if con is None:
+            raise self._unavailable()
+        try:
+            keys = lookup_keys(con, "user", [uid])
+            if not keys:
+                return None
+            rows = con.execute(
+                f"""SELECT e.item_key, {id_of_key_sql('e.item_key', 'd', 'item')}, e.ts, s.time_kind = 'time'
+                    FROM events e LEFT JOIN item_dict d USING (item_key) JOIN sources s USING (source_id)
+                    WHERE e.user_key = ? ORDER BY {HISTORY_ORDER}""", [keys[uid]]).fetchall()
+        finally:
+            con.close()
+        return [HistoryEvent(int(key), str(iid), datetime.fromtimestamp(ts / 1e6, tz=UTC) if timed else None)
+                for key, iid, ts, timed in rows]
 
     def all_histories(self) -> tuple[list[str], list[np.ndarray]]:
         """Every user's (id, item keys) from the warehouse, in key order (batch scoring)."""

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,50 @@ def version_by_alias(settings: Settings, name: str, alias: str) -> tuple[str, di
     except MlflowException:
         return None
     return str(mv.version), dict(mv.tags or {})
+
+
+@dataclass
+class RegisteredVersion:
+    """A registered model version as the web page's model page shows it: its aliases, the gate's
+    decision (``role``: champion, challenger or retired, and why) and its run's metrics."""
+
+    version: str
+    aliases: list[str]
+    role: str | None
+    gate_reason: str | None
+    registered_at: datetime
+    run_id: str | None
+    run_url: str | None
+    metrics: dict[str, float]
+
+
+SHOWN_METRICS = ("valid_ndcg_at_10", "test_ndcg_at_10", "test_hr_at_10", "test_mrr_at_10", "best_epoch", "train_seconds")
+
+
+def registered_versions(settings: Settings) -> list[RegisteredVersion]:
+    """Every version of the registered model, newest first, with its run's ``SHOWN_METRICS``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure(settings)
+    client = MlflowClient()
+    out = []
+    for mv in client.search_model_versions(f"name = '{settings.registry.model_name}'", order_by=["version_number DESC"]):
+        tags = dict(mv.tags or {})
+        metrics: dict[str, float] = {}
+        url = None
+        if mv.run_id:
+            try:
+                run = client.get_run(mv.run_id)
+            except MlflowException:  # the run was deleted: the version is still shown
+                run = None
+            if run is not None:
+                metrics = {k: v for k, v in run.data.metrics.items() if k in SHOWN_METRICS}
+                url = run_url(settings, mv.run_id)
+        out.append(RegisteredVersion(str(mv.version), list(mv.aliases or []), tags.get("role"), tags.get("gate_reason"),
+                                     datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC), mv.run_id or None,
+                                     url, metrics))
+    return out
 
 
 def set_champion(settings: Settings, version: str) -> None:

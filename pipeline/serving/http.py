@@ -3,6 +3,7 @@
     GET  /users/{user_id}/recommendations?k=10&explain=false
     POST /recommendations            {"items": [ids, oldest first], "k": 10, "explain": false}
     GET  /items/{item_id}/similar?k=10
+    GET  /items/search?q=star+wars&limit=20   items by title (or id), the most popular first
     GET  /health (alive), GET /ready (model and histories loaded), GET /metrics (Prometheus text),
     GET  /docs, /redoc (OpenAPI, offline: the assets ship with fastapi-offline), GET /openapi.json
 
@@ -17,7 +18,9 @@ ready: ``/ready`` and every user's recommendations answer 503 with the reason; a
 histories are still answered. Every response, 5xx included, is counted in ``/metrics``.
 The schema documents every answer the server gives, errors included, and the bearer scheme
 (a schemathesis run holds the live server to it). When an API token is set (``ATTNREC_SERVE__API_TOKEN`` or ``ATTNREC_API_TOKEN``), every
-endpoint except ``/health``, ``/ready`` and the docs needs ``Authorization: Bearer <token>``.
+endpoint except ``/health``, ``/ready`` and the docs needs ``Authorization: Bearer <token>``,
+or the cookie the web page's token form sets (``pipeline.serving.web``: the pages at ``/`` and
+``/ui/...``, outside the schema, send a browser without it to that form instead of a 401).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import contextlib
 import hmac
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from importlib.metadata import version
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 import anyio.to_thread
 import orjson
@@ -47,13 +52,15 @@ from pipeline.data.identity import ID_WHITESPACE, MAX_ID_CHARS, split_list
 from pipeline.errors import UserError
 from pipeline.serving.query import MAX_K
 from pipeline.serving.recommender import Recommender, UnknownItems
+from pipeline.serving.web import (RegistryReader, add_web_pages, error_page, is_open_page, is_page, safe_next,
+                                  token_of_cookie)
 
 DOCS_ASSETS = "/docs-assets"
 OPEN_PATHS = {"/health", "/ready", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"}
 TAGS = [
     {"name": "recommendations", "description": "Top-k items for a warehouse user or an ad-hoc history, "
                                                "with the attention over the history as each item's reasons."},
-    {"name": "items", "description": "Items near an item in the model's item space (FAISS)."},
+    {"name": "items", "description": "Items near an item in the model's item space (FAISS), and items by title."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics (no token needed but for metrics)."},
 ]
 
@@ -90,6 +97,20 @@ class UnknownUserOut(RecommendationsOut):
 class UnknownItemsOut(ErrorOut):
     unknown_items: list[str] = Field(..., description="the unknown ids, at most serve.max_unknown_ids_shown of them")
     unknown_count: int = Field(..., description="how many ids were unknown")
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    title: str | None
+    categories: list[str]
+    popularity: int = Field(..., description="training interactions")
+    popularity_rank: int = Field(..., description="place among all items by popularity (1 = the most popular)")
+
+
+class ItemSearchOut(BaseModel):
+    items: list[ItemOut] = Field(..., description="the items whose title contains the text (any case), or whose id "
+                                                  "it is (first), the most popular first")
+    model_version: str
 
 
 class HealthOut(BaseModel):
@@ -147,8 +168,10 @@ def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | Non
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def create_app(recommender: Recommender, api_token: str | None = None, limits: ServeSettings | None = None) -> FastAPI:
-    """The API over one loaded ``Recommender`` (model bundle + warehouse histories)."""
+def create_app(recommender: Recommender, api_token: str | None = None, limits: ServeSettings | None = None,
+               list_versions: RegistryReader | None = None) -> FastAPI:
+    """The API and the web page over one loaded ``Recommender`` (model bundle + warehouse
+    histories); ``list_versions`` lists the registry's versions for the web page's model page."""
     limits = limits or ServeSettings()
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -171,20 +194,26 @@ def create_app(recommender: Recommender, api_token: str | None = None, limits: S
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return _json({"error": "; ".join(parts) or "invalid request"}, 422)
+        return _error_answer(request, "; ".join(parts) or "invalid request", 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = {400: "the body is not JSON in UTF-8", 404: f"no such path {request.url.path!r}"}.get(exc.status_code, exc.detail)
-        return _json({"error": message}, exc.status_code, exc.headers)
+        return _error_answer(request, str(message), exc.status_code, exc.headers)
 
     @app.exception_handler(UserError)
     async def on_user_error(request: Request, exc: UserError) -> Response:
-        return _json({"error": str(exc)}, 422)
+        return _error_answer(request, str(exc), 422)
 
     @app.exception_handler(WarehouseUnavailable)
     async def on_warehouse_unavailable(request: Request, exc: WarehouseUnavailable) -> Response:
-        return _json({"error": str(exc)}, 503, {"Retry-After": "1"})
+        return _error_answer(request, str(exc), 503, {"Retry-After": "1"})
+
+    def _error_answer(request: Request, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+        """``{"error": message}`` for the API, the error page for the web page's paths."""
+        if is_page(request.url.path):
+            return error_page(status, message, recommender.version)
+        return _json({"error": message}, status, headers)
 
     @app.get("/health", tags=["operations"], response_model=HealthOut)
     def health() -> Response:
@@ -257,6 +286,15 @@ def create_app(recommender: Recommender, api_token: str | None = None, limits: S
         except UnknownItems:
             return _json({"error": f"unknown item id {item_id!r}"}, 404)
 
+    @app.get("/items/search", tags=["items"], response_model=ItemSearchOut, responses=INVALID)
+    def search_items(q: str = Query(..., min_length=1, max_length=200, examples=["star wars"],
+                                    description="text in the title (any case), or an item id"),
+                     limit: int = Query(20, ge=1, le=MAX_K, description="how many items at most")) -> Response:
+        """Items whose title contains ``q`` (or whose id is ``q``), the most popular first."""
+        items = [asdict(item) for item in recommender.search(q, limit)]
+        return _json({"items": items, "model_version": recommender.version})
+
+    add_web_pages(app, recommender, list_versions, api_token)
     app.openapi = lambda: _openapi_with_bearer(app, required=api_token is not None)
     return app
 
@@ -286,6 +324,13 @@ def _endpoint_of(path: str) -> str:
         return "/users/{user_id}/recommendations"
     if path.startswith("/items/") and path.endswith("/similar"):
         return "/items/{item_id}/similar"
+    if path == "/items/search":
+        return path
+    if is_page(path):
+        for prefix in ("/ui/users/", "/ui/items/", "/ui/static/"):
+            if path.startswith(prefix):
+                return prefix + "..."
+        return path if path in {"/", "/ui/try", "/ui/model", "/ui/login", "/ui/users"} else "/ui/other"
     if path in {"/recommendations", "/metrics"} or path in OPEN_PATHS:
         return path
     if path.startswith(DOCS_ASSETS + "/"):
@@ -298,13 +343,26 @@ class _BodyTooLarge(Exception):
 
 
 class Guard:
-    """The outermost layer of the app (pure ASGI): the bearer token (401), the body limit (413,
+    """The outermost layer of the app (pure ASGI): the bearer token (401; the web page's cookie
+    counts too, and a browser without either is sent to the token form), the body limit (413,
     checked on the declared length and again on the bytes as they arrive, so a huge body is
     never read whole) and the metrics of every response, 5xx included (an exception is counted
     as the 500 the server answers)."""
 
     def __init__(self, app: Any, token: str | None, max_body: int, counter: Counter, latency: Histogram) -> None:
         self.app, self.token, self.max_body, self.counter, self.latency = app, token, max_body, counter, latency
+
+    @staticmethod
+    def _open(path: str) -> bool:
+        """Paths anyone may load: health, readiness, the docs and their assets, the token form, the page's assets."""
+        return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/") or is_open_page(path)
+
+    def _authorised(self, headers: dict[str, str]) -> bool:
+        """The bearer header, or the web page's cookie, carries the token (compared in constant time)."""
+        assert self.token is not None
+        bearer = hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {self.token}".encode())
+        cookie = hmac.compare_digest((token_of_cookie(headers.get("cookie", "")) or "").encode(), self.token.encode())
+        return bearer or cookie
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -335,10 +393,16 @@ class Guard:
             return message
 
         try:
-            if self.token and path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS + "/") and not hmac.compare_digest(
-                    headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
-                await _send_json(guarded_send, 401, {"error": "missing or wrong bearer token"},
-                                 [(b"www-authenticate", b"Bearer")])
+            if self.token and not self._open(path) and not self._authorised(headers):
+                if is_page(path):  # a browser: on to the token form, back here after it
+                    target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+                    await guarded_send({"type": "http.response.start", "status": 303, "headers": [
+                        (b"location", f"/ui/login?{urlencode({'next': safe_next(target)})}".encode("latin-1")),
+                        (b"content-length", b"0")]})
+                    await guarded_send({"type": "http.response.body", "body": b""})
+                else:
+                    await _send_json(guarded_send, 401, {"error": "missing or wrong bearer token"},
+                                     [(b"www-authenticate", b"Bearer")])
             elif headers.get("content-length", "0").isdigit() and int(headers.get("content-length", "0")) > self.max_body:
                 await _send_json(guarded_send, 413, too_large, [(b"connection", b"close")])  # the body is never read
             else:

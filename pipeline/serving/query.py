@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 
 from pipeline.data.identity import canonical_id
@@ -73,6 +74,18 @@ class Recommendations:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ItemInfo:
+    """An item of the model's catalogue as a person reads it: ``popularity`` is its training
+    interaction count, ``popularity_rank`` its place among all items by that count (1 = most)."""
+
+    item_id: str
+    title: str | None
+    categories: list[str]
+    popularity: int
+    popularity_rank: int
 
 
 @dataclass
@@ -202,6 +215,26 @@ def similar(bundle: Bundle, items: Sequence[int], k: int) -> list[Recommendation
         tops = top_k(bundle, bundle.vectors[list(items)], masks, k)
     return [Recommendations([_item(bundle, int(j), float(s)) for j, s in zip(idx, sc, strict=True)], None, bundle.version, 1)
             for idx, sc in tops]
+
+
+def item_info(bundle: Bundle, idx: int) -> ItemInfo:
+    """The catalogue facts of model item index ``idx`` (1..N)."""
+    rank = int(np.flatnonzero(bundle.popular == idx)[0]) + 1
+    return ItemInfo(bundle.item_ids[idx - 1], bundle.titles[idx - 1], bundle.categories[idx - 1],
+                    int(bundle.train_counts[idx - 1]), rank)
+
+
+def search_titles(bundle: Bundle, text: str, limit: int) -> list[ItemInfo]:
+    """At most ``limit`` items whose title contains ``text`` (any case), or whose id is ``text``
+    (first), the most popular first."""
+    needle = text.strip().lower()
+    if not needle:
+        return []
+    found = (bundle.items
+             .filter(pl.col("title").str.to_lowercase().str.contains(needle, literal=True) | (pl.col("item_id") == text.strip()))
+             .sort([pl.col("item_id") != text.strip(), pl.col("train_count")], descending=[False, True], maintain_order=True)
+             .head(limit))
+    return [item_info(bundle, int(idx)) for idx in found["item_idx"]]
 
 
 def top_k(bundle: Bundle, users: np.ndarray, excluded: Sequence[np.ndarray], k: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -4,6 +4,8 @@
     rec.recommend(user="42", k=10, explain=True)          # a warehouse user's history
     rec.recommend(items=["1", "260"], k=10)               # an ad-hoc history, oldest first
     rec.similar("1", k=10)                                # items near an item
+    rec.item("1"), rec.search("star wars", limit=20)      # catalogue facts, title search
+    rec.timeline("42")                                    # a user's history with times
     rec.recommend_all(k=50)                               # every user: a Polars frame
 
 Ids are always in the user's terms (the identity rule of ``pipeline.data.identity``);
@@ -23,10 +25,11 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import Settings, load_settings
-from pipeline.data.histories import HistoryStore
+from pipeline.data.histories import HistoryEvent, HistoryStore
 from pipeline.errors import UserError
 from pipeline.registry.model_store import Bundle, bundle_stamp, resolve_bundle
-from pipeline.serving.query import Filters, Recommendations, check_k, indices_of_ids, rank, recommend, set_threads, similar
+from pipeline.serving.query import (Filters, ItemInfo, Recommendations, check_k, indices_of_ids, item_info, rank, recommend,
+                                    search_titles, set_threads, similar)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,22 @@ class Recommender:
         if unknown:
             raise UnknownItems(unknown)
         return similar(bundle, known, k)[0]
+
+    def item(self, item: str) -> ItemInfo:
+        """The catalogue facts of ``item`` (title, categories, popularity); ``UnknownItems`` if the model does not know it."""
+        bundle = self.bundle
+        known, unknown = indices_of_ids(bundle, [item])
+        if unknown:
+            raise UnknownItems(unknown)
+        return item_info(bundle, known[0])
+
+    def search(self, text: str, limit: int = 20) -> list[ItemInfo]:
+        """Items whose title contains ``text`` (any case), or whose id it is, the most popular first."""
+        return search_titles(self.bundle, text, limit)
+
+    def timeline(self, user: str) -> list[HistoryEvent] | None:
+        """The warehouse ``user``'s events oldest first with item ids and times (None: unknown user)."""
+        return self._store().timeline(user)
 
     def recommend_all(self, k: int = 50) -> pl.DataFrame:
         """Top ``k`` unseen items for every warehouse user, through the same query path as

@@ -81,3 +81,26 @@ def test_recommend_all_is_every_users_answer(champion_home: Path) -> None:
         assert rows["item_id"].to_list() == [r.item_id for r in rec.recommend(user=user, k=10).recommendations]
         np.testing.assert_allclose(rows["score"].to_numpy(), [r.score for r in rec.recommend(user=user, k=10).recommendations],
                                    atol=1e-4)
+
+
+def test_item_facts_title_search_and_a_timeline_for_the_web_page(champion_home: Path) -> None:
+    from datetime import UTC, datetime
+
+    rec = Recommender.load(home=champion_home)
+    toy = rec.item(" 1 ")  # the identity rule, as everywhere
+    assert toy.item_id == "1" and toy.title == "Toy Story (1995)" and "Animation" in toy.categories
+    assert toy.popularity > 100 and 1 <= toy.popularity_rank <= 20
+    found = rec.search("  star WARS ", limit=5)
+    assert len(found) == 5 and all("star wars" in (i.title or "").lower() for i in found)
+    assert [i.popularity for i in found] == sorted((i.popularity for i in found), reverse=True)
+    assert rec.search("260", limit=3)[0].item_id == "260"  # an id comes first
+    assert rec.search("no title has this", limit=5) == [] and rec.search("   ", limit=5) == []
+    with pytest.raises(UnknownItems):
+        rec.item("no-such-item")
+    events = rec.timeline("42")
+    assert events is not None and len(events) == 440
+    assert [e.item_id for e in events][-1] == "2987" and rec.timeline("no-such-user") is None
+    assert events[0].at == datetime.fromtimestamp(996212624, tz=UTC)  # ratings.csv's first time of user 42
+    assert all(a.at <= b.at for a, b in zip(events, events[1:]))
+    assert rec.bundle.indices_of_keys(np.array([e.item_key for e in events])).tolist() == \
+        rec.bundle.indices_of_keys(rec.histories.history("42")).tolist()  # the order the model reads
