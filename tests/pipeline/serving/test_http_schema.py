@@ -58,8 +58,8 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(guarded: Server, tmp_
          "--header", f"Authorization: Bearer {TOKEN}", "--phases", "examples,coverage,fuzzing",
          "--max-examples", "200", "--seed", "7", "--workers", "1", "--request-timeout", "20",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900, env={"SCHEMATHESIS_HOOKS": "", "PATH": "/usr/bin:/bin",
-                                                          "HOME": str(tmp_path)})
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # its .schemathesis cache goes there, not in the checkout
+        env={"SCHEMATHESIS_HOOKS": "", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     summary = done.stdout[-6000:]
     assert done.returncode == 0, summary
     assert "passed" in summary.lower()
