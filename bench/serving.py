@@ -290,7 +290,7 @@ def synthetic_case(n: int, args: argparse.Namespace) -> Case:
     name = f"synthetic-{size_label(n)}"
     bundles = args.workdir / "bundles" / name
     source = bundles / "flat"
-    ms = ModelSettings(use_content=False, hidden_size=128, max_len=200, dropout=0.2)  # the benchmark shape
+    ms = ModelSettings(use_content=False, max_len=200, dropout=0.2)  # the benchmark shape
     shape = SASRecShape(num_items=n, dim=ms.hidden_size, max_len=ms.max_len, num_blocks=ms.num_blocks,
                         num_heads=ms.num_heads, dropout=ms.dropout, ff_mult=ms.ff_mult, use_content=False,
                         id_dropout=ms.id_dropout)

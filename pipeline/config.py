@@ -48,8 +48,8 @@ class Section(BaseModel):
 class ModelSettings(Section):
     """Shape of the content-aware SASRec model."""
 
-    hidden_size: Annotated[int, Field(ge=4)] | Literal["auto"] = Field(
-        "auto", description="item / state vector size D; auto: 64 for short histories (median under 20 items), else 128")
+    hidden_size: int = Field(128, ge=4, description="item / state vector size D (64 learned more slowly on Amazon Toys: "
+                             "docs/benchmarks.md)")
     num_blocks: int = Field(2, ge=1, description="self-attention blocks")
     num_heads: int = Field(1, ge=1, description="attention heads per block")
     max_len: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(

@@ -2,14 +2,13 @@
 from the feature set's history lengths, each with the reason it was chosen.
 
 Short histories (a median under ``SHORT_HISTORY`` items, as in most shops' logs) overfit in a
-few epochs: they get more dropout, less patience and a smaller model (hidden 64, the size
-published SASRec results use on Amazon categories). The encoder reads as many positions as
+few epochs: they get more dropout and less patience. The encoder reads as many positions as
 nearly every history has (the 99th percentile, rounded up to ``LENGTH_STEP``, at most
 ``MAX_LEN``), so a catalogue of 5-to-40-item histories does not pay for 200 positions. The
 learning-rate schedule (warm-up, then a cosine over ``train.epochs``) spans about
 ``STEP_BUDGET`` optimiser steps, those of the ML-1M benchmark schedule, within ``EPOCHS``:
 many short histories make many windows per epoch, so fewer epochs. MovieLens keeps the
-benchmark configuration (hidden 128, 200 positions, dropout 0.2, patience 20, 80 epochs).
+benchmark configuration (200 positions, dropout 0.2, patience 20, 80 epochs).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ MAX_LEN = 200
 LENGTH_STEP = 25
 DROPOUT = {"short": 0.5, "long": 0.2}
 PATIENCE = {"short": 5, "long": 20}
-HIDDEN_SIZE = {"short": 64, "long": 128}
 STEP_BUDGET = 80 * 68  # the ML-1M benchmark schedule: 80 epochs of 68 steps (8,617 windows of 200, batch 128)
 EPOCHS = (20, 80)  # the fitted schedule's least and most epochs
 
@@ -42,7 +40,7 @@ def fit_to_data(settings: Settings, fs: FeatureSet) -> tuple[Settings, list[str]
 
 
 def fit_model(ms: ModelSettings, fs: FeatureSet) -> tuple[ModelSettings, list[str]]:
-    """The model settings' ``auto`` values (``hidden_size``, ``max_len``, ``dropout``) chosen from ``fs``."""
+    """The model settings' ``auto`` values (``max_len``, ``dropout``) chosen from ``fs``."""
     stats = _HistoryStats.of(fs)
     update: dict[str, object] = {}
     notes = []
@@ -53,9 +51,6 @@ def fit_model(ms: ModelSettings, fs: FeatureSet) -> tuple[ModelSettings, list[st
     if ms.dropout == "auto":
         update["dropout"] = DROPOUT[stats.kind]
         notes.append(f"model.dropout = {update['dropout']}: {stats.why}")
-    if ms.hidden_size == "auto":
-        update["hidden_size"] = HIDDEN_SIZE[stats.kind]
-        notes.append(f"model.hidden_size = {update['hidden_size']}: {stats.why}")
     return ms.model_copy(update=update), notes
 
 

@@ -40,7 +40,8 @@ def test_defaults_resolve_home_to_dot_attnrec_of_cwd(workdir: Path) -> None:
     assert s.mlflow_tracking_uri == f"sqlite:///{s.home / 'mlflow.db'}"
     # built-in defaults of the nested groups
     assert s.train.batch_size == 128
-    assert (s.model.hidden_size, s.model.max_len, s.model.dropout) == ("auto", "auto", "auto")  # fitted to the data
+    assert s.model.hidden_size == 128
+    assert (s.model.max_len, s.model.dropout) == ("auto", "auto")  # fitted to the data
     assert (s.train.epochs, s.train.patience) == ("auto", "auto")
     assert s.model.text_encoder == "hashed"
     assert s.features.split == "loo"
