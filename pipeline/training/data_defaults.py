@@ -4,11 +4,8 @@ from the feature set's history lengths, each with the reason it was chosen.
 Short histories (a median under ``SHORT_HISTORY`` items, as in most shops' logs) overfit in a
 few epochs: they get more dropout and less patience. The encoder reads as many positions as
 nearly every history has (the 99th percentile, rounded up to ``LENGTH_STEP``, at most
-``MAX_LEN``), so a catalogue of 5-to-40-item histories does not pay for 200 positions. The
-learning-rate schedule (warm-up, then a cosine over ``train.epochs``) spans about
-``STEP_BUDGET`` optimiser steps, those of the ML-1M benchmark schedule, within ``EPOCHS``:
-many short histories make many windows per epoch, so fewer epochs. MovieLens keeps the
-benchmark configuration (200 positions, dropout 0.2, patience 20, 80 epochs).
+``MAX_LEN``), so a catalogue of 5-to-40-item histories does not pay for 200 positions.
+MovieLens keeps the benchmark configuration (200 positions, dropout 0.2, patience 20).
 """
 
 from __future__ import annotations
@@ -20,22 +17,19 @@ import numpy as np
 
 from pipeline.config import ModelSettings, Settings, TrainSettings
 from pipeline.data.feature_store import FeatureSet
-from pipeline.training.batches import training_sequences, training_windows
 
 SHORT_HISTORY = 20  # median training-history length (items) below which histories count as short
 MAX_LEN = 200
 LENGTH_STEP = 25
 DROPOUT = {"short": 0.5, "long": 0.2}
 PATIENCE = {"short": 5, "long": 20}
-STEP_BUDGET = 80 * 68  # the ML-1M benchmark schedule: 80 epochs of 68 steps (8,617 windows of 200, batch 128)
-EPOCHS = (20, 80)  # the fitted schedule's least and most epochs
 
 
 def fit_to_data(settings: Settings, fs: FeatureSet) -> tuple[Settings, list[str]]:
     """``settings`` with every ``auto`` model / training value chosen from ``fs``, and one line
     per choice saying what was chosen and why (explicit values are kept and not mentioned)."""
     model, model_notes = fit_model(settings.model, fs)
-    train, train_notes = fit_train(settings.train, fs, model.max_len)
+    train, train_notes = fit_train(settings.train, fs)
     return settings.model_copy(update={"model": model, "train": train}), model_notes + train_notes
 
 
@@ -54,22 +48,12 @@ def fit_model(ms: ModelSettings, fs: FeatureSet) -> tuple[ModelSettings, list[st
     return ms.model_copy(update=update), notes
 
 
-def fit_train(ts: TrainSettings, fs: FeatureSet, max_len: int) -> tuple[TrainSettings, list[str]]:
-    """The training settings' ``auto`` values (``epochs``, ``patience``) chosen from ``fs`` and
-    the encoder's ``max_len`` (which sets how many windows an epoch has)."""
-    update: dict[str, object] = {}
-    notes = []
-    if ts.epochs == "auto":
-        train = training_sequences(fs.sequences, fs.train_end, fs.cold_mask)
-        steps = max(1, math.ceil(len(training_windows(train, max_len, ts.all_windows)) / ts.batch_size))
-        update["epochs"] = min(EPOCHS[1], max(EPOCHS[0], round(STEP_BUDGET / steps)))
-        notes.append(f"train.epochs = {update['epochs']}: {steps:,} steps per epoch (batch {ts.batch_size}); the schedule "
-                     f"spans about {STEP_BUDGET:,} steps, as on ML-1M, within {EPOCHS[0]}-{EPOCHS[1]} epochs")
-    if ts.patience == "auto":
-        stats = _HistoryStats.of(fs)
-        update["patience"] = PATIENCE[stats.kind]
-        notes.append(f"train.patience = {PATIENCE[stats.kind]}: {stats.why}")
-    return ts.model_copy(update=update), notes
+def fit_train(ts: TrainSettings, fs: FeatureSet) -> tuple[TrainSettings, list[str]]:
+    """The training settings' ``auto`` values (``patience``) chosen from ``fs``."""
+    if ts.patience != "auto":
+        return ts, []
+    stats = _HistoryStats.of(fs)
+    return ts.model_copy(update={"patience": PATIENCE[stats.kind]}), [f"train.patience = {PATIENCE[stats.kind]}: {stats.why}"]
 
 
 @dataclass(frozen=True)

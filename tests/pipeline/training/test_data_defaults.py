@@ -18,24 +18,17 @@ def with_lengths(lengths: list[int]) -> FeatureSet:
     return tiny_feature_set(histories, [n for n in lengths], [n + 1 for n in lengths])
 
 
-def test_short_histories_get_few_positions_more_dropout_less_patience_and_fewer_epochs(tmp_path: Path) -> None:
+def test_short_histories_get_few_positions_more_dropout_and_less_patience(tmp_path: Path) -> None:
     fs = with_lengths([4] * 50 + [6] * 40 + [12] * 9 + [38])  # median 5, 99th percentile about 12
     settings, notes = fit_to_data(load_settings(home=tmp_path), fs)
     assert (settings.model.max_len, settings.model.dropout, settings.train.patience) == (25, 0.5, 5)
     assert notes[0].startswith("model.max_len = 25: 99% of the training histories have at most")
     assert "median training history 5 items (under 20: short histories)" in notes[1]
-    # 100 windows, 1 step of 128 per epoch: the most epochs; a catalogue with many windows gets fewer
-    assert settings.train.epochs == 80 and any(n.startswith("train.epochs = 80: 1 steps per epoch") for n in notes)
-    many = with_lengths([4] * 128 * 150)  # 150 steps per epoch: 5,440 / 150 = 36 epochs
-    assert fit_to_data(load_settings(home=tmp_path), many)[0].train.epochs == 36
-    huge = with_lengths([4] * 128 * 400)  # 400 steps: at least 20 epochs
-    assert fit_to_data(load_settings(home=tmp_path), huge)[0].train.epochs == 20
 
 
 def test_long_histories_keep_the_movielens_benchmark_shape(tmp_path: Path, small_fs: FeatureSet) -> None:
     settings, notes = fit_to_data(load_settings(home=tmp_path), small_fs)  # ml-latest-small: median 68 items
     assert (settings.model.max_len, settings.model.dropout, settings.train.patience) == (200, 0.2, 20)
-    assert settings.train.epochs == 80
     assert "(capped at 200)" in notes[0] and "at least 20: long histories" in notes[1]
     lengths = np.asarray(small_fs.train_end)
     assert np.median(lengths[lengths > 0]) >= 20
@@ -44,8 +37,8 @@ def test_long_histories_keep_the_movielens_benchmark_shape(tmp_path: Path, small
 def test_explicit_values_are_kept_and_not_mentioned(tmp_path: Path) -> None:
     fs = with_lengths([4] * 10)
     given = load_settings(home=tmp_path, **{"model.max_len": 77, "model.dropout": 0.1, "train.patience": 9,
-                                            "model.hidden_size": 32, "train.epochs": 3})
+                                            "model.hidden_size": 32})
     settings, notes = fit_to_data(given, fs)
     assert (settings.model.max_len, settings.model.dropout, settings.train.patience) == (77, 0.1, 9) and notes == []
-    assert (settings.model.hidden_size, settings.train.epochs) == (32, 3)
+    assert settings.model.hidden_size == 32
     assert fit_to_data(settings, fs) == (settings, [])  # fitting twice changes nothing
