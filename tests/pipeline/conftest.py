@@ -98,9 +98,10 @@ def champion_home(small_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
 TINY_CATALOGUE_MOVIES = 40  # the first 40 movies of ml-latest-small and their ratings
 
 
-def tiny_feature_set(home: Path, data: Path) -> FeatureSet:
-    """Ingest ``data``'s ratings.csv and movies.csv into ``home`` and build its feature set."""
-    settings = load_settings(home=home)
+def movielens_feature_set(home: Path, data: Path, **overrides: object) -> FeatureSet:
+    """Ingest ``data``'s ratings.csv and movies.csv into ``home`` and build its feature set
+    (``overrides``: settings, e.g. ``features.cold_item_fraction``)."""
+    settings = load_settings(home=home, **overrides)
     con = connect(settings.duckdb_path)
     try:
         ingest_paths(con, [data / "ratings.csv"], IngestOptions(), settings.tmp_dir)
@@ -125,4 +126,4 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_fs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> FeatureSet:
-    return tiny_feature_set(tmp_path_factory.mktemp("tiny") / "home", tiny_data)
+    return movielens_feature_set(tmp_path_factory.mktemp("tiny") / "home", tiny_data)

@@ -18,7 +18,7 @@ import pipeline.data.text_vectors as text_vectors_module
 from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet
 from pipeline.data.text_vectors import text_vectors
-from tests.pipeline.conftest import tiny_feature_set
+from tests.pipeline.conftest import movielens_feature_set
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -69,7 +69,7 @@ def test_cached_in_the_feature_set_and_reused_by_a_rebuilt_one(tiny_fs: FeatureS
     data.mkdir()
     pl.read_csv(tiny_data / "ratings.csv").head(-50).write_csv(data / "ratings.csv")
     shutil.copyfile(tiny_data / "movies.csv", data / "movies.csv")
-    rebuilt = tiny_feature_set(home, data)
+    rebuilt = movielens_feature_set(home, data)
     assert rebuilt.version != tiny_fs.version
     again = text_vectors(rebuilt, "minilm", notes.append)
     np.testing.assert_array_equal(again, vectors)

@@ -7,13 +7,10 @@ import pytest
 import torch
 
 from pipeline.config import load_settings
-from pipeline.data.catalog import ingest_items
-from pipeline.data.feature_store import build_feature_set, load_feature_set
-from pipeline.data.ingest import IngestOptions, ingest_paths
-from pipeline.data.warehouse import connect
 from pipeline.training.batches import training_sequences
 from pipeline.training.evaluation import evaluate, evaluation_report, rank_metrics, tied_rank_metrics
 from pipeline.training.recipe import build_sasrec, sasrec_scorer
+from tests.pipeline.conftest import movielens_feature_set
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,16 +18,9 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="module")
 def cold_fs(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("cold") / "home"
-    settings = load_settings(home=home, **{"features.cold_item_fraction": 0.05})
-    data = REPO / "datasets" / "ml-latest-small"
-    con = connect(settings.duckdb_path)
-    try:
-        ingest_paths(con, [data / "ratings.csv"], IngestOptions(), settings.tmp_dir)
-        ingest_items(con, data / "movies.csv")
-        path, _ = build_feature_set(con, settings)
-    finally:
-        con.close()
-    return settings, load_feature_set(path)
+    overrides = {"features.cold_item_fraction": 0.05}
+    fs = movielens_feature_set(home, REPO / "datasets" / "ml-latest-small", **overrides)
+    return load_settings(home=home, **overrides), fs
 
 
 def test_five_percent_of_items_are_held_out_of_training(cold_fs) -> None:
