@@ -203,6 +203,9 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
     index_kind: Annotated[str, typer.Option("--index-kind", help="FAISS index of the bundle: auto | flat | hnsw | ivf")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="training processes: N > 1 runs torch DDP on Ray Train (the engine's cluster)")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
@@ -211,7 +214,7 @@ def train(
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserError("--device must be auto, cpu or cuda")
-    s = load_settings(home=home, device=device, **{
+    s = load_settings(home=home, device=device, engine=engine, ray_address=ray_address, **{"train.workers": workers,
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
         "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,

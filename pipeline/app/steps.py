@@ -164,7 +164,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     test metrics next to the baselines, track it all in one MLflow run, register the model and
     apply the promotion gate. ``resume``: a run folder to continue from its checkpoint.
     ``on_note`` hears, before the first epoch, each setting fitted to the data and why, and
-    whether item texts were encoded."""
+    whether item texts were encoded. ``train.workers`` > 1 trains on the engine's Ray cluster
+    (``pipeline.scale.training``)."""
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
@@ -203,8 +204,14 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
                 on_epoch(rec)
 
         # --- train, then write the bundle: model, item table, FAISS index (recall on real queries)
-        outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress, on_epoch=log_epoch,
-                               note=on_note or (lambda line: None))
+        if settings.train.workers > 1:  # torch DDP on Ray Train, the same recipe in every worker
+            from pipeline.scale.training import train_sasrec_on_ray
+
+            outcome = train_sasrec_on_ray(settings, fs, run_dir=resume, resume=resume is not None, on_epoch=log_epoch,
+                                          note=on_note or (lambda line: None))
+        else:
+            outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress,
+                                   on_epoch=log_epoch, note=on_note or (lambda line: None))
         fit = outcome.fit
         bundle = write_bundle(outcome.run_dir / BUNDLE_DIR, outcome.model, outcome.shape, fs.items, fs.version,
                               validation_queries(outcome.model, fs), index_kind,
