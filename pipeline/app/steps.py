@@ -555,6 +555,7 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
     partitions: dict[str, Any] | None = None
     if settings.engine == "ray":
         import shutil
+        from functools import partial
 
         import polars as pl
 
@@ -571,7 +572,7 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
             # an empty warehouse is one empty partition (the frame keeps its columns)
             ranges = HistoryStore(settings.duckdb_path).user_ranges(parts) or [UserRange(0, -1)]
             files = [folder / f"part-{i:05d}.parquet" for i in range(len(ranges))]
-            reports = (run_partitions or run_on_ray)(settings, bundle, k, ranges, files)
+            reports = (run_partitions or partial(run_on_ray, recommend_partition))(settings, bundle, k, ranges, files)
         frame, version = pl.concat([pl.read_parquet(f) for f in files]), reports[0]["model_version"]
         partitions = {"folder": str(folder), "count": len(files), "rows": [r["rows"] for r in reports]}
     else:
