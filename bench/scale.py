@@ -185,6 +185,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1M", help="comma-separated event counts, e.g. 1M,10M,50M")
     ap.add_argument("--work", type=Path, default=Path("/tmp/attnrec-scale"), help="data and state folders")
+    ap.add_argument("--steps", default=",".join(dict.fromkeys(step for step, _ in STEPS)),
+                    help="comma-separated steps to run (each needs the ones before it in the list)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     from pipeline.scale.cluster import local_cluster
@@ -201,7 +203,7 @@ def main() -> None:
         home = args.work / f"home-{size}"
         subprocess.run(["rm", "-rf", str(home)], check=True)
         with local_cluster(num_cpus=2, object_store_bytes=500_000_000) as address:
-            for step, engine in STEPS:
+            for step, engine in [(step, engine) for step, engine in STEPS if step in args.steps.split(",")]:
                 r = measure(step, engine, home, data, address)
                 rate = r.get("rows_per_s") or (r["rows"] / r["seconds"] if r["seconds"] else 0.0)
                 row = {**shape, "step": step, "engine": engine, **r, "rows_per_s": rate}
