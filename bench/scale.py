@@ -187,6 +187,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/attnrec-scale"), help="data and state folders")
     ap.add_argument("--steps", default=",".join(dict.fromkeys(step for step, _ in STEPS)),
                     help="comma-separated steps to run (each needs the ones before it in the list)")
+    ap.add_argument("--engines", default="local,ray-1,ray-2", help="comma-separated engines to run")
+    ap.add_argument("--keep-home", action="store_true",
+                    help="reuse the state folder of an earlier run (its warehouse, feature set and bundle)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     from pipeline.scale.cluster import local_cluster
@@ -201,9 +204,11 @@ def main() -> None:
         data = args.work / f"events-{size}.parquet"
         shape = synthetic_log(size, data)
         home = args.work / f"home-{size}"
-        subprocess.run(["rm", "-rf", str(home)], check=True)
+        if not args.keep_home:
+            subprocess.run(["rm", "-rf", str(home)], check=True)
         with local_cluster(num_cpus=2, object_store_bytes=500_000_000) as address:
-            for step, engine in [(step, engine) for step, engine in STEPS if step in args.steps.split(",")]:
+            for step, engine in [(step, engine) for step, engine in STEPS
+                                 if step in args.steps.split(",") and engine in args.engines.split(",")]:
                 r = measure(step, engine, home, data, address)
                 rate = r.get("rows_per_s") or (r["rows"] / r["seconds"] if r["seconds"] else 0.0)
                 row = {**shape, "step": step, "engine": engine, **r, "rows_per_s": rate}

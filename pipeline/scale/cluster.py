@@ -25,6 +25,7 @@ from types import ModuleType
 from pipeline.config import Settings
 from pipeline.errors import UserError
 
+RAY_TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # written by Ray when a local ray.init() starts a cluster
 RAY_MISSING = "engine = ray needs the ray extra: pip install 'attnrec[ray]' (`make install` includes it)"
 CONNECT_TIMEOUT_S = 5.0    # a TCP connection to ray_address must open within this
 HEAD_START_TIMEOUT_S = 120.0  # `ray start --head` must accept connections within this
@@ -48,6 +49,14 @@ def _host_port(address: str) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit():
         raise UserError(f"ray_address = {address!r}: give auto, host:port or ray://host:port")
     return host, int(port)
+
+
+def follow_token_auth() -> None:
+    """Use Ray's token authentication when this machine has a Ray token and ``RAY_AUTH_MODE``
+    is unset, as ``ray start`` itself then does: a cluster started after any local
+    ``ray.init()`` requires the token, and Ray 2.60's client only sends it in token mode."""
+    if "RAY_AUTH_MODE" not in os.environ and RAY_TOKEN_FILE.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def check_reachable(address: str) -> None:
@@ -79,6 +88,7 @@ def ray_connection(settings: Settings) -> Iterator[ModuleType]:
     address = settings.ray_address
     if address is not None:
         check_reachable(address)
+        follow_token_auth()
     try:
         if address is None:
             ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
@@ -117,6 +127,7 @@ def local_cluster(num_cpus: int = 2, object_store_bytes: int = 200_000_000, port
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         raise UserError(RAY_MISSING)
+    follow_token_auth()  # the head and this process's clients agree on token authentication
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     log = (temp / "head.log").open("wb")
     head = subprocess.Popen(
