@@ -6,6 +6,11 @@ inbox -> features (cached while the warehouse is unchanged) -> train + promotion
 bundle's index is built there) -> the champion's index kept, or rebuilt when another kind is
 asked for -> batch recommendations. Tasks that do I/O retry; the training task does not.
 
+With ``engine = "ray"`` (in ``overrides`` or the settings) the fan-out runs on Ray: batch
+scoring is one ``recommend-partition`` task per user partition on ``prefect_ray``'s
+``RayTaskRunner`` (subflow ``recommend-partitions``), and ``train.workers`` > 1 trains with
+torch DDP on Ray Train.
+
 Every flow takes ``home`` (the attnrec state folder) and ``overrides`` (settings, e.g.
 ``{"train.epochs": 5}``), so one Prefect server can drive several installations.
 """
@@ -16,12 +21,13 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.app import steps
 from pipeline.config import Baseline, EvalSplit, IndexKind, Settings, load_settings
+from pipeline.data.histories import UserRange
 
 if TYPE_CHECKING:
     from pipeline.training.loop import EpochRecord
@@ -111,9 +117,36 @@ def build_index_task(settings: Settings, kind: str, model: str | None, rebuild: 
     return meta
 
 
+@task(name="recommend-partition", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def recommend_partition_task(settings: Settings, bundle: str, k: int, users: UserRange, out: Path) -> dict[str, Any]:
+    report = steps.recommend_partition(settings, bundle, k, users, out)
+    get_run_logger().info("users %s-%s: %s rows -> %s", users.first, users.last, report["rows"], report["file"])
+    return report
+
+
+@flow(name="recommend-partitions")
+def recommend_partitions_flow(settings: Settings, bundle: str, k: int, ranges: list[UserRange],
+                              files: list[Path]) -> list[dict[str, Any]]:
+    """The fan-out of batch scoring on Ray: one ``recommend-partition`` task per user range,
+    run on Ray's task runner (``ray_task_runner_partitions`` gives it that runner)."""
+    futures = recommend_partition_task.map(unmapped(settings), unmapped(bundle), unmapped(k), ranges, files)
+    return [f.result() for f in futures]
+
+
+def ray_task_runner_partitions(settings: Settings, bundle: str, k: int, ranges: list[UserRange],
+                               files: list[Path]) -> list[dict[str, Any]]:
+    """``steps.recommend_everyone``'s partition runner in the flows: ``recommend-partitions`` on
+    ``prefect_ray.RayTaskRunner`` (it uses the Ray connection the step opened)."""
+    from prefect_ray import RayTaskRunner
+
+    runner = RayTaskRunner(address=settings.ray_address)
+    return recommend_partitions_flow.with_options(task_runner=runner)(settings, bundle, k, ranges, files)
+
+
 @task(name="recommend-all", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def recommend_all_task(settings: Settings, k: int, out: str | None, model: str | None) -> dict[str, Any]:
-    report = steps.recommend_everyone(settings, k, out, model)
+    report = steps.recommend_everyone(settings, k, out, model,
+                                      run_partitions=ray_task_runner_partitions if settings.engine == "ray" else None)
     get_run_logger().info("%s recommendations for %s users from %s -> %s and table %s", report["rows"], report["users"],
                           report["model_version"], report["file"], report["table"])
     return report

@@ -40,6 +40,11 @@ ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="models:/attnrec@champion (default), models:/attnrec/VERSION, 'latest' (newest local run) or a bundle folder")]
 
 
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="local | ray (default: the engine setting, local)")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="engine ray: auto | host:port | ray://host:port (default: a private local Ray)")]
+
+
 def _echo_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -198,6 +203,9 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
     index_kind: Annotated[str, typer.Option("--index-kind", help="FAISS index of the bundle: auto | flat | hnsw | ivf")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="training processes: N > 1 runs torch DDP on Ray Train (the engine's cluster)")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
@@ -206,7 +214,7 @@ def train(
 
     if device is not None and device not in ("auto", "cpu", "cuda"):
         raise UserError("--device must be auto, cpu or cuda")
-    s = load_settings(home=home, device=device, **{
+    s = load_settings(home=home, device=device, engine=engine, ray_address=ray_address, **{"train.workers": workers,
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
         "train.patience": patience, "train.seed": seed, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
@@ -366,15 +374,20 @@ def recommend_all_cmd(
     k: Annotated[int, typer.Option("-k", "--k", help="items per user")] = 50,
     out_path: Annotated[Path, typer.Option("--out", help="file to write: .parquet, .csv or .ndjson")] = Path("recs.parquet"),
     table: Annotated[str, typer.Option(help="DuckDB table to (re)write in the warehouse")] = "recommendations",
+    partitions: Annotated[int | None, typer.Option(help="engine ray: user partitions, one Ray task each (default: the cluster's CPUs)")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Top-k for every user of the warehouse, to Parquet and a DuckDB table."""
+    """Top-k for every user of the warehouse, to Parquet and a DuckDB table (on Ray: split by user partition)."""
     from pipeline.app.steps import recommend_everyone
 
-    report = recommend_everyone(load_settings(home=home), k, out_path, model, table)
+    settings = load_settings(home=home, engine=engine, ray_address=ray_address, partitions=partitions)
+    report = recommend_everyone(settings, k, out_path, model, table)
+    parts = f" ({report['partitions']['count']} partitions on Ray)" if report["partitions"] else ""
     out.print(f"{report['rows']:,} recommendations for {report['users']:,} users ({report['fallback_users']} by popularity) "
-              f"in {report['seconds']:.2f} s -> {report['file']} and table {report['table']}", highlight=False)
+              f"in {report['seconds']:.2f} s{parts} -> {report['file']} and table {report['table']}", highlight=False)
 
 
 @app.command()

@@ -37,6 +37,7 @@ IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
 EvalSplit = Literal["valid", "test"]
 Baseline = Literal["popularity", "itemknn"]
 TextEncoder = Literal["hashed", "minilm", "none"]
+Engine = Literal["local", "ray"]
 
 
 class Section(BaseModel):
@@ -96,6 +97,8 @@ class TrainSettings(Section):
     group_by_length: bool = Field(False, description="batches of windows of similar length: less padding, faster steps, lower quality on ML-100K (docs/benchmarks.md)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the training step; auto: on CUDA only")
+    workers: int = Field(1, ge=1, description="training processes (torch DDP run by Ray Train on the engine's cluster, "
+                                              "each a share of every batch); 1: this process")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -159,6 +162,13 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(None, description="default: Prefect's local API with its database in HOME/prefect")
     inbox: Path | None = Field(None, description="folder the pipeline flow ingests new event files from (default: HOME/inbox)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine: Engine = Field("local", description="where the flows' fan-out steps, batch scoring and multi-worker training "
+                                                "run: local (this process) or ray (a Ray cluster; `pip install 'attnrec[ray]'`)")
+    ray_address: str | None = Field(None, description="the Ray cluster of engine = ray: auto (the cluster started on this "
+                                                      "machine by `ray start`), ray://host:port (a remote one), or unset "
+                                                      "(a private Ray started on this machine for the run)")
+    partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="user partitions batch scoring is split into on Ray; auto: two per CPU of the cluster")
 
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()

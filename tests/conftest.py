@@ -8,6 +8,7 @@ for real, as a subprocess (``python -m pipeline.cli``), against real DuckDB file
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,13 @@ def ml_small() -> Path:
     if not (path / "ratings.csv").is_file():
         pytest.fail(f"{path}/ratings.csv is missing from the repository", pytrace=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real Ray head node on 127.0.0.1 (`ray start --head`, 2 CPUs, 200 MB object store) for
+    the session; its address. Stopped at the end of the session, also when a test fails."""
+    from pipeline.scale.cluster import local_cluster
+
+    with local_cluster(num_cpus=2, object_store_bytes=200_000_000) as address:
+        yield address

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from pipeline.data.catalog import CatalogReport
     from pipeline.data.feature_store import FeatureSet
+    from pipeline.data.histories import UserRange
     from pipeline.data.ingest import IngestOptions, IngestReport
     from pipeline.data.warehouse import WarehouseStats
     from pipeline.registry.model_store import Bundle
@@ -163,7 +164,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     test metrics next to the baselines, track it all in one MLflow run, register the model and
     apply the promotion gate. ``resume``: a run folder to continue from its checkpoint.
     ``on_note`` hears, before the first epoch, each setting fitted to the data and why, and
-    whether item texts were encoded."""
+    whether item texts were encoded. ``train.workers`` > 1 trains on the engine's Ray cluster
+    (``pipeline.scale.training``)."""
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
@@ -202,8 +204,14 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
                 on_epoch(rec)
 
         # --- train, then write the bundle: model, item table, FAISS index (recall on real queries)
-        outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress, on_epoch=log_epoch,
-                               note=on_note or (lambda line: None))
+        if settings.train.workers > 1:  # torch DDP on Ray Train, the same recipe in every worker
+            from pipeline.scale.training import train_sasrec_on_ray
+
+            outcome = train_sasrec_on_ray(settings, fs, run_dir=resume, resume=resume is not None, on_epoch=log_epoch,
+                                          note=on_note or (lambda line: None))
+        else:
+            outcome = train_sasrec(settings, fs, run_dir=resume, resume=resume is not None, progress=progress,
+                                   on_epoch=log_epoch, note=on_note or (lambda line: None))
         fit = outcome.fit
         bundle = write_bundle(outcome.run_dir / BUNDLE_DIR, outcome.model, outcome.shape, fs.items, fs.version,
                               validation_queries(outcome.model, fs), index_kind,
@@ -517,14 +525,24 @@ def ensure_index(settings: Settings, kind: str = "auto", model: str | None = Non
 RECOMMENDATION_FORMATS = (".parquet", ".csv", ".ndjson", ".jsonl")
 
 
+PartitionRunner = Callable[[Settings, str, int, "list[UserRange]", "list[Path]"], "list[dict[str, Any]]"]
+
+
 def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None = None, model: str | None = None,
-                       table: str = "recommendations") -> dict[str, Any]:
+                       table: str = "recommendations", run_partitions: PartitionRunner | None = None) -> dict[str, Any]:
     """Top ``k`` for every warehouse user through the query path (``Recommender.recommend_all``),
     written to the DuckDB table ``table`` and to ``out`` in the format its extension names
-    (Parquet, CSV, or newline-delimited JSON; default ``recommendations.parquet`` in the state folder)."""
+    (Parquet, CSV, or newline-delimited JSON; default ``recommendations.parquet`` in the state folder).
+
+    With ``engine = "ray"`` the users are cut into ``partitions`` ranges of user keys, each
+    scored by ``recommend_partition`` on the cluster (``run_partitions``: how they are run; by
+    default one Ray task each) into ``<out stem>.parts/part-NNNNN.parquet``; the parts, in key
+    order, are the same frame as the local run's (the query path scores each user alone).
+    """
     import time
 
     from pipeline.data.warehouse import replace_table
+    from pipeline.registry.model_store import resolve_bundle
     from pipeline.serving.recommender import Recommender
 
     if not TABLE_NAME.fullmatch(table):
@@ -534,14 +552,51 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
     if target.suffix.lower() not in RECOMMENDATION_FORMATS:
         raise UserError(f"--out {out}: the extension names the format; use one of {', '.join(RECOMMENDATION_FORMATS)}")
     started = time.perf_counter()
-    recommender = Recommender.load(model, settings=settings)
-    frame = recommender.recommend_all(k)
+    partitions: dict[str, Any] | None = None
+    if settings.engine == "ray":
+        import shutil
+        from functools import partial
+
+        import polars as pl
+
+        from pipeline.data.histories import HistoryStore, UserRange
+        from pipeline.scale.batch_scoring import run_on_ray
+        from pipeline.scale.cluster import cluster_cpus, ray_connection
+
+        bundle = str(resolve_bundle(settings, model))
+        folder = target.with_name(target.stem + ".parts")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        with ray_connection(settings) as ray:
+            parts = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+            # an empty warehouse is one empty partition (the frame keeps its columns)
+            ranges = HistoryStore(settings.duckdb_path).user_ranges(parts) or [UserRange(0, -1)]
+            files = [folder / f"part-{i:05d}.parquet" for i in range(len(ranges))]
+            reports = (run_partitions or partial(run_on_ray, recommend_partition))(settings, bundle, k, ranges, files)
+        frame, version = pl.concat([pl.read_parquet(f) for f in files]), reports[0]["model_version"]
+        partitions = {"folder": str(folder), "count": len(files), "rows": [r["rows"] for r in reports]}
+    else:
+        recommender = Recommender.load(model, settings=settings)
+        frame, version = recommender.recommend_all(k), recommender.version
     _write_recommendations(frame, target)
     replace_table(settings.duckdb_path, table, frame)
     users = frame["user_id"].n_unique()
     fallback = frame.filter(frame["fallback"].is_not_null())["user_id"].n_unique()
     return {"users": users, "rows": frame.height, "fallback_users": fallback,
             "seconds": round(time.perf_counter() - started, 2), "file": str(target), "table": table,
+            "model_version": version, "engine": settings.engine, "partitions": partitions}
+
+
+def recommend_partition(settings: Settings, bundle: str, k: int, users: UserRange, out: Path) -> dict[str, Any]:
+    """One partition of ``recommend_everyone`` on Ray (a Ray task, or a Prefect task on Ray's
+    task runner): the bundle at ``bundle`` loaded once, the top ``k`` of the users in
+    ``users`` through ``Recommender.recommend_all``, written to the Parquet file ``out``."""
+    from pipeline.serving.recommender import Recommender
+
+    recommender = Recommender.load(bundle, settings=settings)
+    frame = recommender.recommend_all(k, users)
+    _write_recommendations(frame, out)
+    return {"file": str(out), "rows": frame.height, "first_user_key": users.first, "last_user_key": users.last,
             "model_version": recommender.version}
 
 

@@ -24,6 +24,14 @@ from pipeline.errors import UserError
 HISTORY_ORDER = "ts, source_id, line"
 
 
+@dataclass(frozen=True)
+class UserRange:
+    """The users whose warehouse key is in ``[first, last]``: one partition of batch scoring."""
+
+    first: int
+    last: int
+
+
 class WarehouseUnavailable(UserError):
     """The warehouse cannot be read right now (missing, or a writer holds its lock): try again."""
 
@@ -177,22 +185,38 @@ class HistoryStore:
         return [HistoryEvent(int(key), str(iid), datetime.fromtimestamp(ts / 1e6, tz=UTC) if timed else None)
                 for key, iid, ts, timed in rows]
 
-    def all_histories(self) -> tuple[list[str], list[np.ndarray]]:
-        """Every user's (id, item keys) from the warehouse, in key order (batch scoring)."""
+    def all_histories(self, users: UserRange | None = None) -> tuple[list[str], list[np.ndarray]]:
+        """Every user's (id, item keys) from the warehouse, in key order (batch scoring);
+        only the users of ``users`` when given."""
         con = self._connect()
         if con is None:
             raise self._unavailable()
+        where, params = ("WHERE e.user_key BETWEEN ? AND ?", [users.first, users.last]) if users else ("", [])
         try:
             rows = con.execute(
                 f"""SELECT e.user_key, {id_of_key_sql('e.user_key', 'd', 'user')} AS uid, e.item_key
-                    FROM events e LEFT JOIN user_dict d USING (user_key)
-                    ORDER BY e.user_key, {HISTORY_ORDER}"""
+                    FROM events e LEFT JOIN user_dict d USING (user_key) {where}
+                    ORDER BY e.user_key, {HISTORY_ORDER}""", params
             ).fetchnumpy()
         finally:
             con.close()
         users, items, uids = rows["user_key"], rows["item_key"], rows["uid"]
         starts, ends = _runs(users)
         return [str(uids[s]) for s in starts], [items[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+    def user_ranges(self, parts: int) -> list[UserRange]:
+        """The warehouse's users cut into at most ``parts`` ranges of consecutive keys with
+        about as many users each, in key order (so their batch scores, concatenated, are in
+        the order of ``all_histories``)."""
+        con = self._connect()
+        if con is None:
+            raise self._unavailable()
+        try:
+            keys = con.execute("SELECT DISTINCT user_key FROM events ORDER BY user_key").fetchnumpy()["user_key"]
+        finally:
+            con.close()
+        return [UserRange(int(chunk[0]), int(chunk[-1])) for chunk in np.array_split(keys, min(parts, len(keys))) if len(chunk)]
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -162,11 +162,9 @@ def _ranked(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: 
         raise ValueError("give one Filters per history, or one for all")
     cleaned = [_known(h, bundle.num_items) for h in histories]
     static: dict[int, np.ndarray] = {}  # id(Filters) -> its mask, shared by the queries that share it
-    order = np.argsort([min(len(h), bundle.model.max_len) for h in cleaned], kind="stable")
-    batch = max(1, min(ENCODER_BATCH, MASK_BUDGET // (bundle.num_items + 1)))
     with bundle.lock, torch.no_grad():
-        for start in range(0, len(order), batch):
-            chunk = [int(i) for i in order[start:start + batch]]
+        max_len = bundle.model.max_len
+        for chunk in _encoder_batches([padded_width(min(len(h), max_len), max_len) for h in cleaned], bundle.num_items):
             masks = {i: _excluded(bundle, cleaned[i], per_query[i], static) for i in chunk}
             for i in chunk:
                 if not len(cleaned[i]):
@@ -184,16 +182,37 @@ def _ranked(bundle: Bundle, histories: Sequence[np.ndarray | Sequence[int]], k: 
                 yield i, Ranked(idx, scores.astype(np.float32), None, int(len(cleaned[i]))), why[row] if why else None
 
 
+def padded_width(length: int, max_len: int) -> int:
+    """The width a history of ``length`` items (at most ``max_len``) is padded to: the next
+    power of two, at most ``max_len``. Padding changes the float rounding of the states (by
+    about 1e-7), so a width fixed by the query alone makes its scores the same in a batch of
+    any users, in a partition of them, or alone."""
+    return min(max_len, 1 << max(0, length - 1).bit_length())
+
+
+def _encoder_batches(widths: Sequence[int], num_items: int) -> Iterator[list[int]]:
+    """Query positions grouped into encoder passes of one padded width each (at most
+    ``ENCODER_BATCH`` queries, fewer under ``MASK_BUDGET``)."""
+    batch = max(1, min(ENCODER_BATCH, MASK_BUDGET // (num_items + 1)))
+    order = np.argsort(widths, kind="stable")
+    bounds = np.flatnonzero(np.diff(np.asarray(widths, dtype=np.int64)[order])) + 1
+    for same in np.split(order, bounds) if len(order) else []:
+        for start in range(0, len(same), batch):
+            yield [int(i) for i in same[start:start + batch]]
+
+
 def encode(bundle: Bundle, histories: Sequence[np.ndarray],
            block_inputs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one encoder pass of the query path: (seq (B, T), states (B, T, D)).
 
     ``histories``: model item indices, oldest first, no zeros; each is cut to its newest
-    ``max_len`` items and left-padded to the longest (``left_pad``). ``states[:, -1]`` are the
-    user vectors the index is searched with. ``block_inputs`` receives each encoder block's
-    input, which the reasons read (``SASRec.explain``).
+    ``max_len`` items and left-padded (``left_pad``) to the ``padded_width`` of the longest.
+    ``states[:, -1]`` are the user vectors the index is searched with. ``block_inputs``
+    receives each encoder block's input, which the reasons read (``SASRec.explain``).
     """
-    seq = torch.from_numpy(left_pad([h[-bundle.model.max_len:] for h in histories])).to(bundle.device)  # (B, T)
+    max_len = bundle.model.max_len
+    width = padded_width(max([1, *(min(len(h), max_len) for h in histories)]), max_len)
+    seq = torch.from_numpy(left_pad([h[-max_len:] for h in histories], width)).to(bundle.device)  # (B, T)
     with torch.no_grad():
         return seq, bundle.model.encode(seq, bundle.table, block_inputs)  # (B, T, D)
 

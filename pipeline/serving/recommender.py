@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.config import Settings, load_settings
-from pipeline.data.histories import HistoryEvent, HistoryStore
+from pipeline.data.histories import HistoryEvent, HistoryStore, UserRange
 from pipeline.errors import UserError
 from pipeline.registry.model_store import Bundle, bundle_stamp, resolve_bundle
 from pipeline.serving.query import (Filters, ItemInfo, Recommendations, check_k, indices_of_ids, item_info, rank, recommend,
@@ -132,12 +132,13 @@ class Recommender:
         """The warehouse ``user``'s events oldest first with item ids and times (None: unknown user)."""
         return self._store().timeline(user)
 
-    def recommend_all(self, k: int = 50) -> pl.DataFrame:
-        """Top ``k`` unseen items for every warehouse user, through the same query path as
-        ``recommend``: ``user_id``, ``rank`` (1..k), ``item_id``, ``score``, ``fallback``
-        ("popular" for a user without usable history, else null), ``model_version``."""
+    def recommend_all(self, k: int = 50, users: UserRange | None = None) -> pl.DataFrame:
+        """Top ``k`` unseen items for every warehouse user (or the users of ``users``, one
+        partition of a distributed run), through the same query path as ``recommend``:
+        ``user_id``, ``rank`` (1..k), ``item_id``, ``score``, ``fallback`` ("popular" for a
+        user without usable history, else null), ``model_version``; users in key order."""
         check_k(k)
-        user_ids, key_lists = self._store().all_histories()
+        user_ids, key_lists = self._store().all_histories(users)
         bundle = self.bundle
         ranked = rank(bundle, [bundle.indices_of_keys(keys) for keys in key_lists], k)
         counts = np.array([len(r.items) for r in ranked], dtype=np.int64)

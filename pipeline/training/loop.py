@@ -6,6 +6,13 @@ mixed precision and compilation (bf16 autocast and ``torch.compile``, on CUDA by
 on any device by setting), an epoch loop with a progress bar, validation with early
 stopping on the selection metric, the best checkpoint restored at the end, and resumable
 checkpoints. The next-item losses are modelling and live in ``models/losses.py``.
+
+In a ``torch.distributed`` process group (Ray Train's workers; gloo on the CPU, NCCL on
+GPUs) the same loop is data-parallel: every rank reads the same batches and trains on its
+``batch_shard`` of each, the loss runs inside ``DistributedDataParallel`` (gradients
+averaged over the ranks before the step, so the weights stay equal), and rank 0 alone
+validates (its metrics are broadcast, so every rank stops at the same epoch), writes
+checkpoints and reports epochs.
 """
 
 from __future__ import annotations
@@ -93,6 +100,59 @@ def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, B
     return loss
 
 
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a data-parallel group: ``rank`` of ``world`` processes."""
+
+    rank: int
+    world: int
+
+    @property
+    def leads(self) -> bool:
+        """Rank 0: the one that validates, checkpoints and reports."""
+        return self.rank == 0
+
+
+def process_group() -> ProcessGroup | None:
+    """The ``torch.distributed`` group this process trains in, or None when it trains alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    return ProcessGroup(dist.get_rank(), dist.get_world_size())
+
+
+def batch_shard(batch: Batch, group: ProcessGroup) -> Batch:
+    """Rank ``group.rank``'s contiguous share of every tensor of ``batch`` (rows split as
+    evenly as ``torch.tensor_split`` does: sizes differ by at most one)."""
+    return tuple(torch.tensor_split(t, group.world)[group.rank] for t in batch)
+
+
+class _Objective(nn.Module):
+    """``loss_fn(model, batch)`` as a module's forward, so DDP can wrap it (its gradient
+    hooks then average the gradients of every parameter ``loss_fn`` reached)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model, tuple(batch))
+
+
+def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+                  device: torch.device) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """``loss_fn`` run through ``DistributedDataParallel`` over ``model`` (rank 0's weights
+    are broadcast to every rank here); its backward leaves the ranks' average gradient in
+    ``model``'s parameters. Constant buffers (the catalogue's content) are not re-broadcast."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(_Objective(model, loss_fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                  broadcast_buffers=False)
+    return lambda _model, batch: ddp(*batch)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -162,6 +222,11 @@ def fit(
     use_bf16, use_compile = precision_and_compilation(cfg, device)
     step_loss = torch.compile(loss_fn, dynamic=True) if use_compile else loss_fn
     metric = cfg.selection_metric
+    group = process_group()
+    leads = group is None or group.leads
+    if group is not None:
+        step_loss = data_parallel(model, step_loss, device)
+        torch.manual_seed(cfg.seed * 1_000_003 + group.rank)  # each rank its own dropout masks
 
     state = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_epochs": 0, "history": []}
     best_weights = copy.deepcopy(model.state_dict())
@@ -183,13 +248,18 @@ def fit(
         # --- step 3: one pass over the training batches
         model.train()
         t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0
-        bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress)
+        bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress and leads)
         for batch in batches(epoch):
+            rows = batch[0].shape[0]
+            if group is not None:
+                if rows < group.world:  # a rank would get no rows: every rank skips it alike
+                    continue
+                batch = batch_shard(batch, group)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             loss = train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, use_bf16)
             loss_sum += loss.item()
             n_steps += 1
-            n_samples += batch[0].shape[0]
+            n_samples += rows  # the whole batch, all ranks together
             bar.update(loss_sum / n_steps, n_samples / (time.perf_counter() - t0))
         bar.close()
         seconds = time.perf_counter() - t0
@@ -198,7 +268,9 @@ def fit(
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             model.eval()
             t_valid = time.perf_counter()
-            record.valid = validate(model)
+            record.valid = validate(model) if leads else {}
+            if group is not None:
+                record.valid = _from_rank_0(record.valid)
             record.valid_seconds = time.perf_counter() - t_valid
             value = record.valid[metric]
             if value > state["best_metric"]:
@@ -208,10 +280,10 @@ def fit(
                 state["bad_epochs"] += cfg.eval_every
         history.append(record)
         state["epoch"] = epoch
-        if on_epoch:
+        if on_epoch and leads:
             on_epoch(record)
         # --- step 5: resumable checkpoint
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and leads:
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, best_weights, state, history)
         if state["bad_epochs"] >= cfg.patience:
             stopped_early = True
@@ -221,6 +293,15 @@ def fit(
     model.eval()
     return FitResult(state["best_epoch"], state["best_metric"], state["epoch"], history,
                      time.perf_counter() - started, stopped_early)
+
+
+def _from_rank_0(metrics: dict[str, float]) -> dict[str, float]:
+    """Rank 0's ``metrics`` on every rank of the process group."""
+    import torch.distributed as dist
+
+    box: list[Any] = [metrics]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _check_same_shape(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:

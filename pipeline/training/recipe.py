@@ -29,7 +29,7 @@ from pipeline.registry.model_store import SASRecShape
 from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
 from pipeline.training.data_defaults import fit_model, fit_to_data
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
-from pipeline.training.loop import EpochRecord, FitResult, fit, resolve_device, seed_everything
+from pipeline.training.loop import EpochRecord, FitResult, fit, process_group, resolve_device, seed_everything
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 RECALL_QUERY_USERS = 1000
@@ -163,6 +163,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
     the validation split only; the test split is never read here. ``auto`` settings are
     fitted to ``fs`` (``pipeline.training.data_defaults``); ``note`` hears about text encoding.
+    In a DDP process group (``pipeline.scale.training``) ``fit`` trains data-parallel and only
+    rank 0's outcome carries the validation metrics (the other ranks' ``valid`` is empty).
     """
     settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
@@ -176,7 +178,9 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
                  param_groups=setup.model.optimizer_groups(cfg.weight_decay), checkpoint_path=run_dir / "checkpoint.pt",
                  resume=resume, on_epoch=on_epoch, progress=progress)
-    return TrainOutcome(setup.model, setup.shape, result, validate(setup.model), run_dir, device)
+    group = process_group()  # in a DDP group only rank 0 validates (the others' outcome is not used)
+    valid = validate(setup.model) if group is None or group.leads else {}
+    return TrainOutcome(setup.model, setup.shape, result, valid, run_dir, device)
 
 
 @torch.no_grad()

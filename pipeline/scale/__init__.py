@@ -1,0 +1,8 @@
+"""The scale-out layer: the same steps on a Ray cluster (``engine = "ray"``).
+
+``cluster`` connects to Ray (``ray_address``) and starts a local head node for tests and
+benchmarks; ``batch_scoring`` runs ``recommend-all`` as one Ray task per user partition;
+``training`` runs the one training recipe as torch DDP on Ray Train's ``TorchTrainer``.
+Ray is imported inside their functions only, so the plain install (without the ``ray``
+extra) never needs it.
+"""

@@ -1,0 +1,39 @@
+"""The engine settings and the Ray connection's errors (no cluster needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_settings
+from pipeline.errors import UserError
+from pipeline.scale.cluster import check_reachable, free_port
+
+
+def test_the_engine_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, home: object) -> None:
+    assert load_settings().engine == "local" and load_settings().ray_address is None
+    monkeypatch.setenv("ATTNREC_ENGINE", "ray")
+    monkeypatch.setenv("ATTNREC_RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setenv("ATTNREC_TRAIN__WORKERS", "2")
+    s = load_settings()
+    assert (s.engine, s.ray_address, s.train.workers, s.partitions) == ("ray", "ray://head:10001", 2, "auto")
+    assert load_settings(engine="local").engine == "local"  # a CLI flag wins
+
+
+@pytest.mark.parametrize(("overrides", "named"), [({"engine": "spark"}, "engine = 'spark'"),
+                                                  ({"train.workers": 0}, "train.workers = 0"),
+                                                  ({"partitions": 0}, "partitions.* = 0: Input should be greater than or equal to 1"),
+                                                  ({"ray_adress": "auto"}, "did you mean ray_address")])
+def test_bad_engine_settings_are_one_named_error(overrides: dict, named: str, home: object) -> None:
+    with pytest.raises(UserError, match=named):
+        load_settings(**overrides)
+
+
+@pytest.mark.parametrize("address", ["head", "ray://:10001", "host:port"])
+def test_a_malformed_ray_address_is_refused(address: str) -> None:
+    with pytest.raises(UserError, match="ray_address = .*give auto, host:port or ray://host:port"):
+        check_reachable(address)
+
+
+def test_nobody_listening_at_ray_address_is_refused_at_once() -> None:
+    with pytest.raises(UserError, match="no Ray cluster answers there"):
+        check_reachable(f"ray://127.0.0.1:{free_port()}")
