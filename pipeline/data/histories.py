@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +107,18 @@ class HistoryStore:
         except UserError:  # a writer holds the file right now
             return None
 
+    @contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection for one read, closed after it; ``WarehouseUnavailable`` when
+        the file is missing or a writer holds it."""
+        con = self._connect()
+        if con is None:
+            raise self._unavailable()
+        try:
+            yield con
+        finally:
+            con.close()
+
     def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._checked < self.refresh_seconds:
@@ -150,72 +164,50 @@ class HistoryStore:
                 key = integer_key(uid)
                 key = self._dictionary.get(uid) if key is None else key
                 return None if key is None else self._histories.get(key)
-        con = self._connect()
-        if con is None:
-            raise self._unavailable()
-        try:
-            keys = lookup_keys(con, "user", [uid])
-            if not keys:
+        with self._reading() as con:
+            key = lookup_keys(con, "user", [uid]).get(uid)
+            if key is None:
                 return None
-            rows = con.execute(
-                f"SELECT item_key FROM events WHERE user_key = ? ORDER BY {HISTORY_ORDER}", [keys[uid]]
-            ).fetchnumpy()
-        finally:
-            con.close()
-        return rows["item_key"]
+            return con.execute(
+                f"SELECT item_key FROM events WHERE user_key = ? ORDER BY {HISTORY_ORDER}", [key]
+            ).fetchnumpy()["item_key"]
 
     def timeline(self, user_id: str) -> list[HistoryEvent] | None:
         """The events of ``user_id`` oldest first, in the order of ``history``, with each item's id
         and time, read from the warehouse file (never the cache: times are not cached); None for
         a user the warehouse does not know."""
         uid = canonical_id(user_id, "user id")
-        con = self._connect()
-        if con is None:
-            raise self._unavailable()
-        try:
-            keys = lookup_keys(con, "user", [uid])
-            if not keys:
+        with self._reading() as con:
+            key = lookup_keys(con, "user", [uid]).get(uid)
+            if key is None:
                 return None
             rows = con.execute(
                 f"""SELECT e.item_key, {id_of_key_sql('e.item_key', 'd', 'item')}, e.ts, s.time_kind = 'time'
                     FROM events e LEFT JOIN item_dict d USING (item_key) JOIN sources s USING (source_id)
-                    WHERE e.user_key = ? ORDER BY {HISTORY_ORDER}""", [keys[uid]]).fetchall()
-        finally:
-            con.close()
+                    WHERE e.user_key = ? ORDER BY {HISTORY_ORDER}""", [key]).fetchall()
         return [HistoryEvent(int(key), str(iid), datetime.fromtimestamp(ts / 1e6, tz=UTC) if timed else None)
                 for key, iid, ts, timed in rows]
 
     def all_histories(self, users: UserRange | None = None) -> tuple[list[str], list[np.ndarray]]:
         """Every user's (id, item keys) from the warehouse, in key order (batch scoring);
         only the users of ``users`` when given."""
-        con = self._connect()
-        if con is None:
-            raise self._unavailable()
         where, params = ("WHERE e.user_key BETWEEN ? AND ?", [users.first, users.last]) if users else ("", [])
-        try:
+        with self._reading() as con:
             rows = con.execute(
                 f"""SELECT e.user_key, {id_of_key_sql('e.user_key', 'd', 'user')} AS uid, e.item_key
                     FROM events e LEFT JOIN user_dict d USING (user_key) {where}
                     ORDER BY e.user_key, {HISTORY_ORDER}""", params
             ).fetchnumpy()
-        finally:
-            con.close()
         users, items, uids = rows["user_key"], rows["item_key"], rows["uid"]
         starts, ends = _runs(users)
         return [str(uids[s]) for s in starts], [items[s:e] for s, e in zip(starts, ends, strict=True)]
-
 
     def user_ranges(self, parts: int) -> list[UserRange]:
         """The warehouse's users cut into at most ``parts`` ranges of consecutive keys with
         about as many users each, in key order (so their batch scores, concatenated, are in
         the order of ``all_histories``)."""
-        con = self._connect()
-        if con is None:
-            raise self._unavailable()
-        try:
+        with self._reading() as con:
             keys = con.execute("SELECT DISTINCT user_key FROM events ORDER BY user_key").fetchnumpy()["user_key"]
-        finally:
-            con.close()
         return [UserRange(int(chunk[0]), int(chunk[-1])) for chunk in np.array_split(keys, min(parts, len(keys))) if len(chunk)]
 
 
