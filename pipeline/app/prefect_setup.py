@@ -82,14 +82,15 @@ def serve_deployments(deployments: list[RunnerDeployment], stop_timeout_s: float
         runner = Runner(pause_on_shutdown=True)
         for deployment in deployments:
             await runner.add_deployment(deployment)
-        names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
-        print(f"serving {names} (Ctrl-C stops)", file=sys.stderr, flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         serving = asyncio.create_task(runner.start())
         await asyncio.sleep(0)  # runner.start() has installed its SIGTERM handler; ours replace it
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # said only now that Ctrl-C is ours: a SIGINT before this line would end the process as an interrupt (130)
+        names = ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+        print(f"serving {names} (Ctrl-C stops)", file=sys.stderr, flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if serving.done():
