@@ -67,7 +67,7 @@ def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None
     )
     with ray_connection(settings):
         trainer.fit()
-    saved = torch.load(run_dir / RANK_0_RESULT, map_location="cpu", weights_only=False)
+    saved = torch.load(run_dir / RANK_0_RESULT, map_location="cpu", weights_only=True)  # tensors and plain values only
     model, shape = build_sasrec(fs, settings.model, note)
     model.load_state_dict(saved["state_dict"])
     model.to(device).eval()

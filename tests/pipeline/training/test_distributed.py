@@ -59,7 +59,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_ranks_step_with_the_single_process_gradient(tmp_path: Path) -> None:
     mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     whole = tiny_model()
     mse(whole, tiny_batch()).backward()
