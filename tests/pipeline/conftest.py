@@ -98,18 +98,36 @@ def champion_home(small_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
 TINY_CATALOGUE_MOVIES = 40  # the first 40 movies of ml-latest-small and their ratings
 
 
-def movielens_feature_set(home: Path, data: Path, **overrides: object) -> FeatureSet:
-    """Ingest ``data``'s ratings.csv and movies.csv into ``home`` and build its feature set
+def ingested_feature_set(home: Path, events: Path, items: Path, id_map: Path | None = None,
+                         **overrides: object) -> FeatureSet:
+    """Ingest ``events`` and the catalogue ``items`` into ``home`` and build its feature set
     (``overrides``: settings, e.g. ``features.cold_item_fraction``)."""
     settings = load_settings(home=home, **overrides)
     con = connect(settings.duckdb_path)
     try:
-        ingest_paths(con, [data / "ratings.csv"], IngestOptions(), settings.tmp_dir)
-        ingest_items(con, data / "movies.csv")
+        ingest_paths(con, [events], IngestOptions(), settings.tmp_dir)
+        ingest_items(con, items, id_map=id_map)
         path, _ = build_feature_set(con, settings)
     finally:
         con.close()
     return load_feature_set(path)
+
+
+def movielens_feature_set(home: Path, data: Path, **overrides: object) -> FeatureSet:
+    """``ingested_feature_set`` of a MovieLens folder's ratings.csv and movies.csv."""
+    return ingested_feature_set(home, data / "ratings.csv", data / "movies.csv", **overrides)
+
+
+def seeded_flat_bundle(home: Path, events: Path, items: Path, id_map: Path | None = None) -> Path:
+    """``home`` with ``events`` and ``items`` ingested, LOO features and a seeded random-weight
+    model (hidden 32, 50 positions) written as a bundle with a flat index; returns the bundle."""
+    shape_settings = {"model.hidden_size": 32, "model.max_len": 50}
+    fs = ingested_feature_set(home, events, items, id_map, **shape_settings)
+    torch.manual_seed(0)
+    model, shape = build_sasrec(fs, load_settings(home=home, **shape_settings).model)
+    model.eval()
+    write_bundle(home / "bundle", model, shape, fs.items, fs.version, validation_queries(model, fs), kind="flat")
+    return home / "bundle"
 
 
 @pytest.fixture(scope="session")

@@ -12,36 +12,19 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 
 from pipeline.app.steps import recommend_everyone
 from pipeline.config import load_settings
-from pipeline.data.catalog import ingest_items
-from pipeline.data.feature_store import build_feature_set, load_feature_set
-from pipeline.data.ingest import IngestOptions, ingest_paths
 from pipeline.data.warehouse import connect
-from pipeline.registry.model_store import write_bundle
 from pipeline.scale.cluster import free_port
-from pipeline.training.recipe import build_sasrec, validation_queries
+from tests.pipeline.conftest import seeded_flat_bundle
 from tests.support import Attnrec, assert_one_line_error
 
 
 def scored_home(home: Path, events: Path, items: Path, id_map: Path | None = None) -> Path:
-    """``home`` with ``events`` and ``items`` ingested, LOO features and a seeded random-weight
-    bundle (flat index) at ``home/bundle``, which batch scoring is pointed at."""
-    settings = load_settings(home=home, **{"model.hidden_size": 32, "model.max_len": 50})
-    con = connect(settings.duckdb_path)
-    try:
-        ingest_paths(con, [events], IngestOptions(), settings.tmp_dir)
-        ingest_items(con, items, id_map=id_map)
-        path, _ = build_feature_set(con, settings)
-    finally:
-        con.close()
-    fs = load_feature_set(path)
-    torch.manual_seed(0)
-    model, shape = build_sasrec(fs, settings.model)
-    model.eval()
-    write_bundle(home / "bundle", model, shape, fs.items, fs.version, validation_queries(model, fs), kind="flat")
+    """``home`` with a seeded random-weight bundle (flat index) at ``home/bundle``, which batch
+    scoring is pointed at."""
+    seeded_flat_bundle(home, events, items, id_map)
     return home
 
 

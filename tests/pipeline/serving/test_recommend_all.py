@@ -8,17 +8,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 
 from pipeline import Recommender
 from pipeline.config import load_settings
-from pipeline.data.catalog import ingest_items
-from pipeline.data.feature_store import build_feature_set, load_feature_set
 from pipeline.data.histories import HistoryStore
-from pipeline.data.ingest import IngestOptions, ingest_paths
-from pipeline.data.warehouse import connect
-from pipeline.registry.model_store import Bundle, rebuild_index, write_bundle
-from pipeline.training.recipe import build_sasrec, validation_queries
+from pipeline.registry.model_store import Bundle, rebuild_index
+from tests.pipeline.conftest import seeded_flat_bundle
 
 K = 10
 TIE = 1e-4  # two scores closer than this are a tie: float rounding (batch vs single matmuls) may order them either way
@@ -28,20 +23,8 @@ TIE = 1e-4  # two scores closer than this are a tie: float rounding (batch vs si
 def ml100k_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(warehouse file, bundle folder with a flat index) of a seeded random-weight model on ML-100K."""
     home = tmp_path_factory.mktemp("ml100k") / "home"
-    settings = load_settings(home=home, **{"model.hidden_size": 32, "model.max_len": 50})
-    con = connect(settings.duckdb_path)
-    try:
-        ingest_paths(con, [shared_data / "ml-100k" / "u.data"], IngestOptions(), settings.tmp_dir)
-        ingest_items(con, shared_data / "ml-100k" / "u.item")
-        path, _ = build_feature_set(con, settings)
-    finally:
-        con.close()
-    fs = load_feature_set(path)
-    torch.manual_seed(0)
-    model, shape = build_sasrec(fs, settings.model)
-    model.eval()
-    write_bundle(home / "bundle", model, shape, fs.items, fs.version, validation_queries(model, fs), kind="flat")
-    return settings.duckdb_path, home / "bundle"
+    bundle = seeded_flat_bundle(home, shared_data / "ml-100k" / "u.data", shared_data / "ml-100k" / "u.item")
+    return load_settings(home=home).duckdb_path, bundle
 
 
 def assert_same_answers(recommender: Recommender, frame: pl.DataFrame) -> int:
