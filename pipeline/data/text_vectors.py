@@ -31,6 +31,9 @@ def text_vectors(fs: FeatureSet, encoder: str, note: Callable[[str], None] = lam
     """(N+1, E) float32 sentence vectors of ``fs``'s item texts (zero rows: padding, no text);
     computed on first use and cached in the feature set folder. ``note`` hears what was done."""
     module, package, dim = SENTENCE_ENCODERS[encoder]
+    if "item_text" not in fs.items.columns:
+        raise UserError(f"feature set {fs.version} was built before item texts were kept: run `attnrec features` "
+                        "to build the current one")
     texts = fs.items.sort("item_idx")["item_text"].fill_null("").to_list()
     digest = hashlib.sha256("\0".join([package, *texts]).encode()).hexdigest()[:16]
     name = f"text-{encoder}-{digest}.npy"

@@ -92,3 +92,14 @@ def test_loads_offline_from_site_packages(tiny_fs: FeatureSet, vectors: np.ndarr
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_allclose(np.array(json.loads(out.stdout)), vectors[1:4], atol=1e-5)
     assert not (tmp_path / "hf-empty").exists() or not any((tmp_path / "hf-empty").rglob("*.safetensors"))
+
+
+def test_a_feature_set_without_item_texts_is_one_clear_error(tiny_fs: FeatureSet) -> None:
+    """A feature set built before ``item_text`` existed asks to be rebuilt instead of failing deep in Polars."""
+    from dataclasses import replace
+
+    from pipeline.errors import UserError
+
+    old = replace(tiny_fs, items=tiny_fs.items.drop("item_text"))
+    with pytest.raises(UserError, match="run `attnrec features`"):
+        text_vectors(old, "minilm")
