@@ -53,6 +53,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         step_loss(model, batch_shard(tiny_batch(), ProcessGroup(rank, world))).backward()
         torch.save({"grads": gradients(model), "weights": [p.detach().clone() for p in model.parameters()]},
                    Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort in CI)
     finally:
         dist.destroy_process_group()
 
