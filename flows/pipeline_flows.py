@@ -110,8 +110,10 @@ def evaluate_task(settings: Settings, split: str, baseline: str | None, model: s
 
 
 @task(name="build-index", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def build_index_task(settings: Settings, kind: str, model: str | None, rebuild: bool = True) -> dict[str, Any]:
-    meta = steps.build_index(settings, kind, model) if rebuild else steps.ensure_index(settings, kind, model)
+def build_index_task(settings: Settings, kind: str, model: str | None, rebuild: bool = True,
+                     shards: int = 1) -> dict[str, Any]:
+    meta = (steps.build_index(settings, kind, model, {"shards": shards}) if rebuild
+            else steps.ensure_index(settings, kind, model))
     get_run_logger().info("%s index of %s items, recall@10 %.4f (%s)", meta["kind"], meta["num_items"],
                           meta["recall_at_10"], "built" if meta["rebuilt"] else "kept: built with the model")
     return meta
@@ -216,16 +218,18 @@ def evaluate_flow(split: EvalSplit = "test", baseline: Baseline | None = None, m
 
 @flow(name="build-index")
 def build_index_flow(kind: IndexKind = "auto", model: str | None = None, home: str | None = None,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None, shards: int = 1) -> dict[str, Any]:
     """Rebuild the FAISS index of a model's bundle; its recall@10 is measured against exact search.
 
     Args:
         kind: the FAISS index (auto: exact up to 50,000 items, else HNSW).
+        shards: split the items over this many indexes, searched together (one per GPU when
+            FAISS sees GPUs; in parallel threads on the CPU).
         model: a model URI such as models:/attnrec/3, or a bundle folder (default: the champion).
         home: the attnrec state folder (default: $ATTNREC_HOME or ./.attnrec).
         overrides: settings by dotted name, e.g. {"train.epochs": 5}; an unknown name fails the run.
     """
-    return build_index_task(_settings(home, overrides), kind, model)
+    return build_index_task(_settings(home, overrides), kind, model, shards=shards)
 
 
 @flow(name="recommend-all")

@@ -290,14 +290,15 @@ def evaluate(
 def index(
     kind: Annotated[str, typer.Option(help="auto | flat (exact) | hnsw | ivf")] = "auto",
     param: Annotated[list[str] | None, typer.Option(
-        help="FAISS parameter NAME=INT, repeatable: M, efConstruction, efSearch (hnsw); nlist, nprobe (ivf)")] = None,
+        help="FAISS parameter NAME=INT, repeatable: M, efConstruction, efSearch (hnsw); nlist, nprobe (ivf); "
+             "shards (any kind: split the items over that many indexes, one per GPU when there are GPUs)")] = None,
     model: ModelOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """(Re)build the FAISS index of a model's item vectors, saved next to the model."""
     from pipeline.app.steps import build_index
 
-    known = {"M", "efConstruction", "efSearch", "nlist", "nprobe"}
+    known = {"M", "efConstruction", "efSearch", "nlist", "nprobe", "shards"}
     params: dict[str, int] = {}
     for item in param or []:
         name, _, value = item.partition("=")
@@ -305,7 +306,9 @@ def index(
             raise UserError(f"--param {item!r}: expected NAME=positive integer with NAME one of {', '.join(sorted(known))}")
         params[name] = int(value)
     meta = build_index(load_settings(home=home), kind, model, params)
-    out.print(f"{meta['kind']} index of {meta['num_items']:,} items (D={meta['dim']}) for model {meta['model_sha256'][:12]} "
+    shards = meta["params"].get("shards", 1)
+    out.print(f"{meta['kind']} index of {meta['num_items']:,} items (D={meta['dim']}"
+              f"{f', {shards} shards' if shards > 1 else ''}) for model {meta['model_sha256'][:12]} "
               f"at {Path(meta['bundle']) / 'index'}; recall@10 vs exact {meta['recall_at_10']:.4f}; built in "
               f"{meta['build_seconds']:.2f} s", highlight=False)
 

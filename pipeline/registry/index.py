@@ -5,9 +5,16 @@ above that, ``ivf`` on request (or on a GPU for large catalogues). Index ids are
 model's item indices (1..N). The index runs on the GPU when ``faiss.get_num_gpus() > 0``
 (flat and IVF; HNSW is CPU-only in FAISS) and on the CPU otherwise.
 
-On disk (``<model dir>/index/``): ``items.faiss`` (always the CPU form), ``index.json``
-with the model's sha256, the kind and parameters, and recall@10 against exact search
-measured at build time. Loading an index next to a different model is refused.
+A catalogue too large for one device is split into ``shards`` (a parameter of every kind):
+contiguous ranges of item indices, one FAISS index each, searched together by
+``faiss.IndexShards`` (one thread per shard, the per-shard top-k merged). On GPUs shard s
+goes to GPU s mod G, so G GPUs hold 1/G of the catalogue each; on the CPU the shards are
+searched in parallel. A sharded flat index is still exact.
+
+On disk (``<model dir>/index/``): ``items.faiss`` (``items-<s>.faiss`` per shard; always the
+CPU form), ``index.json`` with the model's sha256, the kind and parameters, and recall@10
+against exact search measured at build time. Loading an index next to a different model is
+refused.
 """
 
 from __future__ import annotations
@@ -56,6 +63,32 @@ def choose_kind(num_items: int, kind: str = "auto") -> str:
     return "flat" if num_items <= FLAT_MAX_ITEMS else "hnsw"
 
 
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous [start, end) ranges of rows 0..n-1, sizes within one of each other."""
+    if not 1 <= shards <= max(n, 1):
+        raise UserError(f"index parameter shards={shards}: must be between 1 and the number of items ({n:,})")
+    bounds = np.linspace(0, n, shards + 1).round().astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def index_parts(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of a sharded index (``faiss.IndexShards``), or ``[index]``."""
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(s)) for s in range(index.count())]
+    return [index]
+
+
+def _joined(parts: list[faiss.Index]) -> faiss.Index:
+    """One index searching ``parts`` (whose ids are already the item indices): the index itself
+    when there is one, else an ``IndexShards`` that merges each part's top-k, parts in parallel."""
+    if len(parts) == 1:
+        return parts[0]
+    shards = faiss.IndexShards(parts[0].d, True, False)  # threaded, ids kept as given (not renumbered)
+    for part in parts:
+        shards.add_shard(part)  # the Python wrapper keeps a reference to ``part``
+    return shards
+
+
 def _make(kind: str, dim: int, n: int, params: dict[str, Any]) -> faiss.Index:
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -77,21 +110,27 @@ def build_index(item_vectors: np.ndarray, model_sha256: str, kind: str = "auto",
     """Index rows 1..N of ``item_vectors`` (N+1, D) (row 0 = padding is left out).
 
     ``recall_queries`` (Q, D): real query vectors (user states) for measuring recall@10
-    against exact search; without them, item vectors serve as queries.
+    against exact search; without them, item vectors serve as queries. ``params["shards"]``
+    (default 1) splits the items into that many shards, each an index of ``kind``.
     """
     started = time.perf_counter()
     vecs = np.ascontiguousarray(item_vectors[1:], dtype=np.float32)
     n, dim = vecs.shape
     kind = choose_kind(n, kind)
     params = dict(params or {})
-    index = _make(kind, dim, n, params)
+    ranges = shard_ranges(n, params.setdefault("shards", 1))
     ids = np.arange(1, n + 1, dtype=np.int64)
-    if kind == "ivf":
-        index.train(vecs)
-    index.add_with_ids(vecs, ids)
+    parts = []
+    for start, end in ranges:
+        part = _make(kind, dim, end - start, params)  # IVF's nlist: from the first shard's size, the same for all
+        if kind == "ivf":
+            part.train(vecs[start:end])
+        part.add_with_ids(vecs[start:end], ids[start:end])
+        parts.append(part)
+    index = _joined(parts)
     meta = IndexMeta(kind, dim, n, model_sha256, params)
     meta.build_seconds = time.perf_counter() - started
-    if kind != "flat":
+    if kind != "flat" or len(parts) > 1:
         queries = recall_queries if recall_queries is not None else vecs[np.random.default_rng(0).choice(n, min(n, 1000), replace=False)]
         meta.recall_at_10, meta.recall_queries = recall_at_k(index, vecs, ids, np.ascontiguousarray(queries, dtype=np.float32), 10), len(queries)
     return index, meta
@@ -109,11 +148,15 @@ def recall_at_k(index: faiss.Index, vecs: np.ndarray, ids: np.ndarray, queries: 
 
 
 def to_device(index: faiss.Index, meta: IndexMeta) -> faiss.Index:
-    """Move a flat or IVF index to GPU 0 when FAISS sees a GPU; others stay on the CPU."""
+    """Move a flat or IVF index to the GPUs when FAISS sees any (shard s to GPU s mod G; one
+    shard: GPU 0); HNSW and every index without a GPU stay on the CPU."""
     if gpu_available() and meta.kind in ("flat", "ivf"):
-        res = faiss.StandardGpuResources()
-        meta.device = "cuda:0"
-        return faiss.index_cpu_to_gpu(res, 0, index)
+        parts = index_parts(index)
+        gpus = min(faiss.get_num_gpus(), len(parts))
+        resources = [faiss.StandardGpuResources() for _ in range(gpus)]
+        moved = [faiss.index_cpu_to_gpu(resources[s % gpus], s % gpus, part) for s, part in enumerate(parts)]
+        meta.device = "cuda:" + ",".join(str(g) for g in range(gpus))
+        return _joined(moved)
     meta.device = "cpu"
     return index
 
@@ -122,14 +165,20 @@ def save_index(directory: Path, index: faiss.Index, meta: IndexMeta) -> None:
     """Write ``items.faiss`` + ``index.json`` atomically (folder renamed into place)."""
     tmp = directory.with_name(directory.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    cpu_index = faiss.index_gpu_to_cpu(index) if meta.device != "cpu" else index
-    faiss.write_index(cpu_index, str(tmp / "items.faiss"))
+    parts = [faiss.index_gpu_to_cpu(part) if meta.device != "cpu" else part for part in index_parts(index)]
+    for name, part in zip(shard_files(len(parts)), parts, strict=True):
+        faiss.write_index(part, str(tmp / name))
     (tmp / "index.json").write_text(json.dumps(asdict(meta), indent=2))
     if directory.exists():
         import shutil
 
         shutil.rmtree(directory)
     tmp.rename(directory)
+
+
+def shard_files(shards: int) -> list[str]:
+    """File names of an index of ``shards`` shards in its folder."""
+    return ["items.faiss"] if shards == 1 else [f"items-{s}.faiss" for s in range(shards)]
 
 
 def read_index_meta(directory: Path) -> IndexMeta:
@@ -151,13 +200,19 @@ def load_index(directory: Path, model_sha256: str) -> tuple[faiss.Index, IndexMe
             f"the index at {directory} was built for model {meta.model_sha256[:12]}, not for the loaded model "
             f"{model_sha256[:12]}: rebuild it with `attnrec index`"
         )
-    path = directory / "items.faiss"
-    try:
-        index = faiss.read_index(str(path))
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "unreadable"
-        raise UserError(f"{path} is a damaged FAISS index ({reason}): rebuild it with `attnrec index --model {directory.parent}`") from None
+    parts = [_read_part(directory / name) for name in shard_files(int(meta.params.get("shards", 1)))]
+    index = _joined(parts)
     if index.ntotal != meta.num_items:
-        raise UserError(f"{path} holds {index.ntotal:,} items, not {meta.num_items:,}: rebuild it with "
+        where = directory / "items.faiss" if len(parts) == 1 else directory
+        raise UserError(f"{where} holds {index.ntotal:,} items, not {meta.num_items:,}: rebuild it with "
                         f"`attnrec index --model {directory.parent}`")
     return to_device(index, meta), meta
+
+
+def _read_part(path: Path) -> faiss.Index:
+    """One saved index file (a whole index or one shard); a missing or damaged file is a ``UserError``."""
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "unreadable"
+        raise UserError(f"{path} is a damaged FAISS index ({reason}): rebuild it with `attnrec index --model {path.parent.parent}`") from None

@@ -85,3 +85,60 @@ def test_cli_index_takes_faiss_parameters_and_refuses_bad_ones(small_home: Path,
     assert_one_line_error(cli.run("index", "--model", bundle, "--kind", "hnsw", "--param", "efSerch=256", ok=False),
                           "efSerch", "efSearch")
     assert (bundle / "index" / "index.json").read_bytes() == before  # nothing rewritten
+
+
+def test_sharded_flat_index_is_exact_and_reloads_shard_by_shard(small_home: Path, small_fs: FeatureSet,
+                                                                 tmp_path: Path) -> None:
+    from pipeline.registry.index import save_index
+
+    model, meta = load_model(small_home / "runs" / "model-a" / "model.pt")
+    users = np.arange(100)
+    seq = torch.from_numpy(prefix_batch(small_fs.sequences, users, small_fs.test_pos[users].astype(np.int64), model.max_len))
+    with torch.no_grad():
+        table = model.item_vectors()
+        queries = model.user_vectors(seq, table).numpy()
+    whole, _ = build_index(table.numpy(), meta["sha256"], "flat")
+    sharded, smeta = build_index(table.numpy(), meta["sha256"], "flat", queries, {"shards": 3})
+    assert smeta.params["shards"] == 3 and smeta.recall_queries == 100 and smeta.recall_at_10 == 1.0
+    want_scores, want_ids = whole.search(queries, 50)
+
+    save_index(tmp_path / "idx", sharded, smeta)
+    assert sorted(p.name for p in (tmp_path / "idx").glob("*.faiss")) == ["items-0.faiss", "items-1.faiss", "items-2.faiss"]
+    loaded, lmeta = load_index(tmp_path / "idx", meta["sha256"])
+    for index in (sharded, loaded):
+        scores, ids = index.search(queries, 50)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+    # the shards hold disjoint, contiguous ranges of item indices that cover the catalogue
+    from pipeline.registry.index import index_parts
+
+    sizes = [part.ntotal for part in index_parts(loaded)]
+    assert sum(sizes) == small_fs.num_items and max(sizes) - min(sizes) <= 1
+
+    (tmp_path / "idx" / "items-1.faiss").unlink()
+    with pytest.raises(UserError, match="items-1.faiss"):
+        load_index(tmp_path / "idx", meta["sha256"])
+
+
+def test_more_shards_than_items_is_refused() -> None:
+    vectors = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)  # 4 items + padding
+    with pytest.raises(UserError, match="shards=5"):
+        build_index(vectors, "sha", "flat", params={"shards": 5})
+
+
+def test_cli_shards_the_index_and_recommendations_do_not_change(small_home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tests.support import Attnrec
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_home / "runs" / "model-a", bundle)
+    cli = Attnrec(tmp_path / "home", Path.cwd())
+    before = cli.json("recommend", "--model", bundle, "--items", "1,50,260,1196", "-k", "20")
+    shown = cli.run("index", "--model", bundle, "--param", "shards=4").stdout
+    assert "4 shards" in shown and "recall@10 vs exact 1.0000" in shown
+    assert json.loads((bundle / "index" / "index.json").read_text())["params"]["shards"] == 4
+    assert not (bundle / "index" / "items.faiss").exists()
+    after = cli.json("recommend", "--model", bundle, "--items", "1,50,260,1196", "-k", "20")
+    assert [r["item_id"] for r in after["recommendations"]] == [r["item_id"] for r in before["recommendations"]]
+    assert [r["score"] for r in after["recommendations"]] == pytest.approx([r["score"] for r in before["recommendations"]], abs=1e-5)
