@@ -5,7 +5,8 @@
 
 Only product code is timed (``pipeline.serving.query`` and the shells over it); this file
 writes bundles, generates load and times. For each catalogue (``--sizes``) and index kind
-(``--kinds``, default exact ``flat`` and ``hnsw``) one run measures:
+(``--kinds``, default exact ``flat`` and ``hnsw``; ``KIND@S`` is that kind split into S shards,
+``flat@4``) one run measures:
 
 * **in process**: ``recommend(bundle, [history], k=10)`` (a batch of one, as the HTTP API per
   request), one query at a time after a warm-up: p50 / p99 / mean / max latency, queries/s,
@@ -134,7 +135,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="3416,100000,1000000",
                     help="comma-separated catalogue sizes (k/M suffixes); 3416 or ml-1m = MovieLens-1M (default: %(default)s)")
-    ap.add_argument("--kinds", default="flat,hnsw", help="index kinds to compare (default: %(default)s)")
+    ap.add_argument("--kinds", default="flat,hnsw",
+                    help="index kinds to compare; KIND@S: that kind in S shards, e.g. flat@4 (default: %(default)s)")
     ap.add_argument("--queries", type=int, default=2000, help="histories per catalogue; in-process queries per kind (default: %(default)s)")
     ap.add_argument("--max-seconds", type=float, default=30.0,
                     help="time bound of each in-process measurement (default: %(default)s)")
@@ -165,8 +167,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for kind in args.kinds:
-        if kind not in ("flat", "hnsw", "ivf"):
-            ap.error(f"unknown index kind {kind!r}")
+        name, _, shards = kind.partition("@")
+        if name not in ("flat", "hnsw", "ivf") or (shards and not shards.isdigit()):
+            ap.error(f"unknown index kind {kind!r} (flat, hnsw or ivf, optionally @SHARDS)")
     args.workdir = args.workdir.expanduser().resolve()
     return args
 
@@ -353,16 +356,19 @@ def build_kind(case: Case, kind: str) -> Build:
     while it was built for the same model file and the source was not rewritten)."""
     source_meta = bundle_index_meta(case.source)
     assert source_meta is not None, case.source
+    name, _, shards_text = kind.partition("@")
+    shards = int(shards_text or 1)
     folder = case.source if source_meta.kind == kind else case.bundles / kind
     meta = bundle_index_meta(folder)
-    reused = not case.written and meta is not None and meta.kind == kind and meta.model_sha256 == source_meta.model_sha256
+    reused = (not case.written and meta is not None and meta.kind == name and meta.params.get("shards", 1) == shards
+              and meta.model_sha256 == source_meta.model_sha256)
     if folder != case.source:
         folder.mkdir(parents=True, exist_ok=True)
         for name in (MODEL_FILE, ITEMS_FILE, RECALL_QUERIES_FILE):
             link_or_copy(case.source / name, folder / name)
         if not reused:
             print(f"  building the {kind} index of {case.name} ...", flush=True)
-            meta = rebuild_index(folder, kind)
+            meta = rebuild_index(folder, name, params={"shards": shards})
             gc.collect()
     assert meta is not None
     return Build(case.name, case.items, kind, folder, meta.params, meta.build_seconds, reused, meta.recall_at_10,

@@ -80,7 +80,7 @@ def train_task(settings: Settings, index_kind: IndexKind = "auto") -> dict[str, 
 
     def log_epoch(rec: EpochRecord) -> None:
         valid = rec.valid.get("ndcg@10")
-        log.info("epoch %d/%d: loss %.4f, %.0f sequences/s%s", rec.epoch, settings.train.epochs, rec.loss,
+        log.info("epoch %d/%d: loss %.4f, %.0f sequences/s%s", rec.epoch, rec.max_epochs, rec.loss,
                  rec.samples_per_s, f", valid NDCG@10 {valid:.4f}" if valid is not None else "")
 
     result = steps.train(settings, on_epoch=log_epoch, index_kind=index_kind,

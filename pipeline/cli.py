@@ -179,9 +179,9 @@ def features(
 
 @app.command()
 def train(
-    epochs: Annotated[int | None, typer.Option(help="maximum epochs (early stopping on the validation selection metric, NDCG@10 by default)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs, the cosine's length (early stopping on the validation selection metric, NDCG@10 by default; default: fitted to the data)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="sequences per step")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate (AdamW, warm-up + cosine)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (AdamW, warm-up + cosine; default: fitted to the data)")] = None,
     hidden_size: Annotated[int | None, typer.Option(help="item / state vector size")] = None,
     blocks: Annotated[int | None, typer.Option(help="self-attention blocks")] = None,
     heads: Annotated[int | None, typer.Option(help="attention heads")] = None,
@@ -209,7 +209,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     home: HomeOpt = None,
 ) -> None:
-    """Train the content-aware SASRec on the current feature set (defaults: full-softmax SASRec+ with window items left out of the negatives, 80 epochs)."""
+    """Train the content-aware SASRec on the current feature set (defaults: full-softmax SASRec+ with window items left out of the negatives; epochs, learning rate, length, dropout and patience fitted to the histories)."""
     from pipeline.app.steps import train as train_step
 
     if device is not None and device not in ("auto", "cpu", "cuda"):

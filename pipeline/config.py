@@ -72,14 +72,18 @@ class ModelSettings(Section):
 class TrainSettings(Section):
     """Training loop settings.
 
-    The defaults are the full-softmax SASRec+ recipe on an 80-epoch cosine, a training
-    window's own items left out of its negatives: the configuration of the ML-1M benchmark
-    run in docs/benchmarks.md (test NDCG@10 0.1966).
+    The defaults are the full-softmax SASRec+ recipe, a training window's own items left out of
+    its negatives; the ``auto`` values are fitted to the feature set's histories
+    (``pipeline/training/data_defaults.py``): for long histories an 80-epoch cosine at 1e-3,
+    the configuration of the ML-1M benchmark run in docs/benchmarks.md (test NDCG@10 0.1966).
     """
 
-    epochs: int = Field(80, ge=0, description="maximum epochs; also the length of the cosine schedule")
+    epochs: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="maximum epochs; also the length of the cosine schedule; auto: 80, or "
+                            "10 for short histories (median under 20 items)")
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="peak learning rate (AdamW); auto: 1e-3, or 3e-3 for short histories")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)

@@ -167,6 +167,7 @@ class EpochRecord:
     samples_per_s: float
     valid: dict[str, float] = field(default_factory=dict)
     valid_seconds: float = 0.0
+    max_epochs: int = 0  # the run's epoch limit (the settings' epochs, fitted to the data)
 
 
 @dataclass
@@ -263,7 +264,8 @@ def fit(
             bar.update(loss_sum / n_steps, n_samples / (time.perf_counter() - t0))
         bar.close()
         seconds = time.perf_counter() - t0
-        record = EpochRecord(epoch, loss_sum / max(1, n_steps), seconds, n_samples / max(seconds, 1e-9))
+        record = EpochRecord(epoch, loss_sum / max(1, n_steps), seconds, n_samples / max(seconds, 1e-9),
+                             max_epochs=cfg.epochs)
         # --- step 4: validate; keep the best weights; early stopping on `metric`
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             model.eval()

@@ -42,7 +42,7 @@ def test_defaults_resolve_home_to_dot_attnrec_of_cwd(workdir: Path) -> None:
     assert s.train.batch_size == 128
     assert s.model.hidden_size == 128
     assert (s.model.max_len, s.model.dropout) == ("auto", "auto")  # fitted to the data
-    assert (s.train.epochs, s.train.patience) == (80, "auto")  # the ML-1M benchmark schedule (docs/benchmarks.md)
+    assert (s.train.epochs, s.train.lr, s.train.patience) == ("auto", "auto", "auto")  # fitted to the data
     assert s.model.text_encoder == "hashed"
     assert s.features.split == "loo"
     assert s.features.split_time is None
@@ -66,7 +66,7 @@ def test_toml_in_cwd_overrides_defaults(workdir: Path) -> None:
     assert s.device == "cpu"
     assert s.train.epochs == 7
     assert s.train.batch_size == 64
-    assert s.train.lr == 1e-3  # untouched fields keep their defaults
+    assert (s.train.lr, s.train.grad_clip) == ("auto", 1.0)  # untouched fields keep their defaults
     assert s.features.split == "temporal"
     assert s.features.test_fraction == 0.25
 
