@@ -356,11 +356,11 @@ def build_kind(case: Case, kind: str) -> Build:
     while it was built for the same model file and the source was not rewritten)."""
     source_meta = bundle_index_meta(case.source)
     assert source_meta is not None, case.source
-    name, _, shards_text = kind.partition("@")
+    base_kind, _, shards_text = kind.partition("@")
     shards = int(shards_text or 1)
     folder = case.source if source_meta.kind == kind else case.bundles / kind
     meta = bundle_index_meta(folder)
-    reused = (not case.written and meta is not None and meta.kind == name and meta.params.get("shards", 1) == shards
+    reused = (not case.written and meta is not None and meta.kind == base_kind and meta.params.get("shards", 1) == shards
               and meta.model_sha256 == source_meta.model_sha256)
     if folder != case.source:
         folder.mkdir(parents=True, exist_ok=True)
@@ -368,7 +368,7 @@ def build_kind(case: Case, kind: str) -> Build:
             link_or_copy(case.source / name, folder / name)
         if not reused:
             print(f"  building the {kind} index of {case.name} ...", flush=True)
-            meta = rebuild_index(folder, name, params={"shards": shards})
+            meta = rebuild_index(folder, base_kind, params={"shards": shards})
             gc.collect()
     assert meta is not None
     return Build(case.name, case.items, kind, folder, meta.params, meta.build_seconds, reused, meta.recall_at_10,

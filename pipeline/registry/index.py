@@ -7,9 +7,11 @@ model's item indices (1..N). The index runs on the GPU when ``faiss.get_num_gpus
 
 A catalogue too large for one device is split into ``shards`` (a parameter of every kind):
 contiguous ranges of item indices, one FAISS index each, searched together by
-``faiss.IndexShards`` (one thread per shard, the per-shard top-k merged). On GPUs shard s
-goes to GPU s mod G, so G GPUs hold 1/G of the catalogue each; on the CPU the shards are
-searched in parallel. A sharded flat index is still exact.
+``faiss.IndexShards`` (the per-shard top-k merged). On GPUs shard s goes to GPU s mod G, so G
+GPUs hold 1/G of the catalogue each and search at once (a thread per shard); on the CPU the
+shards are searched one after the other, as fast as one index: a thread per shard was 1.7x
+slower at 1M items on 2 cores, its OpenMP pools competing (docs/benchmarks.md). A sharded flat
+index is still exact.
 
 On disk (``<model dir>/index/``): ``items.faiss`` (``items-<s>.faiss`` per shard; always the
 CPU form), ``index.json`` with the model's sha256, the kind and parameters, and recall@10
@@ -78,12 +80,13 @@ def index_parts(index: faiss.Index) -> list[faiss.Index]:
     return [index]
 
 
-def _joined(parts: list[faiss.Index]) -> faiss.Index:
+def _joined(parts: list[faiss.Index], threaded: bool = False) -> faiss.Index:
     """One index searching ``parts`` (whose ids are already the item indices): the index itself
-    when there is one, else an ``IndexShards`` that merges each part's top-k, parts in parallel."""
+    when there is one, else an ``IndexShards`` that merges each part's top-k (``threaded``: a
+    thread per part, for parts on separate GPUs)."""
     if len(parts) == 1:
         return parts[0]
-    shards = faiss.IndexShards(parts[0].d, True, False)  # threaded, ids kept as given (not renumbered)
+    shards = faiss.IndexShards(parts[0].d, threaded, False)  # ids kept as given (not renumbered)
     for part in parts:
         shards.add_shard(part)  # the Python wrapper keeps a reference to ``part``
     return shards
@@ -156,7 +159,7 @@ def to_device(index: faiss.Index, meta: IndexMeta) -> faiss.Index:
         resources = [faiss.StandardGpuResources() for _ in range(gpus)]
         moved = [faiss.index_cpu_to_gpu(resources[s % gpus], s % gpus, part) for s, part in enumerate(parts)]
         meta.device = "cuda:" + ",".join(str(g) for g in range(gpus))
-        return _joined(moved)
+        return _joined(moved, threaded=True)
     meta.device = "cpu"
     return index
 
