@@ -6,7 +6,9 @@ written once as Parquet: users and items drawn from Zipf-like laws (user activit
 least 1,000 and at most 1M), times in time order over one year. Then each step runs:
 
 * ``ingest``: ``steps.ingest_events`` into a fresh warehouse (local only: one DuckDB writer);
-* ``features``: ``steps.build_features`` (local only);
+* ``features``: ``steps.build_features``, locally, and on Ray (``ray-2``: the histories as one
+  Ray task per user bucket of the partitioned event dataset, 16 buckets, the dataset's copy
+  from the warehouse included in the time);
 * ``train epoch``: one epoch of the training recipe plus its validation, ``train_sasrec``
   in this process (``local``), or on Ray Train with 1 and with 2 DDP workers
   (``train_sasrec_on_ray``); model: hidden size 64, max_len 50, full softmax;
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 SETTINGS = {"model.hidden_size": 64, "model.max_len": 50, "train.epochs": 1, "train.batch_size": 128,
             "registry.popularity_floor": False}
-STEPS = (("ingest", "local"), ("features", "local"), ("train epoch", "local"), ("train epoch", "ray-1"),
+STEPS = (("ingest", "local"), ("features", "local"), ("features", "ray-2"), ("train epoch", "local"), ("train epoch", "ray-1"),
          ("train epoch", "ray-2"), ("recommend-all", "local"), ("recommend-all", "ray-1"), ("recommend-all", "ray-2"))
 K = 10
 
@@ -121,7 +123,7 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
     raise ValueError(step)
 
 
-WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker")  # Ray worker processes that run a step's work
+WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories")  # Ray worker processes that run a step's work
 
 
 class RaySampler:

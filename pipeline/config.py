@@ -173,6 +173,9 @@ class Settings(BaseSettings):
                                                       "(a private Ray started on this machine for the run)")
     partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="user partitions batch scoring is split into on Ray; auto: two per CPU of the cluster")
+    event_buckets: int = Field(16, ge=1, description="user buckets of the partitioned Parquet copy of the events "
+                                                    "(HOME/events/bucket=N/) that engine = ray writes after ingest and "
+                                                    "builds feature histories from, one Ray task per bucket")
 
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
@@ -200,6 +203,10 @@ class Settings(BaseSettings):
     @property
     def features_dir(self) -> Path:
         return self.home / "features"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.home / "events"
 
     @property
     def runs_dir(self) -> Path:

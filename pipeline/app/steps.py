@@ -59,7 +59,9 @@ def inbox_files(settings: Settings) -> list[Path]:
 
 def ingest_events(settings: Settings, paths: list[str | Path], options: IngestOptions | None = None,
                   progress: bool = False, on_report: Callable[[IngestReport], None] | None = None) -> list[IngestReport]:
-    """Load event files (paths, folders, globs) exactly once; one transaction per file."""
+    """Load event files (paths, folders, globs) exactly once; one transaction per file. Under
+    ``engine = "ray"`` the new events are then also copied into the partitioned event dataset
+    (``pipeline.data.event_dataset``)."""
     from pipeline.data.ingest import IngestOptions, ingest_paths
     from pipeline.data.ingest_formats import expand_paths
     from pipeline.data.warehouse import open_warehouse
@@ -68,7 +70,12 @@ def ingest_events(settings: Settings, paths: list[str | Path], options: IngestOp
     if not files:
         return []
     with open_warehouse(settings.duckdb_path) as con:
-        return ingest_paths(con, files, options or IngestOptions(), settings.tmp_dir, progress=progress, on_report=on_report)
+        reports = ingest_paths(con, files, options or IngestOptions(), settings.tmp_dir, progress=progress, on_report=on_report)
+        if settings.engine == "ray":  # Ray workers read the events by user bucket
+            from pipeline.data.event_dataset import sync
+
+            sync(con, settings.events_dir, settings.event_buckets)
+    return reports
 
 
 def ingest_catalog(settings: Settings, paths: list[str | Path], fmt: str = "auto", id_map: str | Path | None = None,
@@ -106,12 +113,26 @@ def expected_feature_version(settings: Settings) -> str:
 
 
 def build_features(settings: Settings, force: bool = False) -> dict[str, Any]:
-    """Build (or reuse, for an unchanged warehouse) the feature set; it becomes the current one."""
+    """Build (or reuse, for an unchanged warehouse) the feature set; it becomes the current one.
+    Under ``engine = "ray"`` the histories are built on Ray, one task per user bucket of the
+    event dataset (synced first)."""
     from pipeline.data.feature_store import build_feature_set
     from pipeline.data.warehouse import open_warehouse
 
     with open_warehouse(settings.duckdb_path, read_only=True) as con:
-        path, built = build_feature_set(con, settings, force=force)
+        if settings.engine == "ray":
+            from functools import partial
+
+            from pipeline.data.event_dataset import sync
+            from pipeline.scale.cluster import ray_connection
+            from pipeline.scale.features import histories_on_ray
+
+            sync(con, settings.events_dir, settings.event_buckets)  # events ingested before engine = ray too
+            with ray_connection(settings):
+                path, built = build_feature_set(con, settings, force=force, histories_of=partial(
+                    histories_on_ray, settings.events_dir, settings.event_buckets, settings.features.event_types))
+        else:
+            path, built = build_feature_set(con, settings, force=force)
     manifest = json.loads((path / "manifest.json").read_text())
     return {"path": str(path), "version": path.name, "built": built, "manifest": manifest}
 

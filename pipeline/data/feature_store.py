@@ -26,6 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from pipeline.data.warehouse import query_frame
 from pipeline.errors import UserError
 
 FEATURES_CODE_VERSION = 2
+# (item vocabulary, user vocabulary) -> ``features.histories.user_histories`` of every user
+HistoriesOf = Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame]
 COLD_SEED = 20240601
 
 
@@ -106,12 +109,15 @@ def _split_times(histories: pl.DataFrame, fs: FeatureSettings) -> tuple[int, int
     return time_quantiles(histories, fs.test_fraction)
 
 
-def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force: bool = False) -> tuple[Path, bool]:
+def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force: bool = False,
+                      histories_of: HistoriesOf | None = None) -> tuple[Path, bool]:
     """Build (or reuse) the feature set for the warehouse as it is now.
 
     Returns (folder, built): ``built`` is False when an identical feature set already existed.
     The folder is written under a temporary name and renamed into place, so a crash never
-    leaves a half-written feature set.
+    leaves a half-written feature set. ``histories_of`` (items, users) -> the users' histories
+    builds them elsewhere (on Ray, by user bucket: ``pipeline.scale.features``); by default
+    they are built here from every event at once. Both give the same frame.
     """
     fs = settings.features
     params = feature_params(fs)
@@ -126,10 +132,9 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
         return final, False
 
     where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if fs.event_types else ""
-    events = query_frame(
-        con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}",
-        [fs.event_types] if fs.event_types else [],
-    )
+    args = [fs.event_types] if fs.event_types else []
+    events = query_frame(con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}", args) \
+        if histories_of is None else None
     catalog = query_frame(
         con, "SELECT item_key, title, categories, text, map_keys(numeric) AS num_keys, map_values(numeric) AS num_values FROM items_v"
     )
@@ -137,9 +142,14 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     user_ids = query_frame(con, "SELECT user_key, user_id FROM users_v")
 
     # Vocabularies and histories
-    items = item_vocabulary(events.select("item_key"), catalog.select("item_key"))
-    users = user_vocabulary(events.select("user_key"))
-    histories = user_histories(events, items, users)
+    if events is not None:
+        items = item_vocabulary(events.select("item_key"), catalog.select("item_key"))
+        users = user_vocabulary(events.select("user_key"))
+        histories = user_histories(events, items, users)
+    else:
+        items = item_vocabulary(query_frame(con, f"SELECT DISTINCT item_key FROM events {where}", args), catalog.select("item_key"))
+        users = user_vocabulary(query_frame(con, f"SELECT DISTINCT user_key FROM events {where}", args))
+        histories = histories_of(items, users)
     histories = histories.filter(pl.col("items").list.len() >= fs.min_user_events).with_columns(
         pl.int_range(0, pl.len(), dtype=pl.Int32).alias("user_idx"))
     histories = histories.join(user_ids, on="user_key", how="left").select(
