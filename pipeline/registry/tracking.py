@@ -309,6 +309,10 @@ def download_bundle(settings: Settings, uri: str) -> Path:
     current = _current_cached_bundle(settings, ref)
     if current is not None:
         return current
+    store = settings.mlflow_tracking_uri.removeprefix("sqlite:///")
+    if store != settings.mlflow_tracking_uri and not Path(store).exists():  # opening it would create it
+        raise UserError(f"{uri}: no such model in the registry at {settings.mlflow_tracking_uri} "
+                        f"(train one with `attnrec train`)")
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

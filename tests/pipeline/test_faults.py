@@ -134,3 +134,17 @@ def _register_without_gate(cli: Attnrec, run_id: str) -> None:
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     client.create_registered_model("attnrec")
     client.create_model_version("attnrec", f"runs:/{run_id}/model", run_id)
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "1"], ["recommend", "--items", "1,2"]])
+def test_a_state_folder_without_models_is_one_line_and_left_as_it_was(tmp_path: Path, command: list[str]) -> None:
+    """Reported: `attnrec serve --home <a folder with nothing in it>` said the right line but had
+    first created an MLflow database there."""
+    home = tmp_path / "nothing-here"
+    cli = Attnrec(home, tmp_path)
+    assert_one_line_error(cli.run(*command, "--home", home, ok=False), "no such model in the registry",
+                          "attnrec train")
+    assert not home.exists()
+    home.mkdir()
+    assert_one_line_error(cli.run(*command, "--home", home, ok=False), "no such model in the registry")
+    assert list(home.iterdir()) == []
