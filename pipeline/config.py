@@ -290,11 +290,18 @@ def _close_to(name: str, known: list[str]) -> str:
 
 def invalid_settings(exc: ValidationError) -> UserError:
     """A settings validation error as one line a user can act on (the CLI's ``error:`` line)."""
-    parts = []
+    parts: dict[str, str] = {}
     for e in exc.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown setting {where}" + _close_to(where, _setting_names()))
+        loc = [str(p) for p in e["loc"]]
+        if e["type"] == "literal_error" and loc and loc[-1] == "literal['auto']":
+            continue  # the other side of an "auto" union: said once below as "or 'auto'"
+        if loc and (loc[-1].startswith("constrained-") or loc[-1] in ("int", "float")):
+            loc, also = loc[:-1], ", or 'auto'"  # a number-or-"auto" setting: name the setting, not pydantic's branch
         else:
-            parts.append(f"{where} = {e.get('input')!r}: {e['msg']}")
-    return UserError("invalid settings: " + "; ".join(parts))
+            also = ""
+        where = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            parts.setdefault(where, f"unknown setting {where}" + _close_to(where, _setting_names()))
+        else:
+            parts.setdefault(where, f"{where} = {e.get('input')!r}: {e['msg']}{also}")
+    return UserError("invalid settings: " + "; ".join(parts.values()))
