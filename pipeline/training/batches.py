@@ -7,6 +7,8 @@ target position. Everything is right-aligned: the newest item sits in the last c
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +67,29 @@ def training_windows(train: Ragged, max_len: int, all_windows: bool = True) -> W
         active[u] = stop[u] >= 2
         active[u] &= s > 0
     return Windows(np.concatenate(users), np.concatenate(starts), np.concatenate(stops))
+
+
+def rank_share(win: Windows, batch_size: int, rank: int, world: int) -> tuple[Windows, int, int]:
+    """What data-parallel rank ``rank`` of ``world`` trains on: (its windows, its batch size,
+    steps per epoch).
+
+    Users are dealt to the ranks whole (every window of a user on one rank), most windows
+    first, in a snake order (ranks 0..W-1, then W-1..0, ...) so that the shares' window counts
+    stay close; the global batch ``batch_size`` is split evenly, ``batch_size // world`` per
+    rank; every rank takes the same number of steps, the smallest share's (the others leave
+    their last few shuffled windows out of that epoch). 0 steps: a rank has no windows.
+    """
+    counts = np.bincount(win.user)  # (U,) windows per user
+    users = np.nonzero(counts)[0]
+    users = users[np.argsort(-counts[users], kind="stable")]  # most windows first, ties by user
+    lap, seat = np.divmod(np.arange(len(users)), world)
+    owner = np.zeros(len(counts), dtype=np.int64)
+    owner[users] = np.where(lap % 2 == 0, seat, world - 1 - seat)  # (U,) the rank of each user
+    shares = [owner[win.user] == r for r in range(world)]  # (W,) bool each
+    per_rank = max(1, batch_size // world)
+    steps = min(math.ceil(int(mine.sum()) / per_rank) for mine in shares)
+    mine = shares[rank]
+    return Windows(win.user[mine], win.start[mine], win.stop[mine]), per_rank, steps
 
 
 def left_pad(rows: Sequence[np.ndarray], width: int | None = None) -> np.ndarray:

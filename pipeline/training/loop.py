@@ -8,11 +8,11 @@ stopping on the selection metric, the best checkpoint restored at the end, and r
 checkpoints. The next-item losses are modelling and live in ``models/losses.py``.
 
 In a ``torch.distributed`` process group (Ray Train's workers; gloo on the CPU, NCCL on
-GPUs) the same loop is data-parallel: every rank reads the same batches and trains on its
-``batch_shard`` of each, the loss runs inside ``DistributedDataParallel`` (gradients
-averaged over the ranks before the step, so the weights stay equal), and rank 0 alone
-validates (its metrics are broadcast, so every rank stops at the same epoch), writes
-checkpoints and reports epochs.
+GPUs) the same loop is data-parallel: every rank reads its own batches (the recipe gives each
+rank its shard of the users and the same number of steps), the loss runs inside
+``DistributedDataParallel`` (gradients averaged over the ranks before the step, so the
+weights stay equal), and rank 0 alone validates (its metrics are broadcast, so every rank
+stops at the same epoch), writes checkpoints and reports epochs.
 """
 
 from __future__ import annotations
@@ -122,12 +122,6 @@ def process_group() -> ProcessGroup | None:
     return ProcessGroup(dist.get_rank(), dist.get_world_size())
 
 
-def batch_shard(batch: Batch, group: ProcessGroup) -> Batch:
-    """Rank ``group.rank``'s contiguous share of every tensor of ``batch`` (rows split as
-    evenly as ``torch.tensor_split`` does: sizes differ by at most one)."""
-    return tuple(torch.tensor_split(t, group.world)[group.rank] for t in batch)
-
-
 class _Objective(nn.Module):
     """``loss_fn(model, batch)`` as a module's forward, so DDP can wrap it (its gradient
     hooks then average the gradients of every parameter ``loss_fn`` reached)."""
@@ -205,7 +199,8 @@ def fit(
     """Train ``model`` and leave it holding the weights of its best validation epoch.
 
     Args:
-        batches: epoch -> iterable of tensor tuples (on CPU; moved to ``device`` here).
+        batches: epoch -> iterable of tensor tuples (on CPU; moved to ``device`` here); in a
+            process group, this rank's batches, the same number on every rank.
         loss_fn: (model, batch) -> scalar loss.
         validate: model -> metrics (must contain ``cfg.selection_metric``); called in eval mode.
         cfg: epochs, optimiser, schedule, patience, selection metric, precision and compilation.
@@ -250,17 +245,13 @@ def fit(
         model.train()
         t0, loss_sum, n_steps, n_samples = time.perf_counter(), 0.0, 0, 0
         bar = _Progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", progress and leads)
-        for batch in batches(epoch):
+        for batch in batches(epoch):  # in a process group: this rank's batches, as many on every rank
             rows = batch[0].shape[0]
-            if group is not None:
-                if rows < group.world:  # a rank would get no rows: every rank skips it alike
-                    continue
-                batch = batch_shard(batch, group)
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             loss = train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, use_bf16)
             loss_sum += loss.item()
             n_steps += 1
-            n_samples += rows  # the whole batch, all ranks together
+            n_samples += rows * (group.world if group is not None else 1)  # all ranks together (equal shares)
             bar.update(loss_sum / n_steps, n_samples / (time.perf_counter() - t0))
         bar.close()
         seconds = time.perf_counter() - t0

@@ -8,6 +8,8 @@ promotion gate are the application layer's (``pipeline.app.steps.train``).
 
 from __future__ import annotations
 
+import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +28,15 @@ from pipeline.config import Baseline, ModelSettings, Settings, TextEncoder
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.data.text_vectors import SENTENCE_ENCODERS, text_vectors
 from pipeline.registry.model_store import SASRecShape
-from pipeline.training.batches import Windows, epoch_batches, prefix_batch, training_sequences, training_windows
+from pipeline.errors import UserError
+from pipeline.training.batches import (
+    Windows,
+    epoch_batches,
+    prefix_batch,
+    training_sequences,
+    rank_share,
+    training_windows,
+)
 from pipeline.training.data_defaults import fit_model, fit_to_data
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
 from pipeline.training.loop import EpochRecord, FitResult, fit, process_group, resolve_device, seed_everything
@@ -110,7 +120,7 @@ class TrainingSetup:
     model: SASRec
     shape: SASRecShape
     train: Ragged              # each user's training events (cold items removed)
-    windows: Windows           # training windows over ``train``
+    windows: Windows           # training windows over ``train`` (in a DDP group: this rank's users' only)
     steps_per_epoch: int
     batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (inputs, targets) (B, T)
     loss: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # (model, batch) -> scalar
@@ -125,14 +135,24 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
     seed_everything(cfg.seed)
     model, shape = build_sasrec(fs, ms, note)
 
-    # --- batches: every training window once per epoch, shuffled by a per-epoch seed
+    # --- batches: every training window once per epoch, shuffled by a per-epoch seed. In a DDP
+    # group each rank packs only its own users' windows, its share of every step (``rank_share``).
     cold = fs.cold_mask
     train = training_sequences(fs.sequences, fs.train_end, cold)
     windows = training_windows(train, ms.max_len, cfg.all_windows)
+    batch_size, steps = cfg.batch_size, math.ceil(len(windows) / cfg.batch_size)
+    group = process_group()
+    if group is not None:
+        all_windows = len(windows)
+        windows, batch_size, steps = rank_share(windows, cfg.batch_size, group.rank, group.world)
+        if steps == 0:
+            raise UserError(f"train.workers = {group.world}: some workers would get no training windows "
+                            f"({all_windows:,} windows in all); use fewer workers")
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rng = np.random.default_rng(cfg.seed * 1_000_003 + epoch)
-        for inputs, targets in epoch_batches(train, windows, cfg.batch_size, rng, cfg.group_by_length):
+        stream = epoch_batches(train, windows, batch_size, rng, cfg.group_by_length)
+        for inputs, targets in itertools.islice(stream, steps):
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
     # --- loss: next item at every position; padding and cold items are never predicted
@@ -141,7 +161,6 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
     counts = torch.from_numpy(np.bincount(train.values, minlength=fs.num_items + 1).astype(np.float64))
     next_item = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
                              exclude_history=cfg.exclude_history).to(device)
-    steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size
     return TrainingSetup(model, shape, train, windows, steps, batches, next_item_objective(next_item))
 
 

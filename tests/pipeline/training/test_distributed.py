@@ -1,10 +1,11 @@
 """Data-parallel training: the gradient two DDP ranks step with is the single-process one.
 
 Two real processes form a gloo group on 127.0.0.1 (``torch.multiprocessing``, no Ray here);
-each takes its ``batch_shard`` of the same batch and runs the loss through ``data_parallel``,
-the hook ``pipeline.training.loop.fit`` uses in a process group. After backward, every rank
-must hold the gradient one process computes on the whole batch, which is the average of the
-two shards' own gradients (a mean loss over equal shards) and differs from each of them.
+each takes its half of one batch (as each rank packs its own share of a step's batch) and runs
+the loss through ``data_parallel``, the hook ``pipeline.training.loop.fit`` uses in a process
+group. After backward, every rank must hold the gradient one process computes on the whole
+batch, which is the average of the two halves' own gradients (a mean loss over equal halves)
+and differs from each of them. ``rank_share`` gives each rank its users' windows.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import numpy as np
+
 from pipeline.scale.cluster import free_port
-from pipeline.training.loop import ProcessGroup, batch_shard, data_parallel
+from pipeline.training.batches import Windows, rank_share
+from pipeline.training.loop import data_parallel
 
 ROWS, FEATURES = 8, 5
 
@@ -30,6 +34,11 @@ def tiny_model() -> nn.Module:
 def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(4)
     return torch.randn(ROWS, FEATURES, generator=g), torch.randn(ROWS, 1, generator=g)
+
+
+def half(batch: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tensor, ...]:
+    """Rank ``rank``'s half of every tensor of ``batch`` (2 ranks, ROWS even)."""
+    return tuple(t.chunk(2)[rank] for t in batch)
 
 
 def mse(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -50,7 +59,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                 for p in model.parameters():
                     p.add_(1.0)
         step_loss = data_parallel(model, mse, torch.device("cpu"))
-        step_loss(model, batch_shard(tiny_batch(), ProcessGroup(rank, world))).backward()
+        step_loss(model, half(tiny_batch(), rank)).backward()
         torch.save({"grads": gradients(model), "weights": [p.detach().clone() for p in model.parameters()]},
                    Path(out) / f"rank{rank}.pt")
         dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort in CI)
@@ -68,7 +77,7 @@ def test_two_ranks_step_with_the_single_process_gradient(tmp_path: Path) -> None
     shard_grads = []
     for r in range(2):
         alone = tiny_model()
-        mse(alone, batch_shard(tiny_batch(), ProcessGroup(r, 2))).backward()
+        mse(alone, half(tiny_batch(), r)).backward()
         shard_grads.append(gradients(alone))
 
     for rank in ranks:
@@ -80,8 +89,17 @@ def test_two_ranks_step_with_the_single_process_gradient(tmp_path: Path) -> None
             torch.testing.assert_close(w, w0.detach())                        # every rank holds rank 0's weights
 
 
-def test_a_batch_shard_splits_rows_evenly() -> None:
-    batch = (torch.arange(7), torch.arange(7) * 10)
-    parts = [batch_shard(batch, ProcessGroup(r, 3)) for r in range(3)]
-    assert [p[0].tolist() for p in parts] == [[0, 1, 2], [3, 4], [5, 6]]
-    assert [p[1].tolist() for p in parts] == [[0, 10, 20], [30, 40], [50, 60]]
+def test_each_rank_trains_on_its_own_users_windows_in_as_many_steps_as_the_others() -> None:
+    users = np.array([0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9])  # 13 windows of 10 users (some have several)
+    win = Windows(users, np.arange(13), np.arange(13) + 5)
+    shares = [rank_share(win, 4, r, 3) for r in range(3)]
+    # users dealt whole, most windows first, snake order: 3 (3 windows) -> rank 0, 0 (2) -> 1,
+    # 1 -> 2, then back: 2 -> 2, 4 -> 1, 5 -> 0, then 6 -> 0, 7 -> 1, 8 -> 2, then 9 -> 2
+    assert [sorted(set(share.user.tolist())) for share, _, _ in shares] == [[3, 5, 6], [0, 4, 7], [1, 2, 8, 9]]
+    assert [len(share) for share, _, _ in shares] == [5, 4, 4]  # close, although user 3 alone has 3
+    assert sorted(np.concatenate([share.start for share, _, _ in shares]).tolist()) == list(range(13))  # each window once
+    assert {per_rank for _, per_rank, _ in shares} == {1}  # a global batch of 4 is 1 window per rank (4 // 3)
+    assert {steps for _, _, steps in shares} == {4}  # the smallest share's: 4 windows at 1 per step
+    mine, per_rank, steps = rank_share(win, 4, 0, 1)  # one process: everything, whole batches
+    assert len(mine) == 13 and (per_rank, steps) == (4, 4)
+    assert rank_share(win, 4, 0, 11)[2] == 0  # more ranks than users: some rank would have nothing
