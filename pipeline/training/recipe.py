@@ -27,14 +27,14 @@ from models.sasrec import SASRec
 from pipeline.config import Baseline, ModelSettings, Settings, TextEncoder
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.data.text_vectors import SENTENCE_ENCODERS, text_vectors
-from pipeline.registry.model_store import SASRecShape
 from pipeline.errors import UserError
+from pipeline.registry.model_store import SASRecShape
 from pipeline.training.batches import (
     Windows,
     epoch_batches,
     prefix_batch,
-    training_sequences,
     rank_share,
+    training_sequences,
     training_windows,
 )
 from pipeline.training.data_defaults import fit_model, fit_to_data
