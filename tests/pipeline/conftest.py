@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline.config import load_settings
 from pipeline.data.catalog import ingest_items
@@ -37,7 +38,8 @@ def make_bundle(home: Path, fs: FeatureSet, name: str, seed: int, hidden: int = 
 
 @pytest.fixture(scope="session")
 def small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state folder with ml-latest-small ingested (ratings, movies, tags), LOO features and two bundles."""
+    """A state folder with ml-latest-small ingested (ratings, movies, tags), LOO features, two
+    bundles and an MLflow store with no runs."""
     home = tmp_path_factory.mktemp("small") / "home"
     data = REPO / "datasets" / "ml-latest-small"
     settings = load_settings(home=home)
@@ -49,6 +51,9 @@ def small_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         build_feature_set(con, settings)
     finally:
         con.close()
+    # its MLflow store's tables, made once here (a new SQLite store's migrations take ~8 s); the
+    # attnrec experiment is left to each copy, whose artefacts then stay in the copy
+    MlflowClient(settings.mlflow_tracking_uri).search_experiments(max_results=1)
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     make_bundle(home, fs, "model-a", seed=1)
     make_bundle(home, fs, "model-b", seed=2)
