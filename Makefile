@@ -34,11 +34,15 @@ browser:
 demo: install
 	$(BIN)/attnrec demo
 
+# One pytest-xdist worker per core; tests that share a costly fixture or Ray stay together.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install browser
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(BIN)/python bench/ingest.py

@@ -17,6 +17,34 @@ from tests.support import Attnrec
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test` runs the suite in one pytest-xdist worker per core. Each worker, and every CLI,
+# server and Ray process it starts, then computes on one thread: two workers with two threads
+# each would contend for the two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Tests that share a costly session fixture, or start Ray on this machine, run in one worker.
+# (pytest-xdist's own xdist_group marks do nothing under pytest 9: xdist 3.8 renames a node
+# through an attribute pytest 9 no longer reads, so the groups are given by path here.)
+XDIST_GROUPS = {
+    "ray": ("tests/pipeline/scale/", "tests/flows/test_pipeline_on_ray.py"),
+    "pipeline-run": ("tests/flows/test_pipeline_flow.py", "tests/flows/test_mlflow_server.py"),
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``--dist loadgroup``: xdist's group scheduler with ``XDIST_GROUPS`` as the groups
+    (every other test is a group of its own)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class PathGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return next((group for group, paths in XDIST_GROUPS.items() if nodeid.startswith(paths)), nodeid)
+
+    return PathGroups(config, log)
+
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
