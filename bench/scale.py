@@ -3,9 +3,13 @@
 For each size (``--sizes``, events) a deterministic synthetic log shaped like a real one is
 written once as Parquet: users and items drawn from Zipf-like laws (user activity exponent
 1.0 over ``events / 20`` users, item popularity exponent 1.0 over ``events / 100`` items, at
-least 1,000 and at most 1M), times in time order over one year. Then each step runs:
+least 1,000 and at most 1M), times in time order over one year, and once more as
+``CSV_FILES`` CSV files (consecutive slices, as a log delivered day by day). Then each step runs:
 
-* ``ingest``: ``steps.ingest_events`` into a fresh warehouse (local only: one DuckDB writer);
+* ``ingest``: ``steps.ingest_events`` of the CSV files into a fresh warehouse: locally (one
+  file after the other), and on Ray (``ray-2``: each file read and checked by a Ray task,
+  two at a time on the 2-CPU cluster, committed in order by the driver, then copied into
+  the partitioned event dataset, 16 buckets; into a state folder of its own, removed after);
 * ``features``: ``steps.build_features``, locally, and on Ray (``ray-2``: the histories as one
   Ray task per user bucket of the partitioned event dataset, 16 buckets, the dataset's copy
   from the warehouse included in the time);
@@ -46,9 +50,10 @@ sys.path.insert(0, str(REPO))
 
 SETTINGS = {"model.hidden_size": 64, "model.max_len": 50, "train.epochs": 1, "train.batch_size": 128,
             "registry.popularity_floor": False}
-STEPS = (("ingest", "local"), ("features", "local"), ("features", "ray-2"), ("train epoch", "local"), ("train epoch", "ray-1"),
-         ("train epoch", "ray-2"), ("recommend-all", "local"), ("recommend-all", "ray-1"), ("recommend-all", "ray-2"))
+STEPS = (("ingest", "local"), ("ingest", "ray-2"), ("features", "local"), ("features", "ray-2"), ("train epoch", "local"),
+         ("train epoch", "ray-1"), ("train epoch", "ray-2"), ("recommend-all", "local"), ("recommend-all", "ray-1"), ("recommend-all", "ray-2"))
 K = 10
+CSV_FILES = 8  # the log as this many CSV files, for ingest
 
 
 def parse_size(text: str) -> int:
@@ -75,7 +80,21 @@ def synthetic_log(events: int, path: Path, seed: int = 0) -> dict[str, int]:
         times = np.sort(rng.integers(1_704_067_200, 1_704_067_200 + 365 * 86_400, size=events))
         pl.DataFrame({"user_id": zipf(users, 1.0, events), "item_id": zipf(items, 1.0, events),
                       "timestamp": times}).write_parquet(path)
+    parts = csv_folder(path)
+    if not parts.exists():
+        log = pl.read_parquet(path)
+        staging = parts.with_name(parts.name + ".partial")
+        staging.mkdir(parents=True, exist_ok=True)
+        size = -(-len(log) // CSV_FILES)
+        for i in range(CSV_FILES):
+            log.slice(i * size, size).write_csv(staging / f"part-{i:03d}.csv")
+        staging.rename(parts)
     return {"events": events, "users": users, "items": items}
+
+
+def csv_folder(path: Path) -> Path:
+    """The folder of the log's CSV files beside its Parquet file."""
+    return path.with_name(path.stem + "-csv")
 
 
 def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> dict[str, Any]:
@@ -87,9 +106,16 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
     ray = {"engine": "ray", "ray_address": address} if engine.startswith("ray") else {}
     settings = load_settings(home=home, **SETTINGS, **ray)
     if step == "ingest":
+        files = sorted(csv_folder(data).glob("part-*.csv"))
+        if engine != "local":  # a warehouse of its own: the local one feeds the later steps
+            settings = load_settings(home=home.with_name(f"{home.name}-ingest-{engine}"), **SETTINGS, **ray)
+            subprocess.run(["rm", "-rf", str(settings.home)], check=True)
         started = time.perf_counter()
-        reports = steps.ingest_events(settings, [data])
-        return {"seconds": time.perf_counter() - started, "rows": sum(r.loaded for r in reports)}
+        reports = steps.ingest_events(settings, files)
+        seconds = time.perf_counter() - started
+        if engine != "local":
+            subprocess.run(["rm", "-rf", str(settings.home)], check=True)
+        return {"seconds": seconds, "rows": sum(r.loaded for r in reports)}
     if step == "features":
         started = time.perf_counter()
         built = steps.build_features(settings, force=True)
@@ -123,7 +149,7 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
     raise ValueError(step)
 
 
-WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories")  # Ray worker processes that run a step's work
+WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories", "ray::stage_file")  # Ray worker processes that run a step's work
 
 
 class RaySampler:

@@ -66,9 +66,12 @@ def ingest(
     encoding: Annotated[str | None, typer.Option(help="encoding of text files (default utf-8: lines with other bytes are quarantined), e.g. latin-1, cp1252")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="reject a whole file with any bad row")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print reports as JSON")] = False,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Load event logs into the warehouse (exactly once; bad rows quarantined)."""
+    """Load event logs into the warehouse (exactly once; bad rows quarantined). Engine ray:
+    the files are read and checked in parallel, one Ray task each, and committed in order."""
     from pipeline.app.steps import ingest_events
     from pipeline.data.ingest import TIME_UNITS, IngestOptions
     from pipeline.data.ingest_formats import ColumnFlags
@@ -92,7 +95,8 @@ def ingest(
         if report.quarantined > len(report.examples):
             out.print(f"  ... {report.quarantined - len(report.examples):,} more in the quarantine table", highlight=False)
 
-    reports = ingest_events(load_settings(home=home), paths, opts, progress=not as_json, on_report=show)
+    settings = load_settings(home=home, engine=engine, ray_address=ray_address)
+    reports = ingest_events(settings, paths, opts, progress=not as_json, on_report=show)
     if as_json:
         _echo_json([r.as_dict() for r in reports])
 
@@ -154,14 +158,17 @@ def features(
     cold_item_fraction: Annotated[float | None, typer.Option(help="hold this share of items out of training (cold-start report)")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even if an identical feature set exists")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Build the versioned feature set (vocabularies, content features, histories, splits)."""
+    """Build the versioned feature set (vocabularies, content features, histories, splits).
+    Engine ray: the histories are built by user bucket, one Ray task each."""
     from pipeline.app.steps import build_features
 
     if split is not None and split not in ("loo", "temporal"):
         raise UserError("--split must be loo or temporal")
-    s = load_settings(home=home, **{"features.split": split, "features.split_time": split_time,
+    s = load_settings(home=home, engine=engine, ray_address=ray_address, **{"features.split": split, "features.split_time": split_time,
                                "features.valid_time": valid_time, "features.test_fraction": test_fraction,
                                "features.cold_item_fraction": cold_item_fraction})
     result = build_features(s, force=force)

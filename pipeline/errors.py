@@ -13,3 +13,8 @@ class InputFileError(UserError):
     def __init__(self, path: object, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[InputFileError], tuple[object, str]]:
+        """Pickled as (path, message), so that it crosses processes (a Ray task's error) whole."""
+        return type(self), (self.path, self.message)

@@ -60,8 +60,9 @@ def inbox_files(settings: Settings) -> list[Path]:
 def ingest_events(settings: Settings, paths: list[str | Path], options: IngestOptions | None = None,
                   progress: bool = False, on_report: Callable[[IngestReport], None] | None = None) -> list[IngestReport]:
     """Load event files (paths, folders, globs) exactly once; one transaction per file. Under
-    ``engine = "ray"`` the new events are then also copied into the partitioned event dataset
-    (``pipeline.data.event_dataset``)."""
+    ``engine = "ray"`` the files are read and checked in parallel, one Ray task each
+    (``pipeline.scale.ingest``), committed here in order, and the new events are then also
+    copied into the partitioned event dataset (``pipeline.data.event_dataset``)."""
     from pipeline.data.ingest import IngestOptions, ingest_paths
     from pipeline.data.ingest_formats import expand_paths
     from pipeline.data.warehouse import open_warehouse
@@ -69,12 +70,18 @@ def ingest_events(settings: Settings, paths: list[str | Path], options: IngestOp
     files = expand_paths(paths) if paths else []
     if not files:
         return []
+    options = options or IngestOptions()
     with open_warehouse(settings.duckdb_path) as con:
-        reports = ingest_paths(con, files, options or IngestOptions(), settings.tmp_dir, progress=progress, on_report=on_report)
-        if settings.engine == "ray":  # Ray workers read the events by user bucket
+        if settings.engine == "ray":
             from pipeline.data.event_dataset import sync
+            from pipeline.scale.cluster import ray_connection
+            from pipeline.scale.ingest import stage_on_ray
 
-            sync(con, settings.events_dir, settings.event_buckets)
+            with ray_connection(settings):
+                reports = ingest_paths(con, files, options, settings.tmp_dir, on_report=on_report, stage=stage_on_ray)
+            sync(con, settings.events_dir, settings.event_buckets)  # Ray workers read the events by user bucket
+        else:
+            reports = ingest_paths(con, files, options, settings.tmp_dir, progress=progress, on_report=on_report)
     return reports
 
 

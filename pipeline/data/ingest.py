@@ -8,6 +8,11 @@ Identity: an event is its (user, item, time, event type), or its ``--event-id-co
 when one is given. Duplicates inside the file and against the warehouse are found by
 sorting 64-bit hashes of the identity (numpy), and only hash matches are checked exactly
 in SQL, so the common case (new data) is a plain streaming ``INSERT``.
+
+Many files in parallel: ``stage_file`` does a file's reading, parsing and checking without
+the warehouse, in any process that sees the file (on Ray: ``pipeline.scale.ingest``), and
+writes its canonical rows as Parquet; ``commit_staged`` then commits them in file order,
+each file still one transaction. Both paths share the canonical SQL and the commit.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import codecs
 import dataclasses
 import hashlib
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,66 +356,159 @@ def _identity_equal(spec: SourceSpec) -> str:
     return "e.user_key = c.ukey AND e.item_key = c.ikey AND e.ts = c.ts AND e.event_type = c.event_type"
 
 
+def _fingerprint(spec: SourceSpec, opts: IngestOptions) -> str:
+    """The file's identity for exactly-once: its bytes, the detected layout and the encoding."""
+    encoding = _encoding_name(opts.encoding, spec.path)
+    return file_fingerprint(spec.path, spec.options_key() + (f"|encoding={encoding}" if encoding != "utf-8" else ""))
+
+
+def _identical(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, fingerprint: str,
+               report: IngestReport) -> bool:
+    """Whether an identical file was ingested before (then ``report`` says so); under ``--strict``
+    one that had quarantined rows is refused."""
+    prior = con.execute(
+        "SELECT source_id, rows_read, loaded + duplicates, quarantined FROM sources WHERE fingerprint = ? AND kind = 'events'",
+        [fingerprint],
+    ).fetchall()
+    if not prior:
+        return False
+    source_id, rows, seen, quarantined = prior[0]
+    if opts.strict and quarantined:
+        raise InputFileError(spec.path, f"--strict: identical to source #{source_id}, ingested earlier with "
+                                        f"{quarantined:,} quarantined rows (in the quarantine table); nothing written")
+    report.identical_to, report.rows, report.duplicates = source_id, rows, int(seen)
+    return True
+
+
+def _input_error(exc: duckdb.Error, failures: list[InputFileError], path: Path) -> InputFileError:
+    """The ``InputFileError`` behind a DuckDB error: the text reader's own, else DuckDB's first line."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else next(iter(failures), None)
+    return cause or InputFileError(path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}")
+
+
+@contextmanager
+def _canonical_rows(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, tmp_dir: Path,
+                    source_id: int, failures: list[InputFileError],
+                    on_rows: Callable[[int], None] | None = None) -> Iterator[tuple[_Canonical, str]]:
+    """The file's canonical SELECT (``_canonical_sql``) over a reader registered on ``con``, and
+    what reading found for the report's description, for the block. Text streams through
+    Polars (a UTF-8 copy first when another encoding is named); Parquet is read by DuckDB."""
+    encoding = _encoding_name(opts.encoding, spec.path)
+    staged = spec.format != "parquet"
+    read, valid_utf8, notes = spec, True, ""  # read: the file, or its UTF-8 copy
+    if staged and encoding != "utf-8":
+        read = dataclasses.replace(spec, path=_utf8_copy(spec.path, encoding, tmp_dir))
+    elif staged:
+        valid_utf8 = _is_utf8(spec.path)
+        if not valid_utf8:
+            notes += "; not valid UTF-8: lines with other bytes quarantined (name the encoding with --encoding)"
+    reader = f"reader_{os.getpid()}_{time.time_ns()}"
+    try:
+        if staged:
+            con.register(reader, text_batches(read, on_rows, failures=failures))
+            relation = reader
+        else:
+            relation = f"read_parquet({_sql_str(str(spec.path))}, file_row_number = true)"
+        canon = _canonical_sql(con, read, relation, staged, opts, source_id, valid_utf8)
+        if canon.time_unit and opts.time_unit == "auto":
+            notes += f"; numeric times read as unix {canon.time_unit}"
+        yield canon, notes
+    finally:
+        if read.path != spec.path:
+            read.path.unlink(missing_ok=True)
+        if staged:
+            con.unregister(reader)
+
+
 def ingest_file(con: duckdb.DuckDBPyConnection, spec: SourceSpec, opts: IngestOptions, tmp_dir: Path,
                 progress: bool = False) -> IngestReport:
     """Ingest one detected file in one transaction. Raises ``InputFileError`` (nothing written) on
     a strict-mode reject or an unreadable file."""
     started = time.perf_counter()
     report = IngestReport(str(spec.path), spec.format, spec.describe())
-    encoding = _encoding_name(opts.encoding, spec.path)
-    fingerprint = file_fingerprint(spec.path, spec.options_key() + (f"|encoding={encoding}" if encoding != "utf-8" else ""))
-    prior = con.execute(
-        "SELECT source_id, rows_read, loaded + duplicates, quarantined FROM sources WHERE fingerprint = ? AND kind = 'events'",
-        [fingerprint],
-    ).fetchall()
-    if prior:
-        prior = prior[0]
-        if opts.strict and prior[3]:
-            raise InputFileError(spec.path, f"--strict: identical to source #{prior[0]}, ingested earlier with "
-                                            f"{prior[3]:,} quarantined rows (in the quarantine table); nothing written")
-        report.identical_to, report.rows, report.duplicates, _ = prior
-        report.duplicates = int(report.duplicates)
+    fingerprint = _fingerprint(spec, opts)
+    if _identical(con, spec, opts, fingerprint, report):
         report.seconds = time.perf_counter() - started
         return report
 
     view = f"canon_{os.getpid()}_{time.time_ns()}"
     failures: list[InputFileError] = []  # what the text reader raised inside DuckDB's scan
-    staged = spec.format != "parquet"
-    read = spec  # what Polars reads: the file, or its UTF-8 copy when another encoding was named
-    valid_utf8 = True
-    if staged and encoding != "utf-8":
-        read = dataclasses.replace(spec, path=_utf8_copy(spec.path, encoding, tmp_dir))
-    elif staged:
-        valid_utf8 = _is_utf8(spec.path)
-        if not valid_utf8:
-            report.description += "; not valid UTF-8: lines with other bytes quarantined (name the encoding with --encoding)"
+    kind = "VIEW" if spec.format == "parquet" else "TABLE"  # text: streamed once into a temp table
+    source_id = next_source_id(con)  # one writer at a time: still free when the transaction starts
     try:
-        with _progress_bar(spec.path, progress and staged) as on_rows:
-            if staged:
-                # Text: stream it once through Polars into a typed temp table inside the transaction.
-                relation = f"reader_{view}"
-                con.register(relation, text_batches(read, on_rows, failures=failures))
-            else:
-                relation = f"read_parquet({_sql_str(str(spec.path))}, file_row_number = true)"
-            source_id = next_source_id(con)  # one writer at a time: still free when the transaction starts
-            canon = _canonical_sql(con, read, relation, staged, opts, source_id, valid_utf8)
-            if canon.time_unit and opts.time_unit == "auto":
-                report.description += f"; numeric times read as unix {canon.time_unit}"
+        with _progress_bar(spec.path, progress and kind == "TABLE") as on_rows, \
+                _canonical_rows(con, spec, opts, tmp_dir, source_id, failures, on_rows) as (canon, notes):
+            report.description += notes
             with transaction(con):
-                con.execute(f"CREATE TEMP {'TABLE' if staged else 'VIEW'} {view} AS {canon.sql}")
+                con.execute(f"CREATE TEMP {kind} {view} AS {canon.sql}")
                 _load(con, spec, opts, view, fingerprint, report, source_id)
     except duckdb.Error as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, InputFileError) else next(iter(failures), None)
-        if cause is not None:
-            raise cause from None
-        raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from exc
+        raise _input_error(exc, failures, spec.path) from None
     finally:
-        if read.path != spec.path:
-            read.path.unlink(missing_ok=True)
-        con.execute(f"DROP {'TABLE' if staged else 'VIEW'} IF EXISTS {view}")
-        if staged:
-            con.unregister(f"reader_{view}")
+        con.execute(f"DROP {kind} IF EXISTS {view}")
     report.seconds = time.perf_counter() - started
+    return report
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One file read, checked and written as canonical rows by ``stage_file``, ready to commit."""
+
+    spec: SourceSpec
+    fingerprint: str
+    notes: str              # what reading found, for the report's description
+    canonical: Path | None  # Parquet of ``_canonical_sql``'s rows, ``ts`` without the source id of
+                            # an order-only file; None: an identical file was known, nothing read
+    seconds: float          # spent staging
+
+
+def stage_file(spec: SourceSpec, opts: IngestOptions, tmp_dir: Path, out: Path, known: frozenset[str],
+               threads: int = 1) -> StagedFile:
+    """Read, parse and check one file without the warehouse: its canonical rows (good and bad,
+    with their reasons) written to ``out`` (Parquet), so that reading runs in parallel, in any
+    process that sees the file, and only the commit (``commit_staged``) is serial. A file
+    whose fingerprint is in ``known`` is not read. Raises ``InputFileError`` like ``ingest_file``."""
+    started = time.perf_counter()
+    fingerprint = _fingerprint(spec, opts)
+    if fingerprint in known:
+        return StagedFile(spec, fingerprint, "", None, time.perf_counter() - started)
+    failures: list[InputFileError] = []
+    partial = out.with_name(out.name + ".partial")
+    with duckdb.connect(config={"threads": threads}) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        try:
+            with _canonical_rows(con, spec, opts, tmp_dir, 0, failures) as (canon, notes):
+                con.execute(f"COPY ({canon.sql}) TO {_sql_str(str(partial))} (FORMAT parquet)")
+        except duckdb.Error as exc:
+            partial.unlink(missing_ok=True)
+            raise _input_error(exc, failures, spec.path) from None
+    os.replace(partial, out)
+    return StagedFile(spec, fingerprint, notes, out, time.perf_counter() - started)
+
+
+def commit_staged(con: duckdb.DuckDBPyConnection, staged: StagedFile, opts: IngestOptions) -> IngestReport:
+    """Commit a staged file into the warehouse in one transaction (``_load``, as ``ingest_file``
+    does), unless an identical file is there by now; its canonical rows file is removed."""
+    started = time.perf_counter()
+    spec = staged.spec
+    report = IngestReport(str(spec.path), spec.format, spec.describe())
+    view = f"staged_{os.getpid()}_{time.time_ns()}"
+    try:
+        if not _identical(con, spec, opts, staged.fingerprint, report):
+            assert staged.canonical is not None, "a file not in the warehouse was not staged"
+            report.description += staged.notes
+            source_id = next_source_id(con)
+            shift = "" if spec.mapping.get("time") else f" REPLACE (ts + {source_id << ORDER_SOURCE_SHIFT} AS ts)"
+            with transaction(con):
+                con.execute(f"CREATE TEMP VIEW {view} AS SELECT *{shift} FROM read_parquet({_sql_str(str(staged.canonical))})")
+                _load(con, spec, opts, view, staged.fingerprint, report, source_id)
+    except duckdb.Error as exc:
+        raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from None
+    finally:
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+        if staged.canonical is not None:
+            staged.canonical.unlink(missing_ok=True)
+    report.seconds = staged.seconds + time.perf_counter() - started
     return report
 
 
@@ -521,15 +620,38 @@ def detect_all(paths: list[Path], opts: IngestOptions) -> list[SourceSpec]:
     return [detect(p, opts.format, opts.columns, opts.delimiter, opts.has_header) for p in paths]
 
 
+Stager = Callable[[list[SourceSpec], IngestOptions, Path, frozenset[str]], Generator[StagedFile, None, None]]
+"""Stages files (``stage_file`` each, into the given folder, skipping the known fingerprints),
+in parallel where it likes, and yields them in file order; a file that fails raises its
+``InputFileError`` when its turn comes. ``pipeline.scale.ingest.stage_on_ray`` is one."""
+
+
 def ingest_paths(con: duckdb.DuckDBPyConnection, paths: list[Path], opts: IngestOptions, tmp_dir: Path,
-                 progress: bool = False, on_report: Callable[[IngestReport], None] | None = None) -> list[IngestReport]:
-    """Ingest files in order, one transaction each; stops at the first file that fails."""
+                 progress: bool = False, on_report: Callable[[IngestReport], None] | None = None,
+                 stage: Stager | None = None) -> list[IngestReport]:
+    """Ingest files in order, one transaction each; stops at the first file that fails (the
+    files before it stay committed). With ``stage``, the files are read and checked by it, in
+    parallel, while this connection commits them in order."""
     con.execute("SET TimeZone = 'UTC'")
     specs = detect_all(paths, opts)
-    reports = []
-    for spec in specs:
-        report = ingest_file(con, spec, opts, tmp_dir, progress)
+    reports: list[IngestReport] = []
+
+    def done(report: IngestReport) -> None:
         reports.append(report)
         if on_report:
             on_report(report)
+
+    if stage is None:
+        for spec in specs:
+            done(ingest_file(con, spec, opts, tmp_dir, progress))
+        return reports
+    known = frozenset(f for (f,) in con.execute("SELECT fingerprint FROM sources WHERE kind = 'events'").fetchall())
+    folder = tmp_dir / f"staged-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    try:
+        with closing(stage(specs, opts, folder, known)) as staged_files:
+            for staged in staged_files:
+                done(commit_staged(con, staged, opts))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return reports

@@ -9,6 +9,7 @@ stops it, with every Ray process it started, when the block ends (also on failur
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -90,10 +91,11 @@ def ray_connection(settings: Settings) -> Iterator[ModuleType]:
         check_reachable(address)
         follow_token_auth()
     try:
+        quiet = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}  # no INFO lines
         if address is None:
-            ray.init(include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+            ray.init(include_dashboard=False, **quiet)
         else:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"ray_address = {address!r}: cannot connect to Ray ({first})") from None
