@@ -17,7 +17,9 @@ least 1,000 and at most 1M), times in time order over one year, and once more as
   in this process (``local``), or on Ray Train with 1 and with 2 DDP workers
   (``train_sasrec_on_ray``); model: hidden size 64, max_len 50, full softmax;
 * ``recommend-all``: top 10 for every user through ``steps.recommend_everyone``, locally, and
-  on Ray with 1 and with 2 user partitions (one Ray task each).
+  on Ray with 1 and with 2 user partitions (one Ray task each), with the bundle the local
+  training epoch wrote, or, where that step did not run, one of the untrained model (same
+  shapes, same scoring work; written before the clock starts).
 
 Every run is its own child process (``--one``). Seconds are the wall clock of the step call
 alone (imports outside), Ray's start-up of workers included; for training that is model
@@ -143,10 +145,26 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
                 "epoch_seconds": record.seconds, "valid_ndcg@10": outcome.valid["ndcg@10"]}
     if step == "recommend-all":
         settings = load_settings(home=home, **SETTINGS, **ray, **({"partitions": workers} if ray else {}))
+        if not (home / "bundle").exists():  # no local training epoch ran at this size: an untrained model
+            untrained_bundle(load_settings(home=home, **SETTINGS), home / "bundle")
         started = time.perf_counter()
         report = steps.recommend_everyone(settings, K, home / f"recs-{engine}.parquet", str(home / "bundle"), "recs")
         return {"seconds": time.perf_counter() - started, "rows": report["users"]}
     raise ValueError(step)
+
+
+def untrained_bundle(settings: Any, folder: Path) -> None:
+    """A bundle (flat index) of the recipe's model as built, before any training step: the
+    same shapes, so the same scoring work, as a trained one."""
+    import torch
+
+    from pipeline.data.feature_store import current_feature_set, load_feature_set
+    from pipeline.registry.model_store import write_bundle
+    from pipeline.training.recipe import training_setup, validation_queries
+
+    fs = load_feature_set(current_feature_set(settings))
+    setup = training_setup(settings, fs, torch.device("cpu"))
+    write_bundle(folder, setup.model, setup.shape, fs.items, fs.version, validation_queries(setup.model, fs), "flat")
 
 
 WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories", "ray::stage_file")  # Ray worker processes that run a step's work
