@@ -15,6 +15,7 @@ from pipeline.config import load_settings
 from pipeline.errors import UserError
 from pipeline.registry.tracking import MLFLOW_UI_PORT
 
+INTERRUPTED = 130  # exit code of a command stopped by Ctrl-C
 app = typer.Typer(
     name="attnrec", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 out = Console(soft_wrap=True)
@@ -521,14 +522,29 @@ def demo(
 
 
 def main() -> None:
+    """Run the CLI: a user error, or a usage error Typer finds in the arguments, is one
+    ``error:`` line on stderr (exit 1, usage errors 2), never a traceback or a box."""
+    if not sys.argv[1:]:
+        sys.argv.append("--help")  # a bare `attnrec`: the help
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # Typer's usage errors: a bad option value, a missing argument
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path.split()[-1] if ctx is not None and ctx.parent is not None else None
+        hint = f" (see attnrec {command} --help)" if command else " (see attnrec --help)"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        err.print(f"error: {message}{hint if ctx is not None else ''}", highlight=False, markup=False)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except typer.Abort:
+        err.print("error: aborted", highlight=False)
+        raise SystemExit(1) from None
     except UserError as exc:
         err.print(f"error: {exc}", highlight=False, markup=False)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: the file being ingested was rolled back", highlight=False)
-        raise SystemExit(130) from None
+    if code == INTERRUPTED:  # Typer turns Ctrl-C into this exit code
+        err.print("interrupted", highlight=False)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
