@@ -15,7 +15,8 @@ least 1,000 and at most 1M), times in time order over one year, and once more as
   from the warehouse included in the time);
 * ``train epoch``: one epoch of the training recipe plus its validation, ``train_sasrec``
   in this process (``local``), or on Ray Train with 1 and with 2 DDP workers
-  (``train_sasrec_on_ray``); model: hidden size 64, max_len 50, full softmax;
+  (``train_sasrec_on_ray``); model: hidden size 64, max_len 50, full softmax (``--negatives N``:
+  a sampled softmax over N negatives, for catalogues where the full one does not fit the time);
 * ``recommend-all``: top 10 for every user through ``steps.recommend_everyone``, locally, and
   on Ray with 1 and with 2 user partitions (one Ray task each), with the bundle the local
   training epoch wrote, or, where that step did not run, one of the untrained model (same
@@ -234,10 +235,14 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(dict.fromkeys(step for step, _ in STEPS)),
                     help="comma-separated steps to run (each needs the ones before it in the list)")
     ap.add_argument("--engines", default="local,ray-1,ray-2", help="comma-separated engines to run")
+    ap.add_argument("--negatives", type=int, default=0,
+                    help="train epoch: sampled softmax with this many negatives (train.negatives; 0: full softmax)")
     ap.add_argument("--keep-home", action="store_true",
                     help="reuse the state folder of an earlier run (its warehouse, feature set and bundle)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
+    if args.negatives:  # the children read it as a setting
+        os.environ["ATTNREC_TRAIN__NEGATIVES"] = str(args.negatives)
     from pipeline.scale.cluster import local_cluster
 
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
