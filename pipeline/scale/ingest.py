@@ -28,11 +28,12 @@ def stage_on_ray(specs: list[SourceSpec], opts: IngestOptions, folder: Path,
     ray = import_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(stage_file)
     ahead = AHEAD_PER_CPU * cluster_cpus(ray)
+    known_ref = ray.put(known)  # once in the object store, not once per task
     refs: list = []
 
     def submit() -> None:
         i = len(refs)
-        refs.append(task.remote(specs[i], opts, folder, folder / f"file-{i}.parquet", known))
+        refs.append(task.remote(specs[i], opts, folder, folder / f"file-{i}.parquet", known_ref))
 
     try:
         for i in range(len(specs)):
