@@ -462,8 +462,7 @@ class StagedFile:
     seconds: float          # spent staging
 
 
-def stage_file(spec: SourceSpec, opts: IngestOptions, tmp_dir: Path, out: Path, known: frozenset[str],
-               threads: int = 1) -> StagedFile:
+def stage_file(spec: SourceSpec, opts: IngestOptions, tmp_dir: Path, out: Path, known: frozenset[str]) -> StagedFile:
     """Read, parse and check one file without the warehouse: its canonical rows (good and bad,
     with their reasons) written to ``out`` (Parquet), so that reading runs in parallel, in any
     process that sees the file, and only the commit (``commit_staged``) is serial. A file
@@ -474,7 +473,7 @@ def stage_file(spec: SourceSpec, opts: IngestOptions, tmp_dir: Path, out: Path, 
         return StagedFile(spec, fingerprint, "", None, time.perf_counter() - started)
     failures: list[InputFileError] = []
     partial = out.with_name(out.name + ".partial")
-    with duckdb.connect(config={"threads": threads}) as con:
+    with duckdb.connect(config={"threads": 1}) as con:  # one task, one CPU: files run side by side
         con.execute("SET TimeZone = 'UTC'")
         try:
             with _canonical_rows(con, spec, opts, tmp_dir, 0, failures) as (canon, notes):
@@ -503,7 +502,7 @@ def commit_staged(con: duckdb.DuckDBPyConnection, staged: StagedFile, opts: Inge
                 con.execute(f"CREATE TEMP VIEW {view} AS SELECT *{shift} FROM read_parquet({_sql_str(str(staged.canonical))})")
                 _load(con, spec, opts, view, staged.fingerprint, report, source_id)
     except duckdb.Error as exc:
-        raise InputFileError(spec.path, f"ingest failed, nothing written: {str(exc).splitlines()[0]}") from None
+        raise _input_error(exc, [], spec.path) from None
     finally:
         con.execute(f"DROP VIEW IF EXISTS {view}")
         if staged.canonical is not None:
