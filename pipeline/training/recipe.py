@@ -183,7 +183,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     the validation split only; the test split is never read here. ``auto`` settings are
     fitted to ``fs`` (``pipeline.training.data_defaults``); ``note`` hears about text encoding.
     In a DDP process group (``pipeline.scale.training``) ``fit`` trains data-parallel and only
-    rank 0's outcome carries the validation metrics (the other ranks' ``valid`` is empty).
+    rank 0's outcome carries the validation metrics (the other ranks' ``valid`` is empty when
+    no epoch ran). The outcome's metrics are the best epoch's, the weights it returns.
     """
     settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
@@ -197,8 +198,12 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
                  param_groups=setup.model.optimizer_groups(cfg.weight_decay), checkpoint_path=run_dir / "checkpoint.pt",
                  resume=resume, on_epoch=on_epoch, progress=progress)
-    group = process_group()  # in a DDP group only rank 0 validates (the others' outcome is not used)
-    valid = validate(setup.model) if group is None or group.leads else {}
+    # the kept weights are the best epoch's, so are its metrics: a full-ranking validation is not
+    # run again (at scale it costs about as much as an epoch's scoring of every user)
+    valid = next((r.valid for r in result.history if r.epoch == result.best_epoch and r.valid), None)
+    if valid is None:  # no epoch was validated (epochs = 0): in a DDP group only rank 0 validates
+        group = process_group()
+        valid = validate(setup.model) if group is None or group.leads else {}
     return TrainOutcome(setup.model, setup.shape, result, valid, run_dir, device)
 
 
