@@ -7,6 +7,7 @@ target position. Everything is right-aligned: the newest item sits in the last c
 
 from __future__ import annotations
 
+import heapq
 import math
 
 from collections.abc import Iterator, Sequence
@@ -74,17 +75,22 @@ def rank_share(win: Windows, batch_size: int, rank: int, world: int) -> tuple[Wi
     steps per epoch).
 
     Users are dealt to the ranks whole (every window of a user on one rank), most windows
-    first, in a snake order (ranks 0..W-1, then W-1..0, ...) so that the shares' window counts
-    stay close; the global batch ``batch_size`` is split evenly, ``batch_size // world`` per
-    rank; every rank takes the same number of steps, the smallest share's (the others leave
-    their last few shuffled windows out of that epoch). 0 steps: a rank has no windows.
+    first, each to the rank holding the fewest windows so far (ties: the lowest rank; the
+    longest-processing-time rule), so that the shares' window counts end within one user's
+    windows of each other, usually within one window, however heavy the most active users;
+    the global batch ``batch_size`` is split evenly, ``batch_size // world`` per rank; every
+    rank takes the same number of steps, the smallest share's (the others leave their last
+    few shuffled windows out of that epoch). 0 steps: a rank has no windows.
     """
     counts = np.bincount(win.user)  # (U,) windows per user
     users = np.nonzero(counts)[0]
     users = users[np.argsort(-counts[users], kind="stable")]  # most windows first, ties by user
-    lap, seat = np.divmod(np.arange(len(users)), world)
-    owner = np.zeros(len(counts), dtype=np.int64)
-    owner[users] = np.where(lap % 2 == 0, seat, world - 1 - seat)  # (U,) the rank of each user
+    owner = np.zeros(len(counts), dtype=np.int64)  # (U,) the rank of each user
+    loads = [(0, r) for r in range(world)]  # a heap of (windows so far, rank)
+    for user, n in zip(users.tolist(), counts[users].tolist(), strict=True):
+        load, r = heapq.heappop(loads)
+        owner[user] = r
+        heapq.heappush(loads, (load + n, r))
     shares = [owner[win.user] == r for r in range(world)]  # (W,) bool each
     per_rank = max(1, batch_size // world)
     steps = min(math.ceil(int(mine.sum()) / per_rank) for mine in shares)
