@@ -25,7 +25,8 @@ least 1,000 and at most 1M), times in time order over one year, and once more as
 Every run is its own child process (``--one``). Seconds are the wall clock of the step call
 alone (imports outside), Ray's start-up of workers included; for training that is model
 set-up, the epoch and validation. Rows/s: events (ingest, features), training windows per
-second of the epoch's training pass alone (train epoch), users (recommend-all). Peak RSS is the
+second of the epoch's training pass alone (train epoch; the JSON adds the epoch's and its
+validation's seconds), users (recommend-all). Peak RSS is the
 child's own ``ru_maxrss`` (the driver) and, for Ray, the largest resident size sampled every
 0.2 s of each Ray worker process that ran the step (``ray::`` processes other than idle
 ones). Ray runs use one ``ray start --head`` cluster on 127.0.0.1 (``--num-cpus 2``) per size.
@@ -143,7 +144,8 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
                          validation_queries(outcome.model, fs), "flat")
         record = outcome.fit.history[0]  # the epoch itself: windows per second of the training pass
         return {"seconds": seconds, "rows": int(record.samples_per_s * record.seconds), "rows_per_s": record.samples_per_s,
-                "epoch_seconds": record.seconds, "valid_ndcg@10": outcome.valid["ndcg@10"]}
+                "epoch_seconds": record.seconds, "valid_seconds": record.valid_seconds,
+                "valid_ndcg@10": outcome.valid["ndcg@10"]}
     if step == "recommend-all":
         settings = load_settings(home=home, **SETTINGS, **ray, **({"partitions": workers} if ray else {}))
         if not (home / "bundle").exists():  # no local training epoch ran at this size: an untrained model
