@@ -2,6 +2,13 @@
 
     python bench/train_speed.py --dataset ml-1m                 # full run to the target
     python bench/train_speed.py --dataset ml-1m --steps 20      # throughput only (quick)
+    python bench/train_speed.py --home H --phases --ranks 2     # where a step's time goes, and DDP's share
+
+``--phases`` times each phase of one training step (the loss, backward, gradient clipping,
+the optimiser) in one thread, as a one-CPU Ray Train worker runs it, for the whole batch and
+for one rank's share of it with ``--ranks`` DDP ranks, and the gloo all-reduce of the model's
+gradient between ``--ranks`` processes on this machine: what data-parallel training can and
+cannot divide among its workers.
 
 Wall time counts everything from the first training step to the end of the validation
 pass that first reaches the target: training steps, validation, checkpointing. It runs
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
+import socket
 import sys
 import time
 from pathlib import Path
@@ -78,6 +86,97 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
     return seqs / (time.perf_counter() - t0)
 
 
+PHASES = ("loss", "backward", "clip", "optimizer")
+
+
+def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int) -> dict[str, float]:
+    """Milliseconds per training step in each phase of ``loop.train_step``, timed apart (the
+    loss: forward and loss; backward; gradient clipping; the optimiser and schedule step), the
+    mean over ``steps`` steps of ``batch_size`` windows after 3 warm-up steps (no autocast or
+    compilation: the CPU path)."""
+    variant = settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": batch_size})})
+    setup = training_setup(variant, fs, device)
+    model = setup.model.to(device).train()
+    cfg = variant.train
+    optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
+    totals = dict.fromkeys(PHASES, 0.0)
+    for i, (inputs, targets) in enumerate(itertools.islice(setup.batches(1), steps + 3)):
+        batch = (inputs.to(device), targets.to(device))
+        marks = [time.perf_counter()]
+        loss = setup.loss(model, batch)
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        marks.append(time.perf_counter())
+        optimizer.step()
+        scheduler.step()
+        marks.append(time.perf_counter())
+        if i >= 3:
+            for phase, start, stop in zip(PHASES, marks, marks[1:], strict=False):
+                totals[phase] += stop - start
+    return {phase: seconds / steps * 1000 for phase, seconds in totals.items()}
+
+
+def _all_reduce_worker(rank: int, world: int, numel: int, port: int, out) -> None:  # noqa: ANN001
+    """One gloo process: the mean seconds of 20 all-reduces of ``numel`` floats (after 3)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    grad = torch.randn(numel)
+    for _ in range(3):
+        dist.all_reduce(grad)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(20):
+        dist.all_reduce(grad)
+    if rank == 0:
+        out.put((time.perf_counter() - started) / 20)
+    dist.destroy_process_group()
+
+
+def all_reduce_seconds(numel: int, world: int) -> float:
+    """Seconds per gloo all-reduce of ``numel`` float32 values among ``world`` one-thread
+    processes on this machine (what DDP does with the gradient every step)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_all_reduce_worker, args=(world, numel, port, out), nprocs=world)
+    return out.get()
+
+
+def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) -> None:
+    """``step_phases`` at the whole batch and at one of ``ranks`` ranks' share, the per-step
+    cost that does not shrink with the batch (a line through the two), and the all-reduce."""
+    torch.set_num_threads(1)
+    keep_freed_memory_in_process()  # as fit does
+    whole = settings.train.batch_size
+    share = max(1, whole // ranks)
+    totals = {}
+    for batch_size in (whole, share):
+        ms = step_phases(settings, fs, device, steps, batch_size)
+        totals[batch_size] = sum(ms.values())
+        print(f"one step, 1 thread, batch {batch_size}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
+              + f"; {totals[batch_size]:.0f} ms, {batch_size / totals[batch_size] * 1000:,.0f} windows/s", flush=True)
+    if share != whole:
+        per_window = (totals[whole] - totals[share]) / (whole - share)
+        fixed = totals[whole] - per_window * whole
+        print(f"per step: {fixed:.0f} ms whatever the batch, plus {per_window:.2f} ms per window "
+              f"(a line through the two; a rank of {ranks} keeps {totals[share] / totals[whole]:.0%} of the step's time "
+              f"for {share / whole:.0%} of its windows)")
+    model = training_setup(settings, fs, device).model
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if ranks > 1:
+        seconds = all_reduce_seconds(numel, ranks)
+        print(f"all-reduce of the gradient ({numel:,} floats, {numel * 4 / 1e6:.1f} MB), gloo, {ranks} one-thread "
+              f"processes on this machine: {seconds * 1000:.1f} ms per step")
+
+
 def report_run(run_dir: Path, target: float) -> None:
     """Throughput and time to ``target`` from a finished run's per-epoch record (training.json)."""
     import json
@@ -110,6 +209,9 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=None, help="default: the training default")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any setting, e.g. --set train.group_by_length=true (repeatable)")
+    ap.add_argument("--phases", action="store_true",
+                    help="only time the phases of one step (whole batch, one rank's share) and the all-reduce")
+    ap.add_argument("--ranks", type=int, default=2, help="--phases: the DDP ranks a batch is shared among")
     ap.add_argument("--from-run", type=Path, default=None,
                     help="report from a finished run's training.json instead of training again")
     args = ap.parse_args()
@@ -121,13 +223,18 @@ def main() -> None:
         report_run(args.from_run, args.target)
         return
     if not (home / "features" / "CURRENT").exists():
-        prepare(home, args.dataset)
+        prepare(home, args.dataset, parse_overrides(args.set))
     settings = load_settings(home=home, device=args.device, **{**({"train.epochs": args.max_epochs} if args.max_epochs else {}), **parse_overrides(args.set)})
     fs = load_feature_set(home / "features" / (home / "features" / "CURRENT").read_text().strip())
     device = resolve_device(settings.device)
     settings = fit_to_data(settings, fs)[0]
+    loss = f"sampled softmax ({settings.train.negatives:,} negatives)" if settings.train.negatives else "full softmax"
     shape = (f"batch {settings.train.batch_size}, max_len {settings.model.max_len}, D {settings.model.hidden_size}, "
-             f"full softmax over {fs.num_items:,} items, {device}")
+             f"{loss} over {fs.num_items:,} items, {device}")
+    if args.phases:
+        print(f"model: {shape}")
+        report_phases(settings, fs, device, max(args.steps, 10), args.ranks)
+        return
     xh = settings.train.exclude_history
     steps = max(args.steps, 10)
     if device.type == "cpu":  # side by side: glibc's defaults, then freed memory kept (what training does)
