@@ -5,10 +5,10 @@
     python bench/train_speed.py --home H --phases --ranks 2     # where a step's time goes, and DDP's share
 
 ``--phases`` times each phase of one training step (the loss, backward, gradient clipping,
-the optimiser) in one thread, as a one-CPU Ray Train worker runs it, for the whole batch and
-for one rank's share of it with ``--ranks`` DDP ranks, and the gloo all-reduce of the model's
-gradient between ``--ranks`` processes on this machine: what data-parallel training can and
-cannot divide among its workers.
+the optimiser) for the whole batch and for one rank's share of it with ``--ranks`` DDP ranks
+(on the CPU in one thread, as a one-CPU Ray Train worker runs it; on a GPU each phase waited
+for), and the gloo all-reduce of the model's gradient between ``--ranks`` processes on this
+machine: what data-parallel training can and cannot divide among its workers.
 
 Wall time counts everything from the first training step to the end of the validation
 pass that first reaches the target: training steps, validation, checkpointing. It runs
@@ -93,26 +93,32 @@ def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int)
     """Milliseconds per training step in each phase of ``loop.train_step``, timed apart (the
     loss: forward and loss; backward; gradient clipping; the optimiser and schedule step), the
     mean over ``steps`` steps of ``batch_size`` windows after 3 warm-up steps (no autocast or
-    compilation: the CPU path)."""
+    compilation; on CUDA each mark waits for the device)."""
     variant = settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": batch_size})})
     setup = training_setup(variant, fs, device)
     model = setup.model.to(device).train()
     cfg = variant.train
     optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
     totals = dict.fromkeys(PHASES, 0.0)
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     for i, (inputs, targets) in enumerate(itertools.islice(setup.batches(1), steps + 3)):
         batch = (inputs.to(device), targets.to(device))
-        marks = [time.perf_counter()]
+        marks = [now()]
         loss = setup.loss(model, batch)
-        marks.append(time.perf_counter())
+        marks.append(now())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        marks.append(time.perf_counter())
+        marks.append(now())
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        marks.append(time.perf_counter())
+        marks.append(now())
         optimizer.step()
         scheduler.step()
-        marks.append(time.perf_counter())
+        marks.append(now())
         if i >= 3:
             for phase, start, stop in zip(PHASES, marks, marks[1:], strict=False):
                 totals[phase] += stop - start
@@ -153,15 +159,17 @@ def all_reduce_seconds(numel: int, world: int) -> float:
 def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) -> None:
     """``step_phases`` at the whole batch and at one of ``ranks`` ranks' share, the per-step
     cost that does not shrink with the batch (a line through the two), and the all-reduce."""
-    torch.set_num_threads(1)
-    keep_freed_memory_in_process()  # as fit does
+    if device.type == "cpu":  # as a one-CPU Ray Train worker runs, and as fit does
+        torch.set_num_threads(1)
+        keep_freed_memory_in_process()
+    where = "1 thread" if device.type == "cpu" else str(device)
     whole = settings.train.batch_size
     share = max(1, whole // ranks)
-    totals = {}
+    totals: dict[int, float] = {}
     for batch_size in (whole, share):
         ms = step_phases(settings, fs, device, steps, batch_size)
         totals[batch_size] = sum(ms.values())
-        print(f"one step, 1 thread, batch {batch_size}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
+        print(f"one step, {where}, batch {batch_size}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
               + f"; {totals[batch_size]:.0f} ms, {batch_size / totals[batch_size] * 1000:,.0f} windows/s", flush=True)
     if share != whole:
         per_window = (totals[whole] - totals[share]) / (whole - share)
