@@ -90,37 +90,30 @@ PHASES = ("loss", "backward", "clip", "optimizer")
 
 
 def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int) -> dict[str, float]:
-    """Milliseconds per training step in each phase of ``loop.train_step``, timed apart (the
-    loss: forward and loss; backward; gradient clipping; the optimiser and schedule step), the
-    mean over ``steps`` steps of ``batch_size`` windows after 3 warm-up steps (no autocast or
-    compilation; on CUDA each mark waits for the device)."""
+    """Milliseconds per training step in each phase of ``loop.train_step`` (the loss: forward
+    and loss; backward; gradient clipping; the optimiser and schedule step), the mean over
+    ``steps`` steps of ``batch_size`` windows after 3 warm-up steps (no autocast or
+    compilation; on CUDA each phase is waited for)."""
     variant = settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": batch_size})})
     setup = training_setup(variant, fs, device)
     model = setup.model.to(device).train()
     cfg = variant.train
     optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
     totals = dict.fromkeys(PHASES, 0.0)
+    marks: list[float] = []
 
-    def now() -> float:
+    def mark() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter()
+        marks.append(time.perf_counter())
 
     for i, (inputs, targets) in enumerate(itertools.islice(setup.batches(1), steps + 3)):
         batch = (inputs.to(device), targets.to(device))
-        marks = [now()]
-        loss = setup.loss(model, batch)
-        marks.append(now())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        marks.append(now())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        marks.append(now())
-        optimizer.step()
-        scheduler.step()
-        marks.append(now())
+        marks.clear()
+        mark()
+        train_step(model, batch, setup.loss, optimizer, scheduler, cfg.grad_clip, False, phase_done=mark)
         if i >= 3:
-            for phase, start, stop in zip(PHASES, marks, marks[1:], strict=False):
+            for phase, start, stop in zip(PHASES, marks[:-1], marks[1:], strict=True):
                 totals[phase] += stop - start
     return {phase: seconds / steps * 1000 for phase, seconds in totals.items()}
 

@@ -88,15 +88,24 @@ def optimizer_and_schedule(model: nn.Module, cfg: TrainSettings, steps_per_epoch
 
 
 def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, Batch], torch.Tensor],
-               optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float, bf16: bool) -> torch.Tensor:
-    """One optimiser step on ``batch`` (already on the device); returns the loss (a scalar tensor)."""
+               optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float, bf16: bool,
+               phase_done: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """One optimiser step on ``batch`` (already on the device); returns the loss (a scalar tensor).
+
+    ``phase_done`` is called after each of its four phases (the loss; backward; gradient
+    clipping; the optimiser and schedule step): the speed bench times them with it.
+    """
     with torch.autocast(device_type=batch[0].device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
         loss = step_loss(model, batch)
+    phase_done()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    phase_done()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    phase_done()
     optimizer.step()
     scheduler.step()
+    phase_done()
     return loss
 
 
