@@ -43,7 +43,7 @@ from pipeline.training.loop import (  # noqa: E402
     train_step,
 )
 from pipeline.training.data_defaults import fit_to_data  # noqa: E402
-from pipeline.training.recipe import train_sasrec, training_setup  # noqa: E402
+from pipeline.training.recipe import build_sasrec, train_sasrec, training_setup  # noqa: E402
 
 
 class TargetReached(Exception):
@@ -170,9 +170,9 @@ def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) ->
         print(f"per step: {fixed:.0f} ms whatever the batch, plus {per_window:.2f} ms per window "
               f"(a line through the two; a rank of {ranks} keeps {totals[share] / totals[whole]:.0%} of the step's time "
               f"for {share / whole:.0%} of its windows)")
-    model = training_setup(settings, fs, device).model
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if ranks > 1:
+        model = build_sasrec(fs, settings.model)[0]  # the recipe's model, without its batches
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         seconds = all_reduce_seconds(numel, ranks)
         print(f"all-reduce of the gradient ({numel:,} floats, {numel * 4 / 1e6:.1f} MB), gloo, {ranks} one-thread "
               f"processes on this machine: {seconds * 1000:.1f} ms per step")
