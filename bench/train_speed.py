@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 from bench.quality import machine, parse_overrides, prepare  # noqa: E402
 from pipeline.config import load_settings  # noqa: E402
 from pipeline.data.feature_store import load_feature_set  # noqa: E402
+from pipeline.scale.cluster import free_port  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
 from pipeline.training.loop import (  # noqa: E402
     keep_freed_memory_in_process,
@@ -141,11 +141,8 @@ def all_reduce_seconds(numel: int, world: int) -> float:
     processes on this machine (what DDP does with the gradient every step)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_all_reduce_worker, args=(world, numel, port, out), nprocs=world)
+    mp.spawn(_all_reduce_worker, args=(world, numel, free_port(), out), nprocs=world)
     return out.get()
 
 

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.data.feature_store import FeatureSet, load_feature_set
+from pipeline.errors import UserError
 from pipeline.scale.cluster import import_ray, ray_connection
 from pipeline.training.loop import EpochRecord, FitResult, process_group, resolve_device
 from pipeline.training.recipe import TrainOutcome, build_sasrec, new_run_dir, train_sasrec
@@ -65,7 +66,13 @@ def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None
                                      resources_per_worker={"GPU": 1} if cuda else {"CPU": 1}),
         run_config=RunConfig(name=run_dir.name, storage_path=str(settings.home / "ray_train")),
     )
-    with ray_connection(settings):
+    with ray_connection(settings) as ray:
+        kind = "GPU" if cuda else "CPU"
+        offered = int(ray.cluster_resources().get(kind, 0))
+        if offered < settings.train.workers:  # Ray Train would wait for them without a word
+            where = f"at {settings.ray_address}" if settings.ray_address else "started for this command"
+            raise UserError(f"train.workers = {settings.train.workers}: the Ray cluster {where} has {offered} "
+                            f"{kind}s (one per worker); use --workers {max(1, offered)} or a larger cluster")
         trainer.fit()
     saved = torch.load(run_dir / RANK_0_RESULT, map_location="cpu", weights_only=True)  # tensors and plain values only
     model, shape = build_sasrec(fs, settings.model, note)

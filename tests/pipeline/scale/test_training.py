@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet
+from pipeline.errors import UserError
 from pipeline.scale.training import train_sasrec_on_ray
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import evaluate, selection_ks
@@ -34,3 +36,13 @@ def test_two_ray_train_workers_train_the_recipe(ray_cluster: str, tiny_fs: Featu
     again = evaluate(sasrec_scorer(outcome.model), tiny_fs, "valid", settings.model.max_len, torch.device("cpu"),
                      ks=selection_ks(metric)).metrics
     assert again[metric] == outcome.valid[metric] == outcome.fit.best_metric
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_one_error_not_a_wait(ray_cluster: str, tiny_fs: FeatureSet,
+                                                                         tmp_path: Path) -> None:
+    # reported: `attnrec train --workers 3` on a 2-CPU cluster waited for resources forever, silently
+    settings = load_settings(home=tmp_path / "home", engine="ray", ray_address=ray_cluster, **{
+        "train.workers": 3, "train.epochs": 1, "model.max_len": 20, "model.hidden_size": 16, "model.text_encoder": "hashed"})
+    settings = fit_to_data(settings, tiny_fs)[0]
+    with pytest.raises(UserError, match=r"train.workers = 3: the Ray cluster at .* has 2 CPUs"):
+        train_sasrec_on_ray(settings, tiny_fs)
