@@ -61,13 +61,23 @@ class NextItemLoss(nn.Module):
             self.register_buffer("probs", (probs / probs.sum()).to(torch.float32))  # (N+1,)
             self.register_buffer("log_q", torch.log(self.probs.clamp(min=1e-12)))  # (N+1,)
 
+    def draw_negatives(self) -> torch.Tensor:
+        """(S,) long: one step's shared negatives, drawn with replacement from ``sampling_probs``."""
+        return torch.multinomial(self.probs, self.negatives, replacement=True)
+
     def forward(self, hidden: torch.Tensor, table: torch.Tensor, inputs: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, negatives: torch.Tensor | None = None,
+                table_items: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over the non-padding positions.
 
         Args:
-            hidden: (B, T, D) encoder states; table: (N+1, D) item vectors.
+            hidden: (B, T, D) encoder states.
+            table: (N+1, D) vectors of every item, or (U, D) vectors of ``table_items`` only.
             inputs, targets: (B, T) long, left-padded with 0; targets[b, t] follows inputs[b, t].
+            negatives: (S,) long, this step's negatives (default: drawn here); sampled softmax only.
+            table_items: (U,) long, the items of ``table``'s rows, sorted ascending without
+                repeats; they must hold every target and negative (the sampled softmax reads no
+                other rows). The full softmax needs the whole table.
         Returns:
             scalar loss.
         """
@@ -75,6 +85,8 @@ class NextItemLoss(nn.Module):
         h = hidden[valid]  # (M, D)
         y = targets[valid]  # (M,)
         if self.negatives == 0:
+            if table_items is not None:
+                raise ValueError("the full softmax scores the whole catalogue: pass every item's vector, not table_items")
             logits = (h @ table.T).float()  # (M, N+1)
             logits.index_fill_(1, self.excluded_items, float("-inf"))
             if self.exclude_history:
@@ -82,9 +94,10 @@ class NextItemLoss(nn.Module):
                 in_window[torch.arange(len(y), device=h.device), y] = False
                 logits.masked_fill_(in_window, float("-inf"))
             return F.cross_entropy(logits, y)
-        neg = torch.multinomial(self.probs, self.negatives, replacement=True)  # (S,)
-        pos_logit = (h * table[y]).sum(-1) - self.log_q[y]  # (M,)
-        neg_logit = h @ table[neg].T - self.log_q[neg]  # (M, S)
+        neg = self.draw_negatives() if negatives is None else negatives  # (S,)
+        y_row, neg_row = (y, neg) if table_items is None else (torch.searchsorted(table_items, y), torch.searchsorted(table_items, neg))
+        pos_logit = (h * table[y_row]).sum(-1) - self.log_q[y]  # (M,)
+        neg_logit = h @ table[neg_row].T - self.log_q[neg]  # (M, S)
         drop = neg.unsqueeze(0) == y.unsqueeze(1)  # (M, S) accidental hits
         if self.exclude_history:
             distinct, which = torch.unique(neg, return_inverse=True)  # (U,), (S,)

@@ -98,9 +98,9 @@ class SASRec(nn.Module):
     def dim(self) -> int:
         return self.item_tower.dim
 
-    def item_vectors(self) -> torch.Tensor:
-        """All item vectors (N+1, D); row 0 (padding) is zero."""
-        return self.item_tower()
+    def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Vectors of ``items`` (U,) -> (U, D), or of all N+1 items (N+1, D) if None; padding is zero."""
+        return self.item_tower(items)
 
     def encode(self, seq: torch.Tensor, item_table: torch.Tensor | None = None,
                block_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -108,7 +108,8 @@ class SASRec(nn.Module):
 
         Args:
             seq: (B, T) long item indices, 0 = padding, T <= max_len, newest item last.
-            item_table: (N+1, D) precomputed item vectors (saves recomputing the tower).
+            item_table: (N+1, D) precomputed item vectors (saves recomputing the tower), or any
+                (R, D) table whose row numbers ``seq`` holds (row 0 = padding, the zero vector).
             block_inputs: a list that receives each block's input (B, T, D), for ``explain``.
         Returns:
             (B, T, D): state t summarises items 0..t and predicts the item after t.

@@ -165,11 +165,25 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
 
 
 def next_item_objective(next_item: NextItemLoss) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
-    """The training step's loss: (model, (inputs, targets) (B, T)) -> the next-item loss of its states."""
+    """The training step's loss: (model, (inputs, targets) (B, T)) -> the next-item loss of its states.
+
+    The full softmax scores the whole catalogue, so it runs the item tower over every item. A
+    sampled softmax reads only the step's own items and its negatives (with 128 windows of 50
+    and 1,024 negatives: at most 13,825 rows whatever the catalogue's size), so the tower runs
+    on those rows alone, and the step's cost no longer grows with the catalogue; every row gets
+    the vector the whole table would give it (one ID-dropout draw per item and step, as there).
+    """
     def loss(m: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        inputs, targets = batch
-        table = m.item_vectors()  # (N+1, D)
-        return next_item(m.encode(inputs, table), table, inputs, targets)
+        inputs, targets = batch  # (B, T) each
+        if not next_item.negatives:
+            table = m.item_vectors()  # (N+1, D)
+            return next_item(m.encode(inputs, table), table, inputs, targets)
+        negatives = next_item.draw_negatives()  # (S,)
+        read = torch.cat([inputs.new_zeros(1), inputs.reshape(-1), targets.reshape(-1), negatives])  # (1 + 2BT + S,)
+        items, rows = torch.unique(read, return_inverse=True)  # (U,) sorted, items[0] = 0 (padding); (1 + 2BT + S,)
+        table = m.item_vectors(items)  # (U, D)
+        local_inputs = rows[1:1 + inputs.numel()].view_as(inputs)  # (B, T) rows of `table`; padding stays row 0
+        return next_item(m.encode(local_inputs, table), table, inputs, targets, negatives, items)
 
     return loss
 

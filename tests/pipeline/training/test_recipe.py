@@ -38,3 +38,44 @@ def test_validation_runs_once_per_epoch_and_the_outcome_holds_the_kept_weights_m
     if epochs:
         best = next(r for r in outcome.fit.history if r.epoch == outcome.fit.best_epoch)
         assert outcome.valid == best.valid and outcome.valid[metric] == outcome.fit.best_metric
+
+
+def test_a_sampled_softmax_step_runs_the_item_tower_on_its_own_items_with_the_whole_tables_loss_and_gradient() -> None:
+    """The recipe's step with a sampled softmax computes item vectors for the step's items and
+    negatives only, and its loss and every gradient equal those of the whole catalogue's table
+    (same negatives, same weights)."""
+    from models.losses import NextItemLoss
+    from pipeline.registry.model_store import SASRecShape
+
+    torch.manual_seed(0)
+    n, t, negatives = 400, 6, 16
+    model = SASRecShape(num_items=n, dim=16, max_len=t, num_blocks=1, num_heads=2, dropout=0.0, ff_mult=1,
+                        use_content=True, id_dropout=0.0, num_categories=3, text_buckets=16, num_numeric=1,
+                        max_categories=2, max_tokens=2).build()
+    model.item_tower.set_content(torch.randint(0, 4, (n + 1, 2)), torch.randint(0, 16, (n + 1, 2)), torch.randn(n + 1, 1))
+    excluded = torch.zeros(n + 1, dtype=torch.bool)
+    excluded[0] = True
+    next_item = NextItemLoss(excluded, negatives, torch.rand(n + 1) + 0.1, exclude_history=True)
+    inputs = torch.randint(1, n + 1, (5, t))
+    inputs[0, :3] = 0  # a short history, left-padded
+    targets = torch.cat([inputs[:, 1:], torch.randint(1, n + 1, (5, 1))], dim=1)
+    targets[0, :2] = 0
+
+    rows_computed: list[int] = []
+    model.item_tower.register_forward_hook(lambda _m, args, out: rows_computed.append(out.shape[0]))
+    torch.manual_seed(1)  # the same negatives on both sides
+    step = recipe.next_item_objective(next_item)(model, (inputs, targets))
+    step.backward()
+    step_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(1)
+    table = model.item_vectors()  # (N+1, D)
+    whole = next_item(model.encode(inputs, table), table, inputs, targets)
+    whole.backward()
+
+    assert rows_computed[0] <= 1 + 2 * inputs.numel() + negatives < n + 1  # the step's items, not the catalogue
+    torch.testing.assert_close(step, whole)
+    assert step_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(step_grads[name], p.grad, msg=name)
