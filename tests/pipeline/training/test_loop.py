@@ -93,7 +93,7 @@ def test_freed_training_memory_is_reused_without_page_faults() -> None:
     assert sum(faults[-3:]) < pages // 10, faults  # later steps reuse it
 
 
-def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
+def _tiny_sasrec_run(precision: str, compile: str, negatives: int = 0) -> list[float]:
     """fit() on a tiny SASRec whose next item is always item + 1; returns the epoch losses.
 
     The step is the recipe's (``next_item_objective``) behind an assert on the dtype of a
@@ -110,7 +110,7 @@ def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
                         max_categories=2, max_tokens=2).build()
     excluded = torch.zeros(n + 1, dtype=torch.bool)
     excluded[0] = True
-    objective = next_item_objective(NextItemLoss(excluded, exclude_history=True))  # the recipe's own step loss
+    objective = next_item_objective(NextItemLoss(excluded, negatives, exclude_history=True))  # the recipe's own step loss
     expected = torch.bfloat16 if precision == "bf16" else torch.float32
 
     def batches(epoch: int):
@@ -131,15 +131,16 @@ def _tiny_sasrec_run(precision: str, compile: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_the_gpu_path_runs_on_the_cpu_bf16_autocast_and_torch_compile() -> None:
+@pytest.mark.parametrize("negatives", [0, 8], ids=["full softmax", "sampled softmax"])
+def test_the_gpu_path_runs_on_the_cpu_bf16_autocast_and_torch_compile(negatives: int) -> None:
     """The CUDA defaults (bf16 autocast, torch.compile) have never run on a GPU here: the same loop
     runs with both on the CPU, compiles, computes in bf16, and learns as the fp32 loop does."""
     import torch._dynamo
 
-    plain = _tiny_sasrec_run("fp32", "off")
+    plain = _tiny_sasrec_run("fp32", "off", negatives)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    fast = _tiny_sasrec_run("bf16", "on")
+    fast = _tiny_sasrec_run("bf16", "on", negatives)
     stats = torch._dynamo.utils.counters["stats"]
     assert stats["unique_graphs"] >= 1, "torch.compile traced nothing"
     # The boolean-mask selection of real positions in the loss breaks the graph (a data-dependent
