@@ -270,6 +270,9 @@ def _positional_roles(n: int) -> dict[str, int]:
     return {"user": 0, "item": 1, "weight": 2, "time": 3}
 
 
+MOVIELENS_CATALOGUES = {"u.item": "MovieLens-100K", "movies.dat": "MovieLens-1M"}  # file name -> data set
+
+
 def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
            delimiter: str | None = None, has_header: bool | None = None) -> SourceSpec:
     """Decide how to read ``path``. Raises ``InputFileError`` with the reason when it cannot."""
@@ -292,6 +295,9 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
             fmt = "movielens-100k"
         elif name == "ratings.dat":
             fmt = "movielens-1m"
+        elif name in MOVIELENS_CATALOGUES:
+            raise InputFileError(path, f"{path.name} is the {MOVIELENS_CATALOGUES[name]} item catalogue, not an event log: "
+                                       f"load it with `attnrec ingest-items {path}` (or give --format to read it as events)")
     if fmt == "parquet":
         try:
             schema = pq.read_schema(path)

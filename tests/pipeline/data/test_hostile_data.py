@@ -108,6 +108,18 @@ def test_5_a_huge_line_and_duplicate_headers_are_clear_errors(cli: Attnrec, tmp_
     assert not cli.db.exists() or cli.query("SELECT count(*) FROM events") == [(0,)]
 
 
+def test_an_item_catalogue_given_as_events_is_one_error_naming_ingest_items(cli: Attnrec, shared_data: Path) -> None:
+    """``attnrec ingest u.item`` said "column '0' appears twice in the header" (its first line
+    read as a header) and ``attnrec ingest movies.dat`` quarantined all 3,883 lines as
+    unparseable times: both are MovieLens item catalogues, which ``ingest-items`` reads."""
+    for path in (shared_data / "ml-100k" / "u.item", shared_data / "ml-1m" / "movies.dat"):
+        out = cli.run("ingest", path, ok=False)
+        assert_one_line_error(out, path.name, "item catalogue", "attnrec ingest-items")
+    assert not cli.db.exists() or cli.query("SELECT count(*) FROM events") == [(0,)]
+    forced = cli.run("ingest", shared_data / "ml-1m" / "movies.dat", "--format", "csv", "--delimiter", "::", ok=False)
+    assert "item catalogue" not in forced.stdout + forced.stderr  # a format given is read as asked
+
+
 def test_6_order_only_files_never_collide(tmp_path: Path) -> None:
     first, second = tmp_path / "a.txt", tmp_path / "b.txt"
     first.write_text("1 10\n1 11\n2 10\n")
