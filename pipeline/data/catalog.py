@@ -25,6 +25,7 @@ import polars as pl
 
 from pipeline.data.identity import MAX_ID_CHARS, id_text_expr, key_sql, not_whole_expr
 from pipeline.data.ingest import file_fingerprint
+from pipeline.data.ingest_formats import MOVIELENS_CATALOGUES
 from pipeline.data.warehouse import next_source_id, register_ids, transaction
 from pipeline.errors import InputFileError, UserError
 
@@ -85,10 +86,8 @@ def _detect(path: Path, fmt: str) -> str:
             raise UserError(f"unknown item format {fmt!r}; choose one of {', '.join(ITEM_FORMATS)}")
         return fmt
     name = path.name.lower()
-    if name == "movies.dat":
-        return "movielens-movies-dat"
-    if name == "u.item":
-        return "movielens-u-item"
+    if name in MOVIELENS_CATALOGUES:
+        return MOVIELENS_CATALOGUES[name][0]
     if path.suffix.lower() == ".json":
         with path.open("rb") as fh:
             if fh.read(4096).lstrip()[:1] == b"{":

@@ -270,7 +270,8 @@ def _positional_roles(n: int) -> dict[str, int]:
     return {"user": 0, "item": 1, "weight": 2, "time": 3}
 
 
-MOVIELENS_CATALOGUES = {"u.item": "MovieLens-100K", "movies.dat": "MovieLens-1M"}  # file name -> data set
+# MovieLens item catalogues known by file name: name -> (their `ingest-items` format, the data set)
+MOVIELENS_CATALOGUES = {"u.item": ("movielens-u-item", "MovieLens-100K"), "movies.dat": ("movielens-movies-dat", "MovieLens-1M")}
 
 
 def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
@@ -296,7 +297,7 @@ def detect(path: Path, fmt: str = "auto", flags: ColumnFlags | None = None,
         elif name == "ratings.dat":
             fmt = "movielens-1m"
         elif name in MOVIELENS_CATALOGUES:
-            raise InputFileError(path, f"{path.name} is the {MOVIELENS_CATALOGUES[name]} item catalogue, not an event log: "
+            raise InputFileError(path, f"{path.name} is the {MOVIELENS_CATALOGUES[name][1]} item catalogue, not an event log: "
                                        f"load it with `attnrec ingest-items {path}` (or give --format to read it as events)")
     if fmt == "parquet":
         try:
