@@ -20,7 +20,9 @@ least 1,000 and at most 1M), times in time order over one year, and once more as
 * ``recommend-all``: top 10 for every user through ``steps.recommend_everyone``, locally, and
   on Ray with 1 and with 2 user partitions (one Ray task each), with the bundle the local
   training epoch wrote, or, where that step did not run, one of the untrained model (same
-  shapes, same scoring work; written before the clock starts).
+  shapes, same scoring work; written before the clock starts). Its index is ``--index``
+  (default ``flat``, exact; ``auto`` is what ``attnrec train`` builds: HNSW above 50,000
+  items), built before the clock starts where the bundle holds another kind.
 
 Every run is its own child process (``--one``). Seconds are the wall clock of the step call
 alone (imports outside), Ray's start-up of workers included; for training that is model
@@ -101,7 +103,7 @@ def csv_folder(path: Path) -> Path:
     return path.with_name(path.stem + "-csv")
 
 
-def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> dict[str, Any]:
+def run_step(step: str, engine: str, home: Path, data: Path, address: str, index_kind: str) -> dict[str, Any]:
     """One step in this process; (seconds, what it produced)."""
     from pipeline.app import steps
     from pipeline.config import load_settings
@@ -150,9 +152,11 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str) -> di
         settings = load_settings(home=home, **SETTINGS, **ray, **({"partitions": workers} if ray else {}))
         if not (home / "bundle").exists():  # no local training epoch ran at this size: an untrained model
             untrained_bundle(load_settings(home=home, **SETTINGS), home / "bundle")
+        index = steps.ensure_index(settings, index_kind, str(home / "bundle"))
         started = time.perf_counter()
         report = steps.recommend_everyone(settings, K, home / f"recs-{engine}.parquet", str(home / "bundle"), "recs")
-        return {"seconds": time.perf_counter() - started, "rows": report["users"]}
+        return {"seconds": time.perf_counter() - started, "rows": report["users"],
+                "index": {"kind": index["kind"], "recall_at_10": index["recall_at_10"], "build_seconds": index["build_seconds"]}}
     raise ValueError(step)
 
 
@@ -199,9 +203,9 @@ class RaySampler:
         self.thread.join()
 
 
-def measure(step: str, engine: str, home: Path, data: Path, address: str) -> dict[str, Any]:
+def measure(step: str, engine: str, home: Path, data: Path, address: str, index_kind: str) -> dict[str, Any]:
     """``step`` on ``engine`` in a child process: its report, driver peak RSS and Ray worker peaks."""
-    cmd = [sys.executable, __file__, "--one", step, engine, str(home), str(data), address]
+    cmd = [sys.executable, __file__, "--one", step, engine, str(home), str(data), address, index_kind]
     with RaySampler() as sampler:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate()
@@ -226,8 +230,8 @@ def machine() -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        step, engine, home, data, address = sys.argv[2:7]
-        report = run_step(step, engine, Path(home), Path(data), address)
+        step, engine, home, data, address, index_kind = sys.argv[2:8]
+        report = run_step(step, engine, Path(home), Path(data), address, index_kind)
         report["driver_peak_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         print(json.dumps(report))
         return
@@ -239,6 +243,8 @@ def main() -> None:
     ap.add_argument("--engines", default="local,ray-1,ray-2", help="comma-separated engines to run")
     ap.add_argument("--negatives", type=int, default=0,
                     help="train epoch: sampled softmax with this many negatives (train.negatives; 0: full softmax)")
+    ap.add_argument("--index", default="flat", choices=("auto", "flat", "hnsw", "ivf"),
+                    help="recommend-all: the bundle's FAISS index kind (rebuilt, untimed, where it differs)")
     ap.add_argument("--keep-home", action="store_true",
                     help="reuse the state folder of an earlier run (its warehouse, feature set and bundle)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -262,7 +268,7 @@ def main() -> None:
         with local_cluster(num_cpus=2, object_store_bytes=500_000_000) as address:
             for step, engine in [(step, engine) for step, engine in STEPS
                                  if step in args.steps.split(",") and engine in args.engines.split(",")]:
-                r = measure(step, engine, home, data, address)
+                r = measure(step, engine, home, data, address, args.index)
                 rate = r.get("rows_per_s") or (r["rows"] / r["seconds"] if r["seconds"] else 0.0)
                 row = {**shape, "step": step, "engine": engine, **r, "rows_per_s": rate}
                 rows.append(row)
