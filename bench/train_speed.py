@@ -8,7 +8,11 @@
 the optimiser) for the whole batch and for one rank's share of it with ``--ranks`` DDP ranks
 (on the CPU in one thread, as a one-CPU Ray Train worker runs it; on a GPU each phase waited
 for), and the gloo all-reduce of the model's gradient between ``--ranks`` processes on this
-machine: what data-parallel training can and cannot divide among its workers.
+machine: what data-parallel training can and cannot divide among its workers. On the CPU it
+then runs the real data-parallel step: ``--ranks`` one-thread processes in a gloo group, each
+its share of every batch through ``data_parallel`` and ``train_step`` as ``fit`` runs them;
+with a sampled softmax side by side with the item tables all-reduced whole by DDP
+(``train.sparse_item_tables=false``) and with only their rows looked up exchanged.
 
 Wall time counts everything from the first training step to the end of the validation
 pass that first reaches the target: training steps, validation, checkpointing. It runs
@@ -36,9 +40,12 @@ from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.scale.cluster import free_port  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
 from pipeline.training.loop import (  # noqa: E402
+    data_parallel,
+    dense_gradients,
     keep_freed_memory_in_process,
     optimizer_and_schedule,
     precision_and_compilation,
+    process_group,
     resolve_device,
     train_step,
 )
@@ -146,6 +153,43 @@ def all_reduce_seconds(numel: int, world: int) -> float:
     return out.get()
 
 
+def _ddp_step_worker(rank: int, world: int, port: int, settings, feature_set: Path, steps: int, out) -> None:  # noqa: ANN001
+    """One rank of a gloo group on this machine (one thread): the mean milliseconds of
+    ``steps`` data-parallel training steps (after 3), as ``fit`` runs them."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    keep_freed_memory_in_process()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        device, cfg = torch.device("cpu"), settings.train
+        setup = training_setup(settings, load_feature_set(feature_set), device)
+        model = setup.model.train()
+        optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
+        step_loss, group = data_parallel(model, setup.loss, device, setup.row_sparse), process_group()
+        for i, batch in enumerate(itertools.islice(setup.batches(1), steps + 3)):
+            if i == 3:
+                dist.barrier()
+                started = time.perf_counter()
+            train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, False,
+                       after_backward=lambda: dense_gradients(setup.row_sparse, group))
+        if rank == 0:
+            out.put(((time.perf_counter() - started) / steps * 1000, len(setup.row_sparse)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_step_ms(settings, fs, ranks: int, steps: int) -> tuple[float, int]:  # noqa: ANN001
+    """(milliseconds per data-parallel step of ``ranks`` one-thread processes on this machine,
+    the number of tables whose rows looked up were exchanged instead of DDP's whole tables)."""
+    import torch.multiprocessing as mp
+
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_step_worker, args=(ranks, free_port(), settings, fs.path, steps, out), nprocs=ranks)
+    return out.get()
+
+
 def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) -> None:
     """``step_phases`` at the whole batch and at one of ``ranks`` ranks' share, the per-step
     cost that does not shrink with the batch (a line through the two), and the all-reduce."""
@@ -172,7 +216,15 @@ def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) ->
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         seconds = all_reduce_seconds(numel, ranks)
         print(f"all-reduce of the gradient ({numel:,} floats, {numel * 4 / 1e6:.1f} MB), gloo, {ranks} one-thread "
-              f"processes on this machine: {seconds * 1000:.1f} ms per step")
+              f"processes on this machine: {seconds * 1000:.1f} ms per step", flush=True)
+    if ranks > 1 and device.type == "cpu":
+        modes = (False, True) if settings.train.negatives else (False,)
+        for sparse in modes:
+            variant = settings.model_copy(update={"train": settings.train.model_copy(update={"sparse_item_tables": sparse})})
+            ms, tables = ddp_step_ms(variant, fs, ranks, steps)
+            how = f"the rows looked up of {tables} item tables exchanged" if tables else "DDP all-reduces every gradient whole"
+            print(f"a data-parallel step, {ranks} one-thread ranks (gloo), {share} windows each, {how}: {ms:.0f} ms, "
+                  f"{share * ranks / ms * 1000:,.0f} windows/s", flush=True)
 
 
 def report_run(run_dir: Path, target: float) -> None:

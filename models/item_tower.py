@@ -84,6 +84,16 @@ class ItemTower(nn.Module):
         self.keep_id = (~cold.to(torch.bool)).to(self.keep_id)
         self.keep_id[0] = 0.0
 
+    def make_tables_sparse(self) -> list[nn.Parameter]:
+        """Give the embedding tables (IDs, categories, hashed words) sparse gradients and return
+        them: backward then keeps only the rows a step looked up ((R, D) sparse COO tensors), so
+        a data-parallel step under a sampled softmax can send those rows alone."""
+        tables = [self.id_embedding] + ([self.category_bag, self.text_bag] if self.use_content else [])
+        tables = [table for table in tables if table is not None]
+        for table in tables:
+            table.sparse = True
+        return [table.weight for table in tables]
+
     def embed_content(self, category_ids: torch.Tensor, token_ids: torch.Tensor, numeric: torch.Tensor,
                       text_vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Content-only vectors for any items, known or not: (M, Kc), (M, Kt), (M, F), (M, S) -> (M, D)."""

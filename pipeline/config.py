@@ -89,6 +89,10 @@ class TrainSettings(Section):
     grad_clip: float = Field(1.0, gt=0)
     negatives: int = Field(0, ge=0, description="0 = full softmax; N = sampled softmax with logQ correction")
     exclude_history: bool = Field(True, description="items of a training window are never negatives at its positions (ranking excludes seen items)")
+    sparse_item_tables: bool = Field(
+        True, description="sampled softmax with workers > 1: the item tables' gradients keep only the rows a step looked up, "
+                          "and the workers exchange those rows alone (false: DDP all-reduces the whole tables every step; "
+                          "never in a compiled step, which cannot compile a sparse backward)")
     patience: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="epochs without a gain of the selection metric before stopping; auto: 5 for short "
                             "histories (median under 20 items), else 20")

@@ -39,7 +39,8 @@ from pipeline.training.batches import (
 )
 from pipeline.training.data_defaults import fit_model, fit_to_data
 from pipeline.training.evaluation import Scorer, evaluate, selection_ks
-from pipeline.training.loop import EpochRecord, FitResult, fit, process_group, resolve_device, seed_everything
+from pipeline.training.loop import (EpochRecord, FitResult, fit, precision_and_compilation, process_group, resolve_device,
+                                    seed_everything)
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 RECALL_QUERY_USERS = 1000
@@ -124,6 +125,7 @@ class TrainingSetup:
     steps_per_epoch: int
     batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # epoch -> (inputs, targets) (B, T)
     loss: Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]  # (model, batch) -> scalar
+    row_sparse: tuple[torch.nn.Parameter, ...]  # tables with sparse gradients (``fit``'s ``row_sparse``)
 
 
 def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
@@ -155,13 +157,21 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
         for inputs, targets in itertools.islice(stream, steps):
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
+    # --- tables with sparse gradients: with a sampled softmax a DDP step looks up at most a few
+    # thousand rows of the item tables, and the ranks exchange those rows alone (``dense_gradients``).
+    # Not in a compiled step: Inductor cannot compile a sparse backward (it would fall back with
+    # a graph break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
+    compiled = precision_and_compilation(cfg, device)[1]
+    sparse_tables = group is not None and cfg.negatives > 0 and cfg.sparse_item_tables and not compiled
+    row_sparse = tuple(model.item_tower.make_tables_sparse()) if sparse_tables else ()
+
     # --- loss: next item at every position; padding and cold items are never predicted
     excluded = torch.from_numpy(cold).clone()
     excluded[0] = True
     counts = torch.from_numpy(np.bincount(train.values, minlength=fs.num_items + 1).astype(np.float64))
     next_item = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
                              exclude_history=cfg.exclude_history).to(device)
-    return TrainingSetup(model, shape, train, windows, steps, batches, next_item_objective(next_item))
+    return TrainingSetup(model, shape, train, windows, steps, batches, next_item_objective(next_item), row_sparse)
 
 
 def next_item_objective(next_item: NextItemLoss) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:
@@ -210,7 +220,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
         return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric)).metrics
 
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
-                 param_groups=setup.model.optimizer_groups(cfg.weight_decay), checkpoint_path=run_dir / "checkpoint.pt",
+                 param_groups=setup.model.optimizer_groups(cfg.weight_decay), row_sparse=setup.row_sparse,
+                 checkpoint_path=run_dir / "checkpoint.pt",
                  resume=resume, on_epoch=on_epoch, progress=progress)
     # the kept weights are the best epoch's, so are its metrics: a full-ranking validation is not
     # run again (at scale it costs about as much as an epoch's scoring of every user)
