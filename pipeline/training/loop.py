@@ -190,10 +190,13 @@ def dense_gradients(tables: Sequence[nn.Parameter], group: ProcessGroup | None) 
     import torch.distributed as dist
 
     for p in tables:
-        if p.grad is None or not p.grad.is_sparse:
+        if (p.grad is not None and not p.grad.is_sparse) or (p.grad is None and group is None):
             continue
-        grad = p.grad.coalesce()
-        rows, values = grad.indices()[0], grad.values()  # (n,) distinct rows, (n, ...) their gradient
+        if p.grad is None:  # this rank's step did not read the table: it sends no rows
+            rows, values = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros(0, *p.shape[1:])
+        else:
+            grad = p.grad.coalesce()
+            rows, values = grad.indices()[0], grad.values()  # (n,) distinct rows, (n, ...) their gradient
         if group is not None:
             counts = [rows.new_zeros(1) for _ in range(group.world)]
             dist.all_gather(counts, rows.new_full((1,), rows.numel()))

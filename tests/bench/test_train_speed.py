@@ -1,6 +1,7 @@
 """``bench/train_speed.py`` as a user runs it, on a fresh state folder (ML-100K): the set-up
 of a new folder, and ``--phases`` (a step's phases at the whole batch and at one rank's share,
-and the gloo all-reduce between two real processes)."""
+the gloo all-reduce between two real processes, and the real data-parallel step of two
+processes with the item tables all-reduced whole and with their rows looked up exchanged)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,6 @@ def test_phases_on_a_fresh_state_folder(tmp_path: Path) -> None:
     numel = int(re.search(r"all-reduce of the gradient \(([\d,]+) floats", out).group(1).replace(",", ""))
     assert numel > 1682 * 32  # at least the item-ID table (hidden size 32)
     assert re.search(r"2 one-thread processes on this machine: [\d.]+ ms per step", out)
+    modes = re.findall(r"a data-parallel step, 2 one-thread ranks \(gloo\), 8 windows each, (.+): \d+ ms, ", out)
+    assert modes[0] == "DDP all-reduces every gradient whole" and len(modes) == 2  # side by side with
+    assert re.fullmatch(r"the rows looked up of [23] item tables exchanged", modes[1])  # ID, category (words)

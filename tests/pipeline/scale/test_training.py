@@ -1,6 +1,8 @@
 """Ray Train smoke test: 2 DDP workers on the session's real Ray cluster train the recipe.
 
-The workers run ``train_sasrec`` in a gloo group (``TorchTrainer``); the driver gets back
+The workers run ``train_sasrec`` in a gloo group (``TorchTrainer``), with a sampled softmax, so
+the item tables' gradients are sparse and the workers exchange their rows looked up
+(``loop.dense_gradients``); the driver gets back
 rank 0's weights and record. Checked: every epoch was run and reported, and the model the
 driver rebuilt scores the validation split exactly as rank 0 measured it (the weights
 came back intact). Gradient equivalence itself: tests/pipeline/training/test_distributed.py.
@@ -25,7 +27,7 @@ from pipeline.training.recipe import sasrec_scorer
 def test_two_ray_train_workers_train_the_recipe(ray_cluster: str, tiny_fs: FeatureSet, tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path / "home", engine="ray", ray_address=ray_cluster, **{
         "train.workers": 2, "train.epochs": 2, "train.batch_size": 16, "model.max_len": 20, "model.hidden_size": 16,
-        "model.text_encoder": "hashed"})
+        "model.text_encoder": "hashed", "train.negatives": 16})
     settings = fit_to_data(settings, tiny_fs)[0]
     heard = []
     outcome = train_sasrec_on_ray(settings, tiny_fs, on_epoch=heard.append)
