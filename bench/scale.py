@@ -149,10 +149,14 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str, index
                 "epoch_seconds": record.seconds, "valid_seconds": record.valid_seconds,
                 "valid_ndcg@10": outcome.valid["ndcg@10"]}
     if step == "recommend-all":
+        from pipeline.registry.index import choose_kind, read_index_meta
+        from pipeline.registry.model_store import INDEX_DIR
+
         settings = load_settings(home=home, **SETTINGS, **ray, **({"partitions": workers} if ray else {}))
         if not (home / "bundle").exists():  # no local training epoch ran at this size: an untrained model
             untrained_bundle(load_settings(home=home, **SETTINGS), home / "bundle")
-        index = steps.ensure_index(settings, index_kind, str(home / "bundle"))
+        kind = choose_kind(read_index_meta(home / "bundle" / INDEX_DIR).num_items, index_kind)  # auto: by catalogue size
+        index = steps.ensure_index(settings, kind, str(home / "bundle"))
         started = time.perf_counter()
         report = steps.recommend_everyone(settings, K, home / f"recs-{engine}.parquet", str(home / "bundle"), "recs")
         return {"seconds": time.perf_counter() - started, "rows": report["users"],
