@@ -4,10 +4,11 @@
 each on CUDA; gloo on the CPU, NCCL on GPUs). Each worker runs ``train_sasrec`` unchanged:
 ``pipeline.training.loop.fit`` sees the process group Ray Train set up and trains
 data-parallel (every rank reads its shard of the users' windows, a share of every step's
-batch; gradients averaged by DDP, validation and checkpoints on rank 0). Rank 0 leaves the trained weights and the fit's record in the
-run folder, from which the driver rebuilds the same ``TrainOutcome`` a local run returns.
-The run folder and the feature set must be on storage every worker can read (one machine,
-or a shared file system).
+batch; gradients averaged by DDP; each rank ranks a share of the validation users;
+checkpoints on rank 0). Rank 0 leaves the trained weights and the fit's record in the run
+folder, from which the driver rebuilds the same ``TrainOutcome`` a local run returns. The
+run folder and the feature set must be on storage every worker can read (one machine, or a
+shared file system).
 """
 
 from __future__ import annotations

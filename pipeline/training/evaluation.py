@@ -5,7 +5,9 @@ user already interacted with (the whole history before the target) are excluded 
 ranking, except the target itself; item 0 (padding) is never ranked. With ``keep_seen``
 the seen items are ranked too (the protocol of catalogues where people buy or watch again). The rank of the
 target is the number of items with a strictly higher score (ties favour the target, as
-in the reference implementations). Scoring runs in batches on the model's device.
+in the reference implementations). Scoring runs in batches on the model's device; in a
+data-parallel process group (Ray Train's workers) the ranks score a share of the users each and
+exchange the results, so every rank holds what one process would have computed.
 
 When the feature set holds items out of training (``cold_item_fraction``), the report adds
 a cold-start section for the targets among them: their ranks in the whole catalogue, and
@@ -29,6 +31,7 @@ import torch
 from pipeline.data.feature_store import FeatureSet
 from pipeline.errors import UserError
 from pipeline.training.batches import prefix_batch, seen_pairs
+from pipeline.training.loop import ProcessGroup
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (B, T) histories -> (B, N+1) scores
 DEFAULT_KS = (5, 10, 20, 50)
@@ -128,14 +131,31 @@ def split_targets(fs: FeatureSet, split: str) -> tuple[np.ndarray, np.ndarray]:
     return users, pos[users].astype(np.int64)
 
 
+def share_rows(mine: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+    """Fill in each of ``arrays`` (U, ...) the rows the other ranks of the process group computed,
+    every rank having computed the rows ``mine`` (each row on one rank): afterwards every rank
+    holds every row."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (mine, [a[mine] for a in arrays]))
+    for rows, values in parts:
+        for array, part in zip(arrays, values, strict=True):
+            array[rows] = part
+
+
 @torch.no_grad()
 def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False) -> EvalResult:
+             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False,
+             group: ProcessGroup | None = None) -> EvalResult:
     """Full-ranking metrics of ``scorer`` on the validation or test targets of ``fs``.
 
     Users are batched by history length (shortest first) so attention cost tracks real
     lengths. Returns metrics plus ``coverage@K`` (share of the catalogue appearing in
-    any user's top K).
+    any user's top K). In a process ``group`` (``pipeline.training.loop.process_group``) every
+    rank must call it: rank r scores every ``world``-th user of that order from the r-th (equal
+    shares of equal cost), then the ranks exchange their users' ranks, targets and top items,
+    and each returns the whole result.
     """
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
@@ -152,8 +172,9 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
     held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
     held_out_counts = np.zeros((len(users), 2), dtype=np.int64) if len(held_out) else None
-    for i in range(0, len(order), batch_size):
-        sel = order[i:i + batch_size]
+    mine = order[group.rank::group.world] if group is not None else order  # (U_mine,) the users this process scores
+    for i in range(0, len(mine), batch_size):
+        sel = mine[i:i + batch_size]
         u, p = users[sel], positions[sel]
         seq = torch.from_numpy(prefix_batch(fs.sequences, u, p, max_len)).to(device)
         targets = torch.from_numpy(fs.sequences.values[fs.sequences.offsets[u] + p].astype(np.int64)).to(device)
@@ -170,6 +191,8 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
             held_out_counts[sel] = torch.stack([higher, ties], dim=1).cpu().numpy()
         all_targets[sel] = targets.cpu().numpy()
         top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
+    if group is not None:
+        share_rows(mine, [a for a in (all_ranks, all_targets, top, held_out_counts) if a is not None])
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
     for k in ks:
         metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items

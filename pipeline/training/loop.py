@@ -8,13 +8,15 @@ stopping on the selection metric, the best checkpoint restored at the end, and r
 checkpoints. The next-item losses are modelling and live in ``models/losses.py``.
 
 In a ``torch.distributed`` process group (Ray Train's workers; gloo on the CPU, NCCL on
-GPUs) the same loop is data-parallel: every rank reads its own batches (the recipe gives each
-rank its shard of the users and the same number of steps), the loss runs inside
+GPUs) the same loop is data-parallel: every rank reads its own batches (the recipe gives
+each rank its shard of the users and the same number of steps), the loss runs inside
 ``DistributedDataParallel`` (gradients averaged over the ranks before the step, so the
-weights stay equal), and rank 0 alone validates (its metrics are broadcast, so every rank
-stops at the same epoch), writes checkpoints and reports epochs. Tables whose step touches few
-rows (the item tables under a sampled softmax) can be left out of DDP: their sparse gradients
-are averaged after backward over the rows some rank looked up (``dense_gradients``).
+weights stay equal); every rank calls the validation function, which may split its work over
+the group (``pipeline.training.evaluation.evaluate`` does), and rank 0's metrics are
+broadcast, so every rank stops at the same epoch; rank 0 alone writes checkpoints and
+reports epochs. Tables whose step touches few rows (the item tables under a sampled softmax)
+can be left out of DDP: their sparse gradients are averaged after backward over the rows
+some rank looked up (``dense_gradients``).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class ProcessGroup:
 
     @property
     def leads(self) -> bool:
-        """Rank 0: the one that validates, checkpoints and reports."""
+        """Rank 0: the one whose validation metrics count, that checkpoints and reports."""
         return self.rank == 0
 
 
@@ -271,7 +273,8 @@ def fit(
         batches: epoch -> iterable of tensor tuples (on CPU; moved to ``device`` here); in a
             process group, this rank's batches, the same number on every rank.
         loss_fn: (model, batch) -> scalar loss.
-        validate: model -> metrics (must contain ``cfg.selection_metric``); called in eval mode.
+        validate: model -> metrics (must contain ``cfg.selection_metric``); called in eval mode,
+            in a process group on every rank (rank 0's metrics count).
         cfg: epochs, optimiser, schedule, patience, selection metric, precision and compilation.
         steps_per_epoch: batches per epoch (for the schedule and the progress bar).
         param_groups: AdamW parameter groups (default: every parameter with ``cfg.weight_decay``).
@@ -333,7 +336,7 @@ def fit(
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             model.eval()
             t_valid = time.perf_counter()
-            record.valid = validate(model) if leads else {}
+            record.valid = validate(model)
             if group is not None:
                 record.valid = _from_rank_0(record.valid)
             record.valid_seconds = time.perf_counter() - t_valid

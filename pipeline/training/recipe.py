@@ -206,9 +206,9 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     The resumable checkpoint goes to ``run_dir/checkpoint.pt``. Checkpoints are chosen on
     the validation split only; the test split is never read here. ``auto`` settings are
     fitted to ``fs`` (``pipeline.training.data_defaults``); ``note`` hears about text encoding.
-    In a DDP process group (``pipeline.scale.training``) ``fit`` trains data-parallel and only
-    rank 0's outcome carries the validation metrics (the other ranks' ``valid`` is empty when
-    no epoch ran). The outcome's metrics are the best epoch's, the weights it returns.
+    In a DDP process group (``pipeline.scale.training``) ``fit`` trains data-parallel and the
+    ranks share the validation's users (every rank gets the metrics). The outcome's metrics are
+    the best epoch's, the weights it returns.
     """
     settings = fit_to_data(settings, fs)[0]
     cfg, ms = settings.train, settings.model
@@ -217,7 +217,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     setup = training_setup(settings, fs, device, note)
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric)).metrics
+        return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric),
+                        group=process_group()).metrics
 
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
                  param_groups=setup.model.optimizer_groups(cfg.weight_decay), row_sparse=setup.row_sparse,
@@ -226,9 +227,8 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     # the kept weights are the best epoch's, so are its metrics: a full-ranking validation is not
     # run again (at scale it costs about as much as an epoch's scoring of every user)
     valid = next((r.valid for r in result.history if r.epoch == result.best_epoch and r.valid), None)
-    if valid is None:  # no epoch was validated (epochs = 0): in a DDP group only rank 0 validates
-        group = process_group()
-        valid = validate(setup.model) if group is None or group.leads else {}
+    if valid is None:  # no epoch was validated (epochs = 0)
+        valid = validate(setup.model)
     return TrainOutcome(setup.model, setup.shape, result, valid, run_dir, device)
 
 

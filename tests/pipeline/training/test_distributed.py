@@ -10,12 +10,15 @@ and differs from each of them. ``rank_share`` gives each rank its users' windows
 Tables with sparse gradients (the item tables under a sampled softmax) are left out of DDP and
 averaged by ``dense_gradients`` over the rows some rank looked up: the same gradient DDP leaves
 when it all-reduces them whole, and in the recipe the ranks' weights stay equal step by step.
+
+Validation is shared the same way: each rank ranks its share of the users, and every rank ends
+with the result one process computes over all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from pipeline.data.feature_store import FeatureSet, load_feature_set
 from pipeline.scale.cluster import free_port
 from pipeline.training.batches import Windows, rank_share
 from pipeline.training.data_defaults import fit_to_data
+from pipeline.training.evaluation import EvalResult, evaluate
 from pipeline.training.loop import ProcessGroup, data_parallel, dense_gradients, fit
 from pipeline.training.recipe import training_setup
 
@@ -240,3 +244,44 @@ def test_a_few_very_active_users_do_not_unbalance_the_shares() -> None:
     assert sorted(len(share) for share, _, _ in shares) == [23, 24]  # the snake order gave 27 and 20
     assert {steps for _, _, steps in shares} == {23}  # 1 window per rank and step: 46 of 47 trained
     assert sorted(np.concatenate([share.start for share, _, _ in shares]).tolist()) == list(range(47))
+
+
+def table_scorer(num_items: int, scored: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A fixed scorer (the same in every process): a history's summed item vectors against every
+    item's; ``scored`` hears how many users each call scored."""
+    table = torch.randn(num_items + 1, 8, generator=torch.Generator().manual_seed(7))
+    table[0] = 0.0  # padding adds nothing, however long a batch's histories are padded
+
+    def score(seq: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, N+1)
+        scored.append(seq.shape[0])
+        return table[seq].sum(dim=1) @ table.T  # (B, T, 8) -> (B, 8) -> (B, N+1)
+    return score
+
+
+def _evaluate_rank(rank: int, world: int, port: int, feature_set: str, out: str) -> None:
+    with gloo_group(rank, world, port):
+        fs = load_feature_set(Path(feature_set))
+        scored: list[int] = []
+        result = evaluate(table_scorer(fs.num_items, scored), fs, "valid", 20, torch.device("cpu"), ks=(5, 10),
+                          batch_size=8, group=ProcessGroup(rank, world))
+        torch.save({"result": result, "scored": sum(scored)}, Path(out) / f"rank{rank}.pt")
+
+
+def test_ranks_share_the_validation_users_and_each_gets_the_single_process_result(
+        tiny_fs: FeatureSet, tmp_path: Path) -> None:
+    mp.spawn(_evaluate_rank, args=(2, free_port(), str(tiny_fs.path), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    alone: EvalResult = evaluate(table_scorer(tiny_fs.num_items, []), tiny_fs, "valid", 20, torch.device("cpu"),
+                                 ks=(5, 10))
+    users = len(alone.users)
+    assert users >= 20
+    assert sorted(r["scored"] for r in ranks) == [users // 2, users - users // 2]  # each its half, once
+    for rank in ranks:
+        got: EvalResult = rank["result"]
+        assert np.array_equal(got.users, alone.users) and np.array_equal(got.targets, alone.targets)
+        assert np.array_equal(got.ranks, alone.ranks)  # every user's rank, the other rank's users' too
+        assert got.metrics == alone.metrics  # HR, NDCG and coverage (from both ranks' top items)
+        assert (got.held_out is None) == (alone.held_out is None)
+        if alone.held_out is not None:
+            assert np.array_equal(got.held_out, alone.held_out)
+    assert alone.metrics["hr@10"] > 0 and len(set(alone.ranks.tolist())) > 3  # a ranking that can differ
