@@ -97,6 +97,10 @@ class TrainSettings(Section):
         "auto", description="epochs without a gain of the selection metric before stopping; auto: 5 for short "
                             "histories (median under 20 items), else 20")
     eval_every: int = Field(1, ge=1, description="validate every N epochs")
+    valid_users: int | None = Field(
+        None, ge=1, description="validation ranks a fixed random sample of this many of the users with a validation "
+                                "target (for the best epoch, early stopping and the promotion gate alike; the cost of a "
+                                "full ranking grows with users x items); unset: every such user. Test metrics rank every user")
     selection_metric: str = Field(
         "ndcg@10", pattern=r"^(hr|ndcg|mrr)@[1-9][0-9]*$",
         description="validation metric that picks the best epoch, stops early and gates promotion (hr|ndcg|mrr@K)")

@@ -367,8 +367,9 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
     worse than the champion's on ``fs``, within ``registry.promotion_tolerance``, and not below
     the most-popular baseline's on ``fs`` (the floor, for the first model too).
 
-    The champion's score is its tag when it was measured on ``fs``; otherwise the champion is
-    re-evaluated on ``fs`` once (kept as the tag ``valid_<metric>_on_<feature set>``). A champion
+    The champion's score is its tag when it was measured on ``fs`` over the same users (all, or
+    the same ``train.valid_users`` sample); otherwise the champion is re-evaluated on ``fs`` once
+    (kept as the tag ``valid_<metric>_on_<feature set>``, ``..._<N>_users`` for a sample). A champion
     trained on another catalogue cannot be compared and is replaced. Every version gets the
     tags ``role`` and ``gate_reason``.
     """
@@ -376,8 +377,9 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
 
     reg, metric = settings.registry, settings.train.selection_metric
     score_tag = tracking.metric_name(metric, "valid_")
+    users = "all" if settings.train.valid_users is None else str(settings.train.valid_users)  # whom the scores rank
     tracking.set_version_tags(settings, version, {score_tag: f"{valid_score:.6f}", "feature_version": fs.version,
-                                                  "selection_metric": metric})
+                                                  "selection_metric": metric, "valid_users": users})
     current = tracking.champion(settings)
     label = metric.upper()
     floor = popularity_score(settings, fs)
@@ -390,8 +392,9 @@ def promotion_gate(settings: Settings, fs: FeatureSet, version: str, valid_score
                                   f"{floor:.4f}" + ("" if reg.popularity_floor else " (popularity floor off)"))
     else:
         champ_version, champ_tags = current
-        measured_tag = f"{score_tag}_on_{fs.version}"  # the champion re-measured on this feature set
-        if champ_tags.get("feature_version") == fs.version and score_tag in champ_tags:
+        measured_tag = f"{score_tag}_on_{fs.version}" + ("" if users == "all" else f"_{users}_users")  # re-measured here
+        if (champ_tags.get("feature_version") == fs.version and score_tag in champ_tags
+                and champ_tags.get("valid_users", "all") == users):
             champ_score: float | None = float(champ_tags[score_tag])
         elif measured_tag in champ_tags:
             champ_score = None if champ_tags[measured_tag] == "other catalogue" else float(champ_tags[measured_tag])
@@ -430,7 +433,7 @@ def popularity_score(settings: Settings, fs: FeatureSet) -> float:
     metric = settings.train.selection_metric
     max_len = fit_model(settings.model, fs)[0].max_len
     return evaluate(baseline_model("popularity", fs).to(device), fs, "valid", max_len, device,
-                    ks=selection_ks(metric)).metrics[metric]
+                    ks=selection_ks(metric), sample=settings.train.valid_users).metrics[metric]
 
 
 def registered_scorer(settings: Settings, fs: FeatureSet, version: str) -> tuple[Scorer, int] | None:
@@ -460,7 +463,8 @@ def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | 
     if scorer is None:
         return None
     metric = settings.train.selection_metric
-    return evaluate(scorer[0], fs, "valid", scorer[1], resolve_device(settings.device), ks=selection_ks(metric)).metrics[metric]
+    return evaluate(scorer[0], fs, "valid", scorer[1], resolve_device(settings.device), ks=selection_ks(metric),
+                    sample=settings.train.valid_users).metrics[metric]
 
 
 # --------------------------------------------------------------------------------------

@@ -124,10 +124,17 @@ class EvalResult:
         return out
 
 
-def split_targets(fs: FeatureSet, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(users, target positions) with a target in ``split`` ('valid' | 'test')."""
+SAMPLE_SEED = 0  # a sample of users depends on the feature set and its size alone
+
+
+def split_targets(fs: FeatureSet, split: str, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(users, target positions) with a target in ``split`` ('valid' | 'test'), in user order;
+    ``sample``: a fixed random subset of that many of them (all where there are no more), the
+    same for the same feature set and size, so that scores measured apart compare."""
     pos = fs.valid_pos if split == "valid" else fs.test_pos
     users = np.nonzero(pos >= 0)[0]
+    if sample is not None and sample < len(users):
+        users = np.sort(np.random.default_rng(SAMPLE_SEED).choice(users, sample, replace=False))
     return users, pos[users].astype(np.int64)
 
 
@@ -147,12 +154,13 @@ def share_rows(mine: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
 @torch.no_grad()
 def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
              ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False,
-             group: ProcessGroup | None = None) -> EvalResult:
+             group: ProcessGroup | None = None, sample: int | None = None) -> EvalResult:
     """Full-ranking metrics of ``scorer`` on the validation or test targets of ``fs``.
 
     Users are batched by history length (shortest first) so attention cost tracks real
     lengths. Returns metrics plus ``coverage@K`` (share of the catalogue appearing in
-    any user's top K). In a process ``group`` (``pipeline.training.loop.process_group``) every
+    any user's top K), over every user with a target or a fixed ``sample`` of that many
+    (``split_targets``). In a process ``group`` (``pipeline.training.loop.process_group``) every
     rank must call it: rank r scores every ``world``-th user of that order from the r-th (equal
     shares of equal cost), then the ranks exchange their users' ranks, targets and top items,
     and each returns the whole result.
@@ -160,7 +168,7 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
     started = time.perf_counter()
-    users, positions = split_targets(fs, split)
+    users, positions = split_targets(fs, split, sample)
     if len(users) == 0:
         raise UserError(f"the feature set {fs.version} has no {split} targets (split {fs.manifest.get('split', {}).get('kind')}): "
                         "build one that has, e.g. `attnrec features --split loo`")

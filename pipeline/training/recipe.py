@@ -218,7 +218,7 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
         return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric),
-                        group=process_group()).metrics
+                        group=process_group(), sample=cfg.valid_users).metrics
 
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,
                  param_groups=setup.model.optimizer_groups(cfg.weight_decay), row_sparse=setup.row_sparse,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.app.steps import build_features, champion_score, ingest_catalog, ingest_events, train
+from pipeline.app.steps import build_features, champion_score, ingest_catalog, ingest_events, popularity_score, train
 from pipeline.config import load_settings
 from pipeline.errors import UserError
 from pipeline.registry.model_store import resolve_bundle
@@ -93,6 +93,24 @@ def test_the_champion_is_re_evaluated_when_the_warehouse_changed(home: Path, tmp
     assert features["version"] in worse["gate_reason"] and champion_version(home) == "1"
     measured = version_tags(home, "1")[f"valid_ndcg_at_10_on_{features['version']}"]  # kept: measured once
     assert float(measured) == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_challenger_validated_on_a_sample_of_users_meets_the_champion_on_the_same_sample(home: Path) -> None:
+    """The champion's own tag ranks every validation user; a challenger validated on
+    ``train.valid_users`` is compared with the champion re-measured on the same users, and so
+    is the popularity floor."""
+    sampled = load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0, "train.valid_users": 50})
+    fs = _feature_set(sampled)
+    expected = champion_score(sampled, fs, "1")
+    assert expected is not None and expected != pytest.approx(float(version_tags(home, "1")["valid_ndcg_at_10"]), abs=1e-9)
+    worse = train(sampled, baselines=False)
+    assert worse["valid"]["users"] == 50
+    assert f"champion v1 {expected:.4f}" in worse["gate_reason"], worse["gate_reason"]
+    tags = version_tags(home, worse["version"])
+    assert tags["valid_users"] == "50" and version_tags(home, "1")["valid_users"] == "all"
+    assert float(version_tags(home, "1")[f"valid_ndcg_at_10_on_{fs.version}_50_users"]) == pytest.approx(expected, abs=1e-6)
+    assert float(tags["popularity_valid_ndcg_at_10"]) == pytest.approx(popularity_score(sampled, fs), abs=1e-6)
+    assert popularity_score(sampled, fs) != popularity_score(load_settings(home=home), fs)  # the sample's, not everyone's
 
 
 def test_a_champion_of_another_catalogue_is_replaced(home: Path, tmp_path: Path) -> None:

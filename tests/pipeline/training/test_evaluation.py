@@ -141,3 +141,23 @@ def test_ranks_counted_in_row_chunks_equal_the_whole_count() -> None:
     none = torch.zeros(0, dtype=torch.long)
     ranks = target_ranks(scores.clone(), targets, none, none)
     torch.testing.assert_close(ranks, expected - (scores[:, 0] > scores[:, 3]).long())  # padding is never ranked
+
+
+def test_a_sample_of_users_is_fixed_and_ranks_each_sampled_user_as_the_whole_evaluation_does() -> None:
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, NUM_ITEMS + 1, size=int(rng.integers(3, 8))).tolist() for _ in range(60)]
+    fs = tiny_feature_set(histories, [len(h) - 2 for h in histories], [len(h) - 1 for h in histories])
+    fs.valid_pos[::7] = -1  # some users have no validation target: never sampled
+    scorer = FixedScorer([0.0, 0.5, 0.1, 0.9, 0.3, 0.7])
+    whole = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1, 3))
+    sample = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1, 3), sample=20)
+    again = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1, 3), sample=20)
+    assert len(sample.users) == sample.metrics["users"] == 20 and whole.metrics["users"] == len(whole.users) == 51
+    assert np.array_equal(sample.users, again.users) and sample.metrics == again.metrics  # the same sample each time
+    assert set(sample.users) < set(whole.users) and np.all(np.diff(sample.users) > 0)
+    at = np.searchsorted(whole.users, sample.users)
+    assert np.array_equal(sample.ranks, whole.ranks[at]) and np.array_equal(sample.targets, whole.targets[at])
+    mask = np.isin(whole.users, sample.users)
+    assert sample.metrics["ndcg@3"] == pytest.approx(whole.restricted(mask, (1, 3))["ndcg@3"], abs=1e-12)
+    larger = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1, 3), sample=1000)
+    assert np.array_equal(larger.users, whole.users)  # a sample beyond the users: all of them
