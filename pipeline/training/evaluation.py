@@ -161,9 +161,10 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     lengths. Returns metrics plus ``coverage@K`` (share of the catalogue appearing in
     any user's top K), over every user with a target or a fixed ``sample`` of that many
     (``split_targets``). In a process ``group`` (``pipeline.training.loop.process_group``) every
-    rank must call it: rank r scores every ``world``-th user of that order from the r-th (equal
-    shares of equal cost), then the ranks exchange their users' ranks, targets and top items,
-    and each returns the whole result.
+    rank must call it: rank r scores every ``world``-th batch of one process's from the r-th
+    (the same batches, so the same scores to the bit; about equal shares, the batches' lengths
+    growing slowly), then the ranks exchange their users' ranks, targets and top items, and
+    each returns the whole result.
     """
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
@@ -180,9 +181,10 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
     held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
     held_out_counts = np.zeros((len(users), 2), dtype=np.int64) if len(held_out) else None
-    mine = order[group.rank::group.world] if group is not None else order  # (U_mine,) the users this process scores
-    for i in range(0, len(mine), batch_size):
-        sel = mine[i:i + batch_size]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group is not None:  # one process's batches, dealt round robin: each user scored as one process scores it
+        batches = batches[group.rank::group.world]
+    for sel in batches:
         u, p = users[sel], positions[sel]
         seq = torch.from_numpy(prefix_batch(fs.sequences, u, p, max_len)).to(device)
         targets = torch.from_numpy(fs.sequences.values[fs.sequences.offsets[u] + p].astype(np.int64)).to(device)
@@ -200,6 +202,7 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         all_targets[sel] = targets.cpu().numpy()
         top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
     if group is not None:
+        mine = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)  # (U_mine,) the users scored here
         share_rows(mine, [a for a in (all_ranks, all_targets, top, held_out_counts) if a is not None])
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
     for k in ks:

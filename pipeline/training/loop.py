@@ -304,6 +304,7 @@ def fit(
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
         _check_same_shape(checkpoint_path, ckpt["model"], model.state_dict())
+        _check_same_validation(checkpoint_path, ckpt.get("validation"), _validation(cfg))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -352,7 +353,7 @@ def fit(
             on_epoch(record)
         # --- step 5: resumable checkpoint
         if checkpoint_path is not None and leads:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, best_weights, state, history)
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, best_weights, state, history, _validation(cfg))
         if state["bad_epochs"] >= cfg.patience:
             stopped_early = True
             break
@@ -372,6 +373,28 @@ def _from_rank_0(metrics: dict[str, float]) -> dict[str, float]:
     return box[0]
 
 
+def _validation(cfg: TrainSettings) -> dict[str, Any]:
+    """What the best epoch's score means: its metric and the users it ranks (a sample's size or all)."""
+    return {"metric": cfg.selection_metric, "users": cfg.valid_users}
+
+
+def _check_same_validation(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint whose best score was measured otherwise: the resumed epochs
+    would be compared with a score of another metric or over other users. (Checkpoints written
+    before the validation was recorded are not checked.)"""
+    from pipeline.errors import UserError
+
+    if saved is None or saved == current:
+        return
+
+    def said(validation: dict[str, Any]) -> str:
+        users = validation["users"]
+        return f"{validation['metric']} over " + ("every user" if users is None else f"a sample of {users:,} users")
+
+    raise UserError(f"--resume {path.parent}: its best epoch was chosen on {said(saved)}, these settings validate on "
+                    f"{said(current)}; resume with the run's train.selection_metric and train.valid_users")
+
+
 def _check_same_shape(path: Path, saved: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> None:
     """Refuse to resume a checkpoint into a model of another shape, saying what differs."""
     from pipeline.errors import UserError
@@ -386,12 +409,13 @@ def _check_same_shape(path: Path, saved: dict[str, torch.Tensor], current: dict[
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     best_weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[EpochRecord]) -> None:
+                     best_weights: dict[str, torch.Tensor], state: dict[str, Any], history: list[EpochRecord],
+                     validation: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "best_model": best_weights, "torch_rng": torch.get_rng_state(),
+        "best_model": best_weights, "torch_rng": torch.get_rng_state(), "validation": validation,
         **{k: state[k] for k in ("epoch", "best_metric", "best_epoch", "bad_epochs")},
         "history": [vars(h) for h in history],
     }, tmp)

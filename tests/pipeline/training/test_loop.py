@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import TrainSettings
+from pipeline.errors import UserError
 from pipeline.training.loop import fit, keep_freed_memory_in_process, warmup_cosine
 
 
@@ -61,6 +62,26 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
                   torch.device("cpu"), 4, checkpoint_path=tmp_path / "ck.pt", resume=True, progress=False)
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[0].loss == first.history[0].loss
+
+
+QUICK = {"lr": 0.05, "warmup_steps": 0, "patience": 10}
+
+
+def test_resume_refuses_a_checkpoint_validated_over_other_users(tmp_path: Path) -> None:
+    """Found in review: resuming with another ``train.valid_users`` compared the new epochs'
+    scores with a best score measured over other users."""
+    validate = lambda m: {"ndcg@10": -abs(m.w.item() - 3), "mrr@10": 0.0}  # noqa: E731
+    fit(Linear1(), regression_batches, mse, validate, TrainSettings(**QUICK, epochs=1, valid_users=500), torch.device("cpu"), 4,
+        checkpoint_path=tmp_path / "ck.pt", progress=False)
+    for other, said in ((TrainSettings(**QUICK, epochs=2), "ndcg@10 over every user"),
+                        (TrainSettings(**QUICK, epochs=2, valid_users=500, selection_metric="mrr@10"), "mrr@10 over a sample of 500")):
+        with pytest.raises(UserError, match=f"its best epoch was chosen on ndcg@10 over a sample of 500 users, these "
+                                            f"settings validate on {said}"):
+            fit(Linear1(), regression_batches, mse, validate, other, torch.device("cpu"), 4,
+                checkpoint_path=tmp_path / "ck.pt", resume=True, progress=False)
+    again = fit(Linear1(), regression_batches, mse, validate, TrainSettings(**QUICK, epochs=2, valid_users=500), torch.device("cpu"),
+                4, checkpoint_path=tmp_path / "ck.pt", resume=True, progress=False)
+    assert [h.epoch for h in again.history] == [1, 2]
 
 
 def test_warmup_cosine_schedule() -> None:
