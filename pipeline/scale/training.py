@@ -29,33 +29,6 @@ from pipeline.training.recipe import TrainOutcome, build_sasrec, new_run_dir, tr
 
 RANK_0_RESULT = "distributed_result.pt"  # in the run folder: rank 0's weights and fit record
 
-# Ray Train runs the training function in a thread of each worker process, and glibc gives a
-# thread its own malloc arena, from which a block too large for the arena's heap is mapped
-# afresh and unmapped on free, whatever ``keep_freed_memory_in_process`` set: every step's
-# 128 MB dense gradient of a 500,000-item table page-faulted in again (31,000 faults and 112
-# ms an allocation in a thread against 0 and 13 ms reused in the main arena), as did every
-# validation batch's scores. One arena for the whole worker process makes the thread reuse
-# freed memory as a local run does.
-WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
-
-
-def torch_trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any], settings: Settings,
-                  name: str) -> Any:
-    """Ray Train's ``TorchTrainer`` running ``loop(config)`` in ``settings.train.workers``
-    workers (one CPU each with gloo, or one GPU each with NCCL on CUDA), with ``WORKER_ENV``;
-    Ray Train's records under ``HOME/ray_train/<name>``."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    cuda = resolve_device(settings.device).type == "cuda"
-    return TorchTrainer(
-        loop, train_loop_config=config, torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        scaling_config=ScalingConfig(num_workers=settings.train.workers, use_gpu=cuda,
-                                     resources_per_worker={"GPU": 1} if cuda else {"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=str(settings.home / "ray_train"),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
-    )
-
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: ``train_sasrec`` in the process group; rank 0 saves the outcome."""
@@ -80,12 +53,22 @@ def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None
     (``fit_to_data``), so every worker builds the same model.
     """
     import_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     device = resolve_device(settings.device)
     run_dir = run_dir or new_run_dir(settings)
-    trainer = torch_trainer(_worker, {"settings": settings, "features": str(fs.path), "run_dir": str(run_dir),
-                                      "resume": resume}, settings, run_dir.name)
+    cuda = device.type == "cuda"
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"settings": settings, "features": str(fs.path), "run_dir": str(run_dir), "resume": resume},
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        scaling_config=ScalingConfig(num_workers=settings.train.workers, use_gpu=cuda,
+                                     resources_per_worker={"GPU": 1} if cuda else {"CPU": 1}),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(settings.home / "ray_train")),
+    )
     with ray_connection(settings) as ray:
-        kind = "GPU" if device.type == "cuda" else "CPU"
+        kind = "GPU" if cuda else "CPU"
         offered = int(ray.cluster_resources().get(kind, 0))
         if offered < settings.train.workers:  # Ray Train would wait for them without a word
             where = f"at {settings.ray_address}" if settings.ray_address else "started for this command"
