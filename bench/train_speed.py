@@ -40,8 +40,8 @@ from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.scale.cluster import free_port  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
 from pipeline.training.loop import (  # noqa: E402
+    DenseGradients,
     data_parallel,
-    dense_gradients,
     keep_freed_memory_in_process,
     optimizer_and_schedule,
     precision_and_compilation,
@@ -167,12 +167,13 @@ def _ddp_step_worker(rank: int, world: int, port: int, settings, feature_set: Pa
         model = setup.model.train()
         optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
         step_loss, group = data_parallel(model, setup.loss, device, setup.row_sparse), process_group()
+        dense_gradients = DenseGradients(setup.row_sparse, group)
         for i, batch in enumerate(itertools.islice(setup.batches(1), steps + 3)):
             if i == 3:
                 dist.barrier()
                 started = time.perf_counter()
             train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, False,
-                       after_backward=lambda: dense_gradients(setup.row_sparse, group))
+                       after_backward=dense_gradients)
         if rank == 0:
             out.put(((time.perf_counter() - started) / steps * 1000, len(setup.row_sparse)))
         dist.barrier()

@@ -16,7 +16,7 @@ the group (``pipeline.training.evaluation.evaluate`` does), and rank 0's metrics
 broadcast, so every rank stops at the same epoch; rank 0 alone writes checkpoints and
 reports epochs. Tables whose step touches few rows (the item tables under a sampled softmax)
 can be left out of DDP: their sparse gradients are averaged after backward over the rows
-some rank looked up (``dense_gradients``).
+some rank looked up (``DenseGradients``).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, B
                after_backward: Callable[[], None] = lambda: None) -> torch.Tensor:
     """One optimiser step on ``batch`` (already on the device); returns the loss (a scalar tensor).
 
-    ``after_backward`` completes the gradients backward left (``dense_gradients``).
+    ``after_backward`` completes the gradients backward left (``DenseGradients``).
     ``phase_done`` is called after each of its four phases (the loss; backward with
     ``after_backward``; gradient clipping; the optimiser and schedule step): the speed bench
     times them with it.
@@ -164,7 +164,7 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
 
     ``row_sparse``: tables with sparse gradients (``ItemTower.make_tables_sparse``), left out of
     DDP, which would all-reduce them whole every step (136.6 MB at 500,000 items of 64
-    floats); ``dense_gradients`` averages them after backward.
+    floats); ``DenseGradients`` averages them after backward.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -181,40 +181,60 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
     return lambda _model, batch: ddp(*batch)
 
 
-def dense_gradients(tables: Sequence[nn.Parameter], group: ProcessGroup | None) -> None:
-    """Replace the sparse gradients of ``tables`` (R, ...) by dense ones, for clipping and AdamW;
-    in a process group, by the ranks' average, as DDP's all-reduce would leave it.
+class DenseGradients:
+    """Called after backward: replaces the sparse gradients of ``tables`` (R, ...) by dense ones,
+    for clipping and AdamW; in a process group, by the ranks' average, as DDP's all-reduce
+    would leave it.
 
     Only the rows some rank looked up are sent: each rank's row indices (gathered), then the
     values of their union (U, ...) summed. Under a sampled softmax a step of 128 windows of 50
     looks up at most 13,825 rows, so 2 ranks send at most 27,650 of a catalogue's rows.
-    """
-    import torch.distributed as dist
 
-    for p in tables:
-        if (p.grad is not None and not p.grad.is_sparse) or (p.grad is None and group is None):
-            continue
-        if p.grad is None:  # this rank's step did not read the table: it sends no rows
-            rows, values = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros(0, *p.shape[1:])
-        else:
-            grad = p.grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()  # (n,) distinct rows, (n, ...) their gradient
-        if group is not None:
-            counts = [rows.new_zeros(1) for _ in range(group.world)]
-            dist.all_gather(counts, rows.new_full((1,), rows.numel()))
-            sent = rows.new_full((int(max(c.item() for c in counts)),), -1)  # (W,) padded to the longest
-            sent[:rows.numel()] = rows
-            gathered = [torch.empty_like(sent) for _ in range(group.world)]
-            dist.all_gather(gathered, sent)
-            union = torch.unique(torch.cat(gathered))  # sorted; the padding -1 first where there is any
-            union = union[union >= 0]  # (U,)
-            summed = values.new_zeros(union.numel(), *values.shape[1:])  # (U, ...)
-            summed.index_add_(0, torch.searchsorted(union, rows), values / group.world)  # DDP divides, then sums
-            dist.all_reduce(summed)
-            rows, values = union, summed
-        dense = torch.zeros(p.shape, dtype=values.dtype, device=values.device)  # (R, ...)
-        dense[rows] = values
-        p.grad = dense
+    Each table's dense gradient is one buffer kept from step to step: a step zeroes the rows the
+    step before wrote and writes its own. A fresh (R, ...) block every step cost a page fault
+    per 4 KB page wherever glibc maps it afresh, as it does for any block over 64 MB in a
+    thread's own malloc arena (Ray Train runs the training function in a thread): at 500,000
+    items 31,000 faults and 112 ms a step, against a few rows' writes here (docs/scaling.md).
+    The optimiser drops ``p.grad`` before backward (``zero_grad(set_to_none=True)``), so backward
+    never adds into the buffer; clipping scales it in place, which keeps unwritten rows zero.
+    """
+
+    def __init__(self, tables: Sequence[nn.Parameter], group: ProcessGroup | None) -> None:
+        self.tables, self.group = list(tables), group
+        self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (buffer (R, ...), rows set last (n,))
+
+    def __call__(self) -> None:
+        import torch.distributed as dist
+
+        group = self.group
+        for p in self.tables:
+            if (p.grad is not None and not p.grad.is_sparse) or (p.grad is None and group is None):
+                continue
+            if p.grad is None:  # this rank's step did not read the table: it sends no rows
+                rows, values = torch.zeros(0, dtype=torch.long, device=p.device), p.new_zeros(0, *p.shape[1:])
+            else:
+                grad = p.grad.coalesce()
+                rows, values = grad.indices()[0], grad.values()  # (n,) distinct rows, (n, ...) their gradient
+            if group is not None:
+                counts = [rows.new_zeros(1) for _ in range(group.world)]
+                dist.all_gather(counts, rows.new_full((1,), rows.numel()))
+                sent = rows.new_full((int(max(c.item() for c in counts)),), -1)  # (W,) padded to the longest
+                sent[:rows.numel()] = rows
+                gathered = [torch.empty_like(sent) for _ in range(group.world)]
+                dist.all_gather(gathered, sent)
+                union = torch.unique(torch.cat(gathered))  # sorted; the padding -1 first where there is any
+                union = union[union >= 0]  # (U,)
+                summed = values.new_zeros(union.numel(), *values.shape[1:])  # (U, ...)
+                summed.index_add_(0, torch.searchsorted(union, rows), values / group.world)  # DDP divides, then sums
+                dist.all_reduce(summed)
+                rows, values = union, summed
+            buffer, last = self.written.get(id(p), (None, None))
+            if buffer is None or buffer.dtype != values.dtype:
+                buffer, last = torch.zeros(p.shape, dtype=values.dtype, device=values.device), rows[:0]  # (R, ...)
+            buffer[last] = 0
+            buffer[rows] = values
+            self.written[id(p)] = (buffer, rows)
+            p.grad = buffer
 
 
 def seed_everything(seed: int) -> None:
@@ -315,6 +335,7 @@ def fit(
 
     history: list[EpochRecord] = state["history"]
     stopped_early = False
+    dense_gradients = DenseGradients(row_sparse, group)  # its buffers last the run
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         # --- step 3: one pass over the training batches
         model.train()
@@ -324,7 +345,7 @@ def fit(
             rows = batch[0].shape[0]
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             loss = train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, use_bf16,
-                              after_backward=lambda: dense_gradients(row_sparse, group))
+                              after_backward=dense_gradients)
             loss_sum += loss.item()
             n_steps += 1
             n_samples += rows * (group.world if group is not None else 1)  # all ranks together (equal shares)

@@ -158,7 +158,7 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
     # --- tables with sparse gradients: with a sampled softmax a DDP step looks up at most a few
-    # thousand rows of the item tables, and the ranks exchange those rows alone (``dense_gradients``).
+    # thousand rows of the item tables, and the ranks exchange those rows alone (``DenseGradients``).
     # Not in a compiled step: Inductor cannot compile a sparse backward (it would fall back with
     # a graph break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
     compiled = precision_and_compilation(cfg, device)[1]

@@ -8,7 +8,7 @@ batch, which is the average of the two halves' own gradients (a mean loss over e
 and differs from each of them. ``rank_share`` gives each rank its users' windows.
 
 Tables with sparse gradients (the item tables under a sampled softmax) are left out of DDP and
-averaged by ``dense_gradients`` over the rows some rank looked up: the same gradient DDP leaves
+averaged by ``DenseGradients`` over the rows some rank looked up: the same gradient DDP leaves
 when it all-reduces them whole, and in the recipe the ranks' weights stay equal step by step.
 
 Validation is shared the same way: each rank ranks its share of the users, and every rank ends
@@ -34,7 +34,7 @@ from pipeline.scale.cluster import free_port
 from pipeline.training.batches import Windows, rank_share
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import EvalResult, evaluate
-from pipeline.training.loop import ProcessGroup, data_parallel, dense_gradients, fit
+from pipeline.training.loop import DenseGradients, ProcessGroup, data_parallel, fit
 from pipeline.training.recipe import training_setup
 
 ROWS, FEATURES = 8, 5
@@ -147,12 +147,12 @@ def _table_rank(rank: int, world: int, port: int, out: str) -> None:
             tables = [model.table.weight] if sparse else []
             step_loss = data_parallel(model, mse, torch.device("cpu"), row_sparse=tables)
             step_loss(model, half(table_batch(), rank)).backward()
-            dense_gradients(tables, ProcessGroup(rank, world))
+            DenseGradients(tables, ProcessGroup(rank, world))()
             saved[sparse] = {"grads": gradients(model), "weights": [p.detach().clone() for p in model.parameters()]}
         unread = nn.Parameter(torch.zeros(TABLE_ROWS, 2))  # read by rank 0's step only (rows 2 and 3)
         if rank == 0:
             unread.grad = torch.zeros(TABLE_ROWS, 2).index_fill_(0, torch.tensor([2, 3]), 1.0).to_sparse(sparse_dim=1)
-        dense_gradients([unread], ProcessGroup(rank, world))
+        DenseGradients([unread], ProcessGroup(rank, world))()
         saved["unread"] = unread.grad
         torch.save(saved, Path(out) / f"rank{rank}.pt")
 
