@@ -139,13 +139,15 @@ class SASRec(nn.Module):
         """State after the newest item: (B, T) -> (B, D). This is the FAISS query vector."""
         return self.encode(seq, item_table)[:, -1, :]
 
-    def forward(self, seq: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, seq: torch.Tensor, item_table: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item scores over the catalogue: (B, T) -> (B, N+1) (column 0 = padding).
 
-        score(i) = <h_{T-1}, item(i)>; ``item_table`` (N+1, D) saves recomputing the tower.
+        score(i) = <h_{T-1}, item(i)>; ``item_table`` (N+1, D) saves recomputing the tower;
+        ``out`` (B, N+1), without autograd: the scores are written there and it is returned.
         """
         table = item_table if item_table is not None else self.item_vectors()  # (N+1, D)
-        return self.user_vectors(seq, table) @ table.T  # (B, N+1)
+        return torch.matmul(self.user_vectors(seq, table), table.T, out=out)  # (B, N+1)
 
     def explain(self, seq: torch.Tensor, items: torch.Tensor, item_table: torch.Tensor | None = None,
                 block_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:

@@ -90,10 +90,27 @@ def build_sasrec(fs: FeatureSet, ms: ModelSettings,
 
 
 def sasrec_scorer(model: SASRec) -> Scorer:
-    """Scores over the catalogue for a batch of histories (``SASRec.forward``); item vectors computed once."""
+    """Scores over the catalogue for a batch of histories (``SASRec.forward``): item vectors
+    computed once, and every batch's scores written into one buffer, so that a call's scores
+    last until the next call.
+
+    A fresh (B, N+1) block every batch is mapped afresh and page-faulted in wherever glibc
+    serves it outside the main heap, as it does any block over 64 MB in a thread's own arena
+    (Ray Train's training thread validates): at 500,000 items a batch of 512 users is 1 GB,
+    262,000 faults (docs/scaling.md).
+    """
     with torch.no_grad():
         table = model.item_vectors()  # (N+1, D)
-    return lambda seq: model(seq, table)  # (B, T) -> (B, N+1)
+    buffer = table.new_empty(0, table.shape[0])  # (B_max, N+1), grown to the largest batch
+
+    @torch.no_grad()
+    def score(seq: torch.Tensor) -> torch.Tensor:
+        nonlocal buffer
+        if buffer.shape[0] < seq.shape[0]:
+            buffer = table.new_empty(seq.shape[0], table.shape[0])
+        return model(seq, table, out=buffer[:seq.shape[0]])  # (B, T) -> (B, N+1), a view of the buffer
+
+    return score
 
 
 def new_run_dir(settings: Settings) -> Path:
