@@ -209,7 +209,9 @@ def train(
     patience: Annotated[int | None, typer.Option(help="epochs without improvement before stopping (default: fitted to the data)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (recorded with the run)")] = None,
     valid_users: Annotated[int | None, typer.Option(
-        help="validate on a fixed random sample of this many users (default: all; the test report ranks every user)")] = None,
+        help="validate on a fixed random sample of this many users (default: all)")] = None,
+    test_users: Annotated[int | None, typer.Option(
+        help="rank a fixed random sample of this many users in the test report (default: all)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
     index_kind: Annotated[str, typer.Option("--index-kind", help="FAISS index of the bundle: auto | flat | hnsw | ivf")] = "auto",
@@ -227,7 +229,8 @@ def train(
     s = load_settings(home=home, device=device, engine=engine, ray_address=ray_address, **{"train.workers": workers,
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
-        "train.patience": patience, "train.seed": seed, "train.valid_users": valid_users, "model.hidden_size": hidden_size, "model.num_blocks": blocks,
+        "train.patience": patience, "train.seed": seed, "train.valid_users": valid_users, "train.test_users": test_users,
+        "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
         "model.text_encoder": text_encoder,
     })

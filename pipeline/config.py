@@ -100,7 +100,11 @@ class TrainSettings(Section):
     valid_users: int | None = Field(
         None, ge=1, description="validation ranks a fixed random sample of this many of the users with a validation "
                                 "target (for the best epoch, early stopping and the promotion gate alike; the cost of a "
-                                "full ranking grows with users x items); unset: every such user. Test metrics rank every user")
+                                "full ranking grows with users x items); unset: every such user")
+    test_users: int | None = Field(
+        None, ge=1, description="the test report after training (this run, the champion and the baselines side by side) "
+                                "ranks a fixed random sample of this many of the users with a test target, the same "
+                                "users for every row; unset: every such user")
     selection_metric: str = Field(
         "ndcg@10", pattern=r"^(hr|ndcg|mrr)@[1-9][0-9]*$",
         description="validation metric that picks the best epoch, stops early and gates promotion (hr|ndcg|mrr@K)")

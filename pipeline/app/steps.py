@@ -162,10 +162,12 @@ def _current_feature_set(settings: Settings) -> FeatureSet:
 
 
 def training_fingerprint(settings: Settings) -> str:
-    """A hash of the settings that shape a trained model (``model``, ``train``, ``device``)."""
+    """A hash of the settings that shape a trained model (``model``, ``train`` but the test
+    report's ``test_users``, ``device``)."""
     import hashlib
 
-    blob = json.dumps(settings.model_dump(mode="json", include={"model", "train", "device"}), sort_keys=True)
+    shaping = settings.model_dump(mode="json", include={"model", "train", "device"}, exclude={"train": {"test_users"}})
+    blob = json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -256,15 +258,20 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         tracking.log_metrics({"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "train_seconds": fit.seconds})
 
         # --- test metrics, side by side with the champion and the baselines (checkpoint chosen on validation)
-        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device)
+        test_users = settings.train.test_users  # every row ranks the same users: all, or this fixed sample
+        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users)
+        tracking.set_tags({"test_users": "all" if test_users is None else str(test["users"])})
+        tested_on = "" if test_users is None else f" on a sample of {test['users']:,} users"
         tracking.log_metrics({tracking.metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
         others: dict[str, dict[str, Any]] = {}
         current = tracking.champion(settings) if register else None
         if current is not None and (champion := registered_scorer(settings, fs, current[0])) is not None:
-            others[f"champion v{current[0]}"] = evaluation_report(champion[0], fs, "test", champion[1], device)
+            others[f"champion v{current[0]}"] = evaluation_report(champion[0], fs, "test", champion[1], device,
+                                                                  sample=test_users)
         if baselines:
             for name in BASELINES:
-                others[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len, device)
+                others[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len,
+                                                 device, sample=test_users)
                 tracking.log_metrics({f"baseline_{name}_test_ndcg_at_10": others[name]["ndcg@10"]})
 
         # --- register, then the gate decides who serves
@@ -279,7 +286,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
             tracking.describe_version(settings, version, (
                 f"Trained on feature set {fs.version} ({data}, split {fs.manifest['split']['kind']}), "
                 f"best epoch {fit.best_epoch} of {fit.epochs_run}. Validation {metric.upper()} "
-                f"{outcome.valid[metric]:.4f}; test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}. "
+                f"{outcome.valid[metric]:.4f}; test NDCG@10 {test['ndcg@10']:.4f}, HR@10 {test['hr@10']:.4f}{tested_on}. "
                 f"Gate: {'champion' if promoted else 'challenger'} ({reason})."))
         label = f"attnrec v{version} (this run)" if version else "attnrec (this run)"
         rows = {label: test, **others}

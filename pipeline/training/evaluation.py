@@ -212,18 +212,19 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
 
 
 def evaluation_report(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-                      ks: Sequence[int] = DEFAULT_KS, keep_seen: bool = False) -> dict[str, Any]:
+                      ks: Sequence[int] = DEFAULT_KS, keep_seen: bool = False, sample: int | None = None) -> dict[str, Any]:
     """``evaluate``'s metrics and seconds (seen items excluded), plus the cold-start section
     (targets among held-out items) and, with ``keep_seen``, a ``keep_seen`` section: the same
-    metrics with seen items ranked too, beside the default."""
-    result = evaluate(scorer, fs, split, max_len, device, ks)
+    metrics with seen items ranked too, beside the default; over a fixed ``sample`` of the
+    users (``split_targets``) or all of them."""
+    result = evaluate(scorer, fs, split, max_len, device, ks, sample=sample)
     report: dict[str, Any] = dict(result.metrics)
     report["seconds"] = round(result.seconds, 3)
     cold = fs.cold_mask
     if cold.any():
         report["cold_start"] = result.restricted(cold[result.targets], ks)
     if keep_seen:
-        report["keep_seen"] = evaluate(scorer, fs, split, max_len, device, ks, keep_seen=True).metrics
+        report["keep_seen"] = evaluate(scorer, fs, split, max_len, device, ks, keep_seen=True, sample=sample).metrics
     return report
 
 

@@ -28,7 +28,9 @@ def test_a_bare_command_prints_the_help(cli: Attnrec) -> None:
     assert "Usage:" in proc.stdout and "ingest" in proc.stdout and proc.stderr == ""
 
 
-def test_a_bad_setting_given_as_a_flag_is_one_error_line(cli: Attnrec) -> None:
-    proc = cli.run("train", "--valid-users", "0", ok=False)
-    assert_one_line_error(proc, "invalid settings: train.valid_users = 0: Input should be greater than or equal to 1")
+@pytest.mark.parametrize("flag", ["valid-users", "test-users"])
+def test_a_bad_setting_given_as_a_flag_is_one_error_line(cli: Attnrec, flag: str) -> None:
+    proc = cli.run("train", f"--{flag}", "0", ok=False)
+    setting = "train." + flag.replace("-", "_")
+    assert_one_line_error(proc, f"invalid settings: {setting} = 0: Input should be greater than or equal to 1")
     assert proc.returncode == 1

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.app.steps import build_features, champion_score, ingest_catalog, ingest_events, popularity_score, train
+from pipeline.app.steps import (
+    build_features,
+    champion_score,
+    ingest_catalog,
+    ingest_events,
+    popularity_score,
+    registered_scorer,
+    train,
+    training_fingerprint,
+)
 from pipeline.config import load_settings
 from pipeline.errors import UserError
 from pipeline.registry.model_store import resolve_bundle
@@ -28,6 +37,11 @@ def home(champion_home: Path, tmp_path: Path) -> Path:
 def version_tags(home: Path, version: str) -> dict[str, str]:
     settings = load_settings(home=home)
     return MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri).get_model_version("attnrec", version).tags
+
+
+def version_description(home: Path, version: str) -> str:
+    settings = load_settings(home=home)
+    return MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri).get_model_version("attnrec", version).description
 
 
 def champion_version(home: Path) -> str:
@@ -111,6 +125,35 @@ def test_a_challenger_validated_on_a_sample_of_users_meets_the_champion_on_the_s
     assert float(version_tags(home, "1")[f"valid_ndcg_at_10_on_{fs.version}_50_users"]) == pytest.approx(expected, abs=1e-6)
     assert float(tags["popularity_valid_ndcg_at_10"]) == pytest.approx(popularity_score(sampled, fs), abs=1e-6)
     assert popularity_score(sampled, fs) != popularity_score(load_settings(home=home), fs)  # the sample's, not everyone's
+
+
+def test_the_test_report_ranks_one_sample_of_users_in_every_row(home: Path) -> None:
+    """``train.test_users``: this run, the champion and the baselines are tested on the same
+    fixed sample of users, said in the run's tags; the setting shapes no model, so it leaves
+    the training fingerprint (which decides retraining) alone."""
+    import torch
+
+    from pipeline.training.evaluation import evaluate
+    from pipeline.training.recipe import baseline_model
+
+    plain = load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0})
+    sampled = load_settings(home=home, **{**TINY_TRAINING, "train.epochs": 0, "train.test_users": 40})
+    fs, cpu = _feature_set(sampled), torch.device("cpu")
+    champion_scorer, max_len = registered_scorer(sampled, fs, "1")
+    result = train(sampled, baselines=True)
+
+    assert result["test"]["users"] == 40
+    on_sample = evaluate(champion_scorer, fs, "test", max_len, cpu, sample=40).metrics["ndcg@10"]
+    assert result["report"]["champion v1"]["ndcg@10"] == pytest.approx(on_sample, abs=1e-9)
+    popular = baseline_model("popularity", fs)
+    assert result["baselines"]["popularity"] == pytest.approx(
+        evaluate(popular, fs, "test", max_len, cpu, sample=40).metrics["ndcg@10"], abs=1e-9)
+    assert result["baselines"]["popularity"] != pytest.approx(
+        evaluate(popular, fs, "test", max_len, cpu).metrics["ndcg@10"], abs=1e-9)  # the sample's, not everyone's
+    settings = load_settings(home=home)
+    run = MlflowClient(settings.mlflow_tracking_uri).get_run(result["mlflow_run_id"])
+    assert run.data.tags["test_users"] == "40" and "on a sample of 40 users" in version_description(home, result["version"])
+    assert training_fingerprint(sampled) == training_fingerprint(plain)
 
 
 def test_a_champion_of_another_catalogue_is_replaced(home: Path, tmp_path: Path) -> None:
