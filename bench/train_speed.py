@@ -12,7 +12,9 @@ machine: what data-parallel training can and cannot divide among its workers. On
 then runs the real data-parallel step: ``--ranks`` one-thread processes in a gloo group, each
 its share of every batch through ``data_parallel`` and ``train_step`` as ``fit`` runs them;
 with a sampled softmax side by side with the item tables all-reduced whole by DDP
-(``train.sparse_item_tables=false``) and with only their rows looked up exchanged.
+(``train.sparse_item_tables=false``), with only their rows looked up exchanged, and with those
+rows alone updated by AdamW (``train.table_updates=rows``); the one-process step likewise with
+the tables' rows updated densely and lazily, side by side.
 
 Wall time counts everything from the first training step to the end of the validation
 pass that first reaches the target: training steps, validation, checkpointing. It runs
@@ -40,12 +42,12 @@ from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.scale.cluster import free_port  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
 from pipeline.training.loop import (  # noqa: E402
-    DenseGradients,
     data_parallel,
     keep_freed_memory_in_process,
     optimizer_and_schedule,
     precision_and_compilation,
     process_group,
+    TableGradients,
     resolve_device,
     train_step,
 )
@@ -65,8 +67,7 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
     schedule and step are ``fit``'s (``optimizer_and_schedule``, ``train_step``), with autocast
     and compilation as the settings resolve them on ``device``.
     """
-    variant = settings.model_copy(update={"train": settings.train.model_copy(
-        update={"exclude_history": exclude_history, "group_by_length": group_by_length})})
+    variant = with_train(settings, exclude_history=exclude_history, group_by_length=group_by_length)
     setup = training_setup(variant, fs, device)
     model = setup.model.to(device).train()
     cfg = variant.train
@@ -74,6 +75,7 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
     use_bf16, use_compile = precision_and_compilation(cfg, device)
     step_loss = torch.compile(setup.loss, dynamic=True) if use_compile else setup.loss
     batch_size, windows = cfg.batch_size, setup.windows
+    table_gradients = TableGradients(setup.row_sparse, None, dense=cfg.table_updates == "dense")
     longest = np.argsort(windows.start - windows.stop, kind="stable")[:3 * batch_size]  # warm-up: the heap reaches its peak
     warm = [pack(setup.train, windows, longest[i * batch_size:(i + 1) * batch_size]) for i in range(3)]
     batches = epoch_batches(setup.train, windows, batch_size, np.random.default_rng(0), group_by_length)
@@ -86,7 +88,7 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
                 torch.cuda.synchronize()
             t0, seqs = time.perf_counter(), 0
         train_step(model, tuple(torch.from_numpy(a).to(device) for a in batch), step_loss, optimizer, scheduler,
-                   cfg.grad_clip, use_bf16)
+                   cfg.grad_clip, use_bf16, after_backward=table_gradients)
         seqs += batch[0].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -101,11 +103,12 @@ def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int)
     and loss; backward; gradient clipping; the optimiser and schedule step), the mean over
     ``steps`` steps of ``batch_size`` windows after 3 warm-up steps (no autocast or
     compilation; on CUDA each phase is waited for)."""
-    variant = settings.model_copy(update={"train": settings.train.model_copy(update={"batch_size": batch_size})})
+    variant = with_train(settings, batch_size=batch_size)
     setup = training_setup(variant, fs, device)
     model = setup.model.to(device).train()
     cfg = variant.train
     optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
+    table_gradients = TableGradients(setup.row_sparse, None, dense=cfg.table_updates == "dense")
     totals = dict.fromkeys(PHASES, 0.0)
     marks: list[float] = []
 
@@ -118,7 +121,8 @@ def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int)
         batch = (inputs.to(device), targets.to(device))
         marks.clear()
         mark()
-        train_step(model, batch, setup.loss, optimizer, scheduler, cfg.grad_clip, False, phase_done=mark)
+        train_step(model, batch, setup.loss, optimizer, scheduler, cfg.grad_clip, False, phase_done=mark,
+                   after_backward=table_gradients)
         if i >= 3:
             for phase, start, stop in zip(PHASES, marks[:-1], marks[1:], strict=True):
                 totals[phase] += stop - start
@@ -167,13 +171,13 @@ def _ddp_step_worker(rank: int, world: int, port: int, settings, feature_set: Pa
         model = setup.model.train()
         optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
         step_loss, group = data_parallel(model, setup.loss, device, setup.row_sparse), process_group()
-        dense_gradients = DenseGradients(setup.row_sparse, group)
+        table_gradients = TableGradients(setup.row_sparse, group, dense=cfg.table_updates == "dense")
         for i, batch in enumerate(itertools.islice(setup.batches(1), steps + 3)):
             if i == 3:
                 dist.barrier()
                 started = time.perf_counter()
             train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, False,
-                       after_backward=dense_gradients)
+                       after_backward=table_gradients)
         if rank == 0:
             out.put(((time.perf_counter() - started) / steps * 1000, len(setup.row_sparse)))
         dist.barrier()
@@ -201,11 +205,14 @@ def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) ->
     whole = settings.train.batch_size
     share = max(1, whole // ranks)
     totals: dict[int, float] = {}
+    updates = ("dense", "rows") if settings.train.negatives else ("dense",)
     for batch_size in (whole, share):
-        ms = step_phases(settings, fs, device, steps, batch_size)
-        totals[batch_size] = sum(ms.values())
-        print(f"one step, {where}, batch {batch_size}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
-              + f"; {totals[batch_size]:.0f} ms, {batch_size / totals[batch_size] * 1000:,.0f} windows/s", flush=True)
+        for how in updates:  # the item tables' rows: all updated every step, or those read alone
+            ms = step_phases(with_train(settings, table_updates=how), fs, device, steps, batch_size)
+            totals.setdefault(batch_size, sum(ms.values()))  # the line below: the dense update's
+            print(f"one step, {where}, batch {batch_size}, item tables updated {how}: "
+                  + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items())
+                  + f"; {sum(ms.values()):.0f} ms, {batch_size / sum(ms.values()) * 1000:,.0f} windows/s", flush=True)
     if share != whole:
         per_window = (totals[whole] - totals[share]) / (whole - share)
         fixed = totals[whole] - per_window * whole
@@ -219,13 +226,21 @@ def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) ->
         print(f"all-reduce of the gradient ({numel:,} floats, {numel * 4 / 1e6:.1f} MB), gloo, {ranks} one-thread "
               f"processes on this machine: {seconds * 1000:.1f} ms per step", flush=True)
     if ranks > 1 and device.type == "cpu":
-        modes = (False, True) if settings.train.negatives else (False,)
-        for sparse in modes:
-            variant = settings.model_copy(update={"train": settings.train.model_copy(update={"sparse_item_tables": sparse})})
-            ms, tables = ddp_step_ms(variant, fs, ranks, steps)
-            how = f"the rows looked up of {tables} item tables exchanged" if tables else "DDP all-reduces every gradient whole"
-            print(f"a data-parallel step, {ranks} one-thread ranks (gloo), {share} windows each, {how}: {ms:.0f} ms, "
+        modes = [(False, "dense")] + ([(True, "dense"), (True, "rows")] if settings.train.negatives else [])
+        for sparse, how in modes:
+            ms, tables = ddp_step_ms(with_train(settings, sparse_item_tables=sparse, table_updates=how), fs, ranks, steps)
+            said = f"the rows looked up of {tables} item tables exchanged" if tables else "DDP all-reduces every gradient whole"
+            said += ", those rows alone updated" if how == "rows" else ""
+            print(f"a data-parallel step, {ranks} one-thread ranks (gloo), {share} windows each, {said}: {ms:.0f} ms, "
                   f"{share * ranks / ms * 1000:,.0f} windows/s", flush=True)
+
+
+def with_train(settings, **changes):  # noqa: ANN001, ANN003, ANN201
+    """``settings`` with ``train`` settings changed (``table_updates=rows`` also turns compilation off,
+    which cannot compile a sparse backward)."""
+    if changes.get("table_updates") == "rows":
+        changes["compile"] = "off"
+    return settings.model_copy(update={"train": settings.train.model_copy(update=changes)})
 
 
 def report_run(run_dir: Path, target: float) -> None:

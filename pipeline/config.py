@@ -93,6 +93,11 @@ class TrainSettings(Section):
         True, description="sampled softmax with workers > 1: the item tables' gradients keep only the rows a step looked up, "
                           "and the workers exchange those rows alone (false: DDP all-reduces the whole tables every step; "
                           "never in a compiled step, which cannot compile a sparse backward)")
+    table_updates: Literal["dense", "rows"] = Field(
+        "dense", description="how AdamW updates the item tables (IDs, categories, hashed words) under a sampled softmax: "
+                             "dense: every row every step; rows: only the rows the step looked up (lazy Adam: the "
+                             "moments of the other rows wait), much less memory traffic at large catalogues "
+                             "(docs/scaling.md); needs train.negatives > 0 and an uncompiled step")
     patience: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="epochs without a gain of the selection metric before stopping; auto: 5 for short "
                             "histories (median under 20 items), else 20")

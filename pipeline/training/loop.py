@@ -16,7 +16,8 @@ the group (``pipeline.training.evaluation.evaluate`` does), and rank 0's metrics
 broadcast, so every rank stops at the same epoch; rank 0 alone writes checkpoints and
 reports epochs. Tables whose step touches few rows (the item tables under a sampled softmax)
 can be left out of DDP: their sparse gradients are averaged after backward over the rows
-some rank looked up (``DenseGradients``).
+some rank looked up (``TableGradients``), and, by setting (``train.table_updates = "rows"``),
+AdamW then updates those rows alone (``RowAdamW``).
 """
 
 from __future__ import annotations
@@ -82,17 +83,91 @@ def precision_and_compilation(cfg: TrainSettings, device: torch.device) -> tuple
 
 def optimizer_and_schedule(model: nn.Module, cfg: TrainSettings, steps_per_epoch: int,
                            param_groups: list[dict[str, Any]] | None = None) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW (betas 0.9, 0.98) over ``param_groups`` (default: every parameter with
+    """``RowAdamW`` (betas 0.9, 0.98) over ``param_groups`` (default: every parameter with
     ``cfg.weight_decay``) and its warm-up + cosine schedule over ``cfg.epochs`` epochs.
 
     AdamW runs fused (one kernel pass over each parameter, on the CPU as on CUDA): it updates
     every row of the item tables every step, 8.55M parameters at 100,000 items: 44 ms per step
     with the per-tensor loop against 6 ms fused on one CPU thread (docs/benchmarks.md)."""
     groups = param_groups or [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=True)
+    optimizer = RowAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=True)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps))
     return optimizer, scheduler
+
+
+class RowAdamW(torch.optim.AdamW):
+    """AdamW; a parameter whose gradient is sparse ((R, ...) rows, coalesced: ``TableGradients``
+    with ``dense=False``) gets a lazy update of the rows it holds alone (TensorFlow's LazyAdam,
+    torch's ``SparseAdam``, with AdamW's decoupled weight decay). For a row r in the gradient,
+    at the parameter's step t (counted over the steps that gave it a gradient):
+
+        m_r <- b1 m_r + (1 - b1) g_r
+        v_r <- b2 v_r + (1 - b2) g_r^2
+        w_r <- w_r (1 - lr wd) - lr / (1 - b1^t) * m_r / (sqrt(v_r / (1 - b2^t)) + eps)
+
+    which is AdamW's update of that row. Rows not in the gradient keep their weights and
+    moments, where AdamW would decay their moments and keep moving them by the old momentum:
+    the one difference, and the point (a step under a sampled softmax reads a few thousand of
+    the catalogue's rows; AdamW reads and writes all of them). The moments live in AdamW's own
+    state (``exp_avg``, ``exp_avg_sq``, ``step``), so checkpoints read either way. Dense
+    gradients get torch's (fused) AdamW unchanged.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        rows_of: list[tuple[dict[str, Any], nn.Parameter, torch.Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    rows_of.append((group, p, p.grad))
+                    p.grad = None  # AdamW skips a parameter without a gradient
+        loss = super().step(closure)
+        for group, p, grad in rows_of:
+            self._update_rows(group, p, grad)
+            p.grad = grad
+        return loss
+
+    def _update_rows(self, group: dict[str, Any], p: nn.Parameter, grad: torch.Tensor) -> None:
+        state = self.state[p]
+        if not state:  # AdamW's layout (a float32 step on the parameter's device, as fused AdamW keeps it)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
+        rows, g = grad.indices()[0], grad.values()  # (n,) distinct rows, (n, ...) their gradient
+        m = state["exp_avg"][rows].lerp_(g, 1 - beta1)  # (n, ...)
+        v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)  # (n, ...)
+        state["exp_avg"][rows] = m
+        state["exp_avg_sq"][rows] = v
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        w = p[rows].mul_(1 - lr * decay)  # (n, ...)
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        p[rows] = w
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients in place so that their joint L2 norm is at most ``max_norm``; returns
+    the norm before. Sparse gradients (coalesced, ``TableGradients`` with ``dense=False``) count
+    their rows' values, as their dense form would."""
+    params = [p for p in parameters if p.grad is not None]
+    sparse = [p.grad.values() for p in params if p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p for p in params if not p.grad.is_sparse]
+    norms = [torch.linalg.vector_norm(values) for values in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as clip_grads_with_norm_ scales
+    for values in sparse:
+        values.mul_(scale)
+    return total
 
 
 def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, Batch], torch.Tensor],
@@ -101,7 +176,7 @@ def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, B
                after_backward: Callable[[], None] = lambda: None) -> torch.Tensor:
     """One optimiser step on ``batch`` (already on the device); returns the loss (a scalar tensor).
 
-    ``after_backward`` completes the gradients backward left (``DenseGradients``).
+    ``after_backward`` completes the gradients backward left (``TableGradients``).
     ``phase_done`` is called after each of its four phases (the loss; backward with
     ``after_backward``; gradient clipping; the optimiser and schedule step): the speed bench
     times them with it.
@@ -113,7 +188,7 @@ def train_step(model: nn.Module, batch: Batch, step_loss: Callable[[nn.Module, B
     loss.backward()
     after_backward()
     phase_done()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    clip_gradients(model.parameters(), grad_clip)
     phase_done()
     optimizer.step()
     scheduler.step()
@@ -164,7 +239,7 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
 
     ``row_sparse``: tables with sparse gradients (``ItemTower.make_tables_sparse``), left out of
     DDP, which would all-reduce them whole every step (136.6 MB at 500,000 items of 64
-    floats); ``DenseGradients`` averages them after backward.
+    floats); ``TableGradients`` averages them after backward.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -181,10 +256,11 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
     return lambda _model, batch: ddp(*batch)
 
 
-class DenseGradients:
-    """Called after backward: replaces the sparse gradients of ``tables`` (R, ...) by dense ones,
-    for clipping and AdamW; in a process group, by the ranks' average, as DDP's all-reduce
-    would leave it.
+class TableGradients:
+    """Called after backward: completes the sparse gradients of ``tables`` (R, ...); in a process
+    group, by the ranks' average, as DDP's all-reduce would leave it. ``dense``: each becomes
+    the dense (R, ...) gradient, for clipping and AdamW over every row; else it stays sparse,
+    coalesced, holding the rows read (U, ...), and ``RowAdamW`` updates those rows alone.
 
     Only the rows some rank looked up are sent: each rank's row indices (gathered), then the
     values of their union (U, ...) summed. Under a sampled softmax a step of 128 windows of 50
@@ -199,8 +275,8 @@ class DenseGradients:
     never adds into the buffer; clipping scales it in place, which keeps unwritten rows zero.
     """
 
-    def __init__(self, tables: Sequence[nn.Parameter], group: ProcessGroup | None) -> None:
-        self.tables, self.group = list(tables), group
+    def __init__(self, tables: Sequence[nn.Parameter], group: ProcessGroup | None, dense: bool = True) -> None:
+        self.tables, self.group, self.dense = list(tables), group, dense
         self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (buffer (R, ...), rows set last (n,))
 
     def __call__(self) -> None:
@@ -228,6 +304,10 @@ class DenseGradients:
                 summed.index_add_(0, torch.searchsorted(union, rows), values / group.world)  # DDP divides, then sums
                 dist.all_reduce(summed)
                 rows, values = union, summed
+            if not self.dense:
+                p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape, is_coalesced=True,  # (R, ...) holding U rows
+                                                 check_invariants=False)
+                continue
             buffer, last = self.written.get(id(p), (None, None))
             if buffer is None or buffer.dtype != values.dtype:
                 buffer, last = torch.zeros(p.shape, dtype=values.dtype, device=values.device), rows[:0]  # (R, ...)
@@ -298,8 +378,9 @@ def fit(
         cfg: epochs, optimiser, schedule, patience, selection metric, precision and compilation.
         steps_per_epoch: batches per epoch (for the schedule and the progress bar).
         param_groups: AdamW parameter groups (default: every parameter with ``cfg.weight_decay``).
-        row_sparse: parameters with sparse gradients (tables whose step looks up few rows): made
-            dense after backward; in a process group only their rows looked up are exchanged.
+        row_sparse: parameters with sparse gradients (tables whose step looks up few rows): in a
+            process group only their rows looked up are exchanged; then made dense, or with
+            ``cfg.table_updates = "rows"`` left sparse for ``RowAdamW``'s update of those rows.
         checkpoint_path: where the resumable state is written after every epoch.
         resume: continue from ``checkpoint_path`` if it exists.
     """
@@ -335,7 +416,7 @@ def fit(
 
     history: list[EpochRecord] = state["history"]
     stopped_early = False
-    dense_gradients = DenseGradients(row_sparse, group)  # its buffers last the run
+    table_gradients = TableGradients(row_sparse, group, dense=cfg.table_updates == "dense")  # its buffers last the run
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         # --- step 3: one pass over the training batches
         model.train()
@@ -345,7 +426,7 @@ def fit(
             rows = batch[0].shape[0]
             batch = tuple(t.to(device, non_blocking=True) for t in batch)
             loss = train_step(model, batch, step_loss, optimizer, scheduler, cfg.grad_clip, use_bf16,
-                              after_backward=dense_gradients)
+                              after_backward=table_gradients)
             loss_sum += loss.item()
             n_steps += 1
             n_samples += rows * (group.world if group is not None else 1)  # all ranks together (equal shares)

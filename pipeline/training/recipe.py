@@ -174,12 +174,23 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
         for inputs, targets in itertools.islice(stream, steps):
             yield torch.from_numpy(inputs), torch.from_numpy(targets)
 
-    # --- tables with sparse gradients: with a sampled softmax a DDP step looks up at most a few
-    # thousand rows of the item tables, and the ranks exchange those rows alone (``DenseGradients``).
-    # Not in a compiled step: Inductor cannot compile a sparse backward (it would fall back with
-    # a graph break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
+    # --- tables with sparse gradients: with a sampled softmax a step looks up at most a few
+    # thousand rows of the item tables: DDP's ranks exchange those rows alone (``TableGradients``),
+    # and with ``table_updates = "rows"`` AdamW updates them alone (``RowAdamW``). Not in a
+    # compiled step: Inductor cannot compile a sparse backward (it would fall back with a graph
+    # break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
     compiled = precision_and_compilation(cfg, device)[1]
-    sparse_tables = group is not None and cfg.negatives > 0 and cfg.sparse_item_tables and not compiled
+    rows = cfg.table_updates == "rows"
+    if rows and cfg.negatives == 0:
+        raise UserError("train.table_updates = rows needs a sampled softmax (train.negatives > 0): "
+                        "a full-softmax step reads every row of the item tables")
+    if rows and compiled:
+        raise UserError(f"train.table_updates = rows needs an uncompiled step (train.compile = {cfg.compile} "
+                        f"compiles it on {device.type}; set train.compile = off)")
+    if rows and group is not None and not cfg.sparse_item_tables:
+        raise UserError("train.table_updates = rows needs train.sparse_item_tables = true with workers > 1 "
+                        "(the ranks must exchange the rows read)")
+    sparse_tables = cfg.negatives > 0 and not compiled and (rows or (group is not None and cfg.sparse_item_tables))
     row_sparse = tuple(model.item_tower.make_tables_sparse()) if sparse_tables else ()
 
     # --- loss: next item at every position; padding and cold items are never predicted

@@ -2,7 +2,7 @@
 
 The workers run ``train_sasrec`` in a gloo group (``TorchTrainer``), with a sampled softmax, so
 the item tables' gradients are sparse and the workers exchange their rows looked up
-(``loop.DenseGradients``); the driver gets back
+(``loop.TableGradients``); the driver gets back
 rank 0's weights and record. Checked: every epoch was run and reported, and the model the
 driver rebuilt scores the validation split exactly as rank 0 measured it (the weights
 came back intact). Gradient equivalence itself: tests/pipeline/training/test_distributed.py.

@@ -8,8 +8,9 @@ batch, which is the average of the two halves' own gradients (a mean loss over e
 and differs from each of them. ``rank_share`` gives each rank its users' windows.
 
 Tables with sparse gradients (the item tables under a sampled softmax) are left out of DDP and
-averaged by ``DenseGradients`` over the rows some rank looked up: the same gradient DDP leaves
-when it all-reduces them whole, and in the recipe the ranks' weights stay equal step by step.
+averaged by ``TableGradients`` over the rows some rank looked up: the same gradient DDP leaves
+when it all-reduces them whole (made dense, or kept as those rows for ``RowAdamW``), and in the
+recipe the ranks' weights stay equal step by step, the tables updated densely or row by row.
 
 Validation is shared the same way: each rank ranks its share of the users, and every rank ends
 with the result one process computes over all of them.
@@ -34,7 +35,7 @@ from pipeline.scale.cluster import free_port
 from pipeline.training.batches import Windows, rank_share
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import EvalResult, evaluate
-from pipeline.training.loop import DenseGradients, ProcessGroup, data_parallel, fit
+from pipeline.training.loop import ProcessGroup, TableGradients, data_parallel, fit
 from pipeline.training.recipe import training_setup
 
 ROWS, FEATURES = 8, 5
@@ -137,22 +138,22 @@ def table_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def _table_rank(rank: int, world: int, port: int, out: str) -> None:
     with gloo_group(rank, world, port):
         saved = {}
-        for sparse in (False, True):
+        for mode in ("ddp", "dense", "rows"):  # DDP's whole table; its rows read, made dense or kept sparse
             model = TableModel()
             if rank == 1:  # a different start: rank 0's weights must reach every rank, the table's too
                 with torch.no_grad():
                     for p in model.parameters():
                         p.add_(1.0)
-            model.table.sparse = sparse
-            tables = [model.table.weight] if sparse else []
+            model.table.sparse = mode != "ddp"
+            tables = [model.table.weight] if mode != "ddp" else []
             step_loss = data_parallel(model, mse, torch.device("cpu"), row_sparse=tables)
             step_loss(model, half(table_batch(), rank)).backward()
-            DenseGradients(tables, ProcessGroup(rank, world))()
-            saved[sparse] = {"grads": gradients(model), "weights": [p.detach().clone() for p in model.parameters()]}
+            TableGradients(tables, ProcessGroup(rank, world), dense=mode != "rows")()
+            saved[mode] = {"grads": gradients(model), "weights": [p.detach().clone() for p in model.parameters()]}
         unread = nn.Parameter(torch.zeros(TABLE_ROWS, 2))  # read by rank 0's step only (rows 2 and 3)
         if rank == 0:
             unread.grad = torch.zeros(TABLE_ROWS, 2).index_fill_(0, torch.tensor([2, 3]), 1.0).to_sparse(sparse_dim=1)
-        DenseGradients([unread], ProcessGroup(rank, world))()
+        TableGradients([unread], ProcessGroup(rank, world))()
         saved["unread"] = unread.grad
         torch.save(saved, Path(out) / f"rank{rank}.pt")
 
@@ -164,7 +165,7 @@ def test_sparse_tables_get_the_gradient_ddp_gives_them_whole_from_the_rows_read(
     mse(whole, table_batch()).backward()
 
     for rank in ranks:
-        dense, sparse = rank[False], rank[True]
+        dense, sparse = rank["ddp"], rank["dense"]
         for got, ddp, want, w, w0 in zip(sparse["grads"], dense["grads"], gradients(whole), sparse["weights"],
                                          whole.parameters(), strict=True):
             assert not got.is_sparse
@@ -173,6 +174,9 @@ def test_sparse_tables_get_the_gradient_ddp_gives_them_whole_from_the_rows_read(
             torch.testing.assert_close(w, w0.detach())                    # every rank holds rank 0's weights
         table = sparse["grads"][0]
         assert table[[10, 11]].abs().sum() == 0 and table[1:10].abs().sum(dim=1).gt(0).all()  # read rows only (and 0 = padding)
+        rows = rank["rows"]["grads"][0]  # the same gradient kept as the rows read, for RowAdamW
+        assert rows.is_sparse and rows.is_coalesced() and set(range(1, 10)) <= set(rows.indices()[0].tolist()) <= set(range(10))
+        assert torch.equal(rows.to_dense(), table)
         # a rank whose step did not read a table sends no rows, and the average is the other's half
         assert torch.equal(rank["unread"], torch.zeros(TABLE_ROWS, 2).index_fill_(0, torch.tensor([2, 3]), 0.5))
 
@@ -182,17 +186,18 @@ def _recipe_rank(rank: int, world: int, port: int, feature_set: str, out: str) -
         torch.set_num_threads(1)
         fs = load_feature_set(Path(feature_set))
         saved = {}
-        for sparse in (False, True):
+        for sparse, updates in ((False, "dense"), (True, "dense"), (True, "rows")):
             settings = fit_to_data(load_settings(home=Path(out) / "home", **{
-                "train.negatives": 16, "train.sparse_item_tables": sparse, "train.epochs": 1, "train.batch_size": 16,
+                "train.negatives": 16, "train.sparse_item_tables": sparse, "train.table_updates": updates,
+                "train.epochs": 1, "train.batch_size": 16,
                 "model.max_len": 20, "model.hidden_size": 16, "model.text_encoder": "hashed"}), fs)[0]
             setup = training_setup(settings, fs, torch.device("cpu"))
             fit(setup.model, setup.batches, setup.loss, lambda m: {"ndcg@10": 0.0}, settings.train, torch.device("cpu"),
                 setup.steps_per_epoch, param_groups=setup.model.optimizer_groups(0.0), row_sparse=setup.row_sparse,
                 progress=False)
-            saved[sparse] = {"tables": len(setup.row_sparse), "steps": setup.steps_per_epoch,
+            saved[updates if sparse else "ddp"] = {"tables": len(setup.row_sparse), "steps": setup.steps_per_epoch,
                              "weights": {k: v.clone() for k, v in setup.model.state_dict().items()}}
-        compiled = settings.model_copy(update={"train": settings.train.model_copy(update={"compile": "on"})})
+        compiled = settings.model_copy(update={"train": settings.train.model_copy(update={"compile": "on", "table_updates": "dense"})})
         saved["compiled tables"] = len(training_setup(compiled, fs, torch.device("cpu")).row_sparse)
         torch.save(saved, Path(out) / f"rank{rank}.pt")
 
@@ -201,17 +206,22 @@ def test_a_sampled_softmax_recipe_trains_its_item_tables_sparse_with_the_ranks_i
         tiny_fs: FeatureSet, tmp_path: Path) -> None:
     mp.spawn(_recipe_rank, args=(2, free_port(), str(tiny_fs.path), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert [r[True]["tables"] for r in ranks] == [3, 3] and [r[False]["tables"] for r in ranks] == [0, 0]  # ID, category, words
+    assert [r["dense"]["tables"] for r in ranks] == [3, 3] and [r["ddp"]["tables"] for r in ranks] == [0, 0]  # ID, category, words
+    assert [r["rows"]["tables"] for r in ranks] == [3, 3]
     assert [r["compiled tables"] for r in ranks] == [0, 0]  # Inductor cannot compile a sparse backward
-    assert ranks[0][True]["steps"] >= 5
-    for sparse in (False, True):  # the ranks hold the same weights after the epoch (a rank once apart stays apart)
-        for name, weight in ranks[0][sparse]["weights"].items():
-            assert torch.equal(weight, ranks[1][sparse]["weights"][name]), name
+    assert ranks[0]["dense"]["steps"] >= 5
+    for mode in ("ddp", "dense", "rows"):  # the ranks hold the same weights after the epoch (a rank once apart stays apart)
+        for name, weight in ranks[0][mode]["weights"].items():
+            assert torch.equal(weight, ranks[1][mode]["weights"][name]), name
+    # the lazy update of the rows read is another training than the dense one
+    ids = "item_tower.id_embedding.weight"
+    lazy, dense = ranks[0]["rows"]["weights"][ids], ranks[0]["dense"]["weights"][ids]
+    assert not torch.equal(lazy, dense)
     # the same training as with DDP's whole tables, up to the order of sums (1e-8 measured); the
     # attention's key bias gets a gradient of rounding noise alone (softmax ignores it), which
     # AdamW turns into steps of its own size: 1.1e-5 apart after the epoch
-    for name, weight in ranks[0][False]["weights"].items():
-        torch.testing.assert_close(ranks[0][True]["weights"][name], weight, rtol=1e-5,
+    for name, weight in ranks[0]["ddp"]["weights"].items():
+        torch.testing.assert_close(ranks[0]["dense"]["weights"][name], weight, rtol=1e-5,
                                    atol=1e-4 if name.endswith("attn.qkv.bias") else 1e-7, msg=name)
 
 

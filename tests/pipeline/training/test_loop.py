@@ -1,8 +1,8 @@
-"""The model-agnostic training loop: learning, best-epoch restore, early stopping, resume, precision and compilation."""
+"""The model-agnostic training loop: learning, best-epoch restore, early stopping, resume, precision and
+compilation, the item tables' gradients and their row-wise AdamW update."""
 
 import platform
 import resource
-import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,15 @@ import torch.nn as nn
 
 from pipeline.config import TrainSettings
 from pipeline.errors import UserError
-from pipeline.training.loop import DenseGradients, fit, keep_freed_memory_in_process, warmup_cosine
+from pipeline.training.loop import (
+    RowAdamW,
+    TableGradients,
+    clip_gradients,
+    fit,
+    keep_freed_memory_in_process,
+    warmup_cosine,
+)
+from tests.support import page_faults_in_a_thread
 
 
 class Linear1(nn.Module):
@@ -122,9 +130,9 @@ def sparse_step(table: nn.Parameter, rows: list[int], scale: float) -> None:
     (scale * nn.functional.embedding(torch.tensor(rows), table, sparse=True).sum()).backward()
 
 
-def test_dense_gradients_reuse_one_buffer_and_clear_the_rows_of_the_step_before() -> None:
+def test_table_gradients_reuse_one_buffer_and_clear_the_rows_of_the_step_before() -> None:
     table = nn.Parameter(torch.zeros(12, 3))
-    dense = DenseGradients([table], group=None)
+    dense = TableGradients([table], group=None)
     sparse_step(table, [1, 2, 2], 1.0)
     dense()
     first = table.grad
@@ -140,27 +148,95 @@ def test_dense_gradients_reuse_one_buffer_and_clear_the_rows_of_the_step_before(
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="RUSAGE_THREAD is Linux's")
-def test_dense_gradients_do_not_page_fault_a_whole_table_in_every_step_of_a_thread() -> None:
+def test_table_gradients_do_not_page_fault_a_whole_table_in_every_step_of_a_thread() -> None:
     """Ray Train runs the training function in a thread; glibc gives a thread its own malloc
     arena, which maps any block over 64 MB afresh: a new dense gradient of a 500,000 x 64 table
     (128 MB) every step was 31,000 page faults and 112 ms (docs/scaling.md)."""
     table = nn.Parameter(torch.zeros(500_000, 64))
-    dense = DenseGradients([table], group=None)
-    faults: list[int] = []
-
-    def steps() -> None:
-        for step in range(4):
-            sparse_step(table, [step + 1, 1000 * step + 7], 1.0)
-            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-            dense()
-            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-
-    thread = threading.Thread(target=steps)
-    thread.start()
-    thread.join()
+    faults = page_faults_in_a_thread(TableGradients([table], group=None), times=4,
+                                     before_each=lambda step: sparse_step(table, [step + 1, 1000 * step + 7], 1.0))
     whole_table = table.numel() * 4 // resource.getpagesize()
     assert faults[0] > whole_table // 10, faults  # the first step maps the buffer: the probe sees faults
     assert max(faults[1:]) < whole_table // 100, faults  # later steps write a few rows of it (was half the table)
+
+
+def test_table_gradients_left_sparse_hold_the_rows_read_once_each() -> None:
+    table = nn.Parameter(torch.zeros(12, 3))
+    sparse_step(table, [7, 1, 7, 2], 1.0)
+    want = torch.zeros(12, 3)
+    want[[1, 2]], want[7] = 1.0, 2.0
+    TableGradients([table], group=None, dense=False)()
+    assert table.grad.is_sparse and table.grad.is_coalesced() and table.grad.indices()[0].tolist() == [1, 2, 7]
+    torch.testing.assert_close(table.grad.to_dense(), want)
+
+
+def _table_and_linear() -> tuple[nn.Parameter, nn.Linear]:
+    torch.manual_seed(0)
+    return nn.Parameter(torch.randn(10, 4)), nn.Linear(4, 2)
+
+
+def _step(table: nn.Parameter, linear: nn.Linear, rows: list[int], seed: int, sparse: bool) -> None:
+    """The gradients of one step reading ``rows`` of ``table`` (sparse, coalesced, or dense)."""
+    x = torch.randn(len(rows), 4, generator=torch.Generator().manual_seed(seed))
+    table.grad, linear.weight.grad, linear.bias.grad = None, None, None
+    linear(nn.functional.embedding(torch.tensor(rows), table, sparse=sparse) * x).pow(2).sum().backward()
+    if sparse:
+        table.grad = table.grad.coalesce()
+
+
+def test_row_adamw_is_adamw_on_the_rows_read_and_leaves_the_others_as_they_were() -> None:
+    """A row in the gradient gets AdamW's update (a row's update depends on its own gradient and
+    moments alone); a row not read keeps its weights and moments, where AdamW moves it on with
+    its old momentum."""
+    lazy_table, lazy_linear = _table_and_linear()
+    dense_table, dense_linear = _table_and_linear()
+    decay = [{"params": [lazy_table], "weight_decay": 0.1}, {"params": list(lazy_linear.parameters()), "weight_decay": 0.01}]
+    lazy = RowAdamW(decay, lr=0.05, betas=(0.9, 0.98), fused=True)
+    dense = torch.optim.AdamW([{"params": [dense_table], "weight_decay": 0.1},
+                               {"params": dense_linear.parameters(), "weight_decay": 0.01}],
+                              lr=0.05, betas=(0.9, 0.98), fused=True)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (lazy, dense)]
+    every_row = list(range(10))
+    for seed in range(3):  # every row read: the same steps as AdamW's
+        _step(lazy_table, lazy_linear, every_row, seed, sparse=True)
+        _step(dense_table, dense_linear, every_row, seed, sparse=False)
+        for optimizer, schedule in zip((lazy, dense), schedules, strict=True):
+            optimizer.step()
+            schedule.step()
+    torch.testing.assert_close(lazy_table, dense_table, rtol=1e-5, atol=1e-6)
+    before = lazy_table.detach().clone()
+    moments = {k: lazy.state[lazy_table][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+
+    read = [2, 7]
+    _step(lazy_table, lazy_linear, read, 9, sparse=True)
+    _step(dense_table, dense_linear, read, 9, sparse=False)
+    lazy.step()
+    dense.step()
+    unread = [r for r in every_row if r not in read]
+    torch.testing.assert_close(lazy_table[read], dense_table[read], rtol=1e-5, atol=1e-6)  # AdamW's update
+    torch.testing.assert_close(lazy_linear.weight, dense_linear.weight, rtol=1e-5, atol=1e-6)  # dense: AdamW's own
+    assert torch.equal(lazy_table[unread], before[unread])  # untouched, moments too
+    for k, m in moments.items():
+        assert torch.equal(lazy.state[lazy_table][k][unread], m[unread]), k
+        assert not torch.equal(lazy.state[lazy_table][k][read], m[read]), k
+    assert not torch.allclose(dense_table[unread], before[unread])  # AdamW kept moving them
+    assert float(lazy.state[lazy_table]["step"]) == 4.0 and lazy_table.grad.is_sparse  # the gradient handed back
+    plain = torch.optim.AdamW(decay, lr=0.05, fused=True)
+    plain.load_state_dict(lazy.state_dict())  # AdamW's own state layout: checkpoints read either way
+
+
+def test_clipping_counts_the_rows_of_a_sparse_gradient_as_its_dense_form() -> None:
+    sparse_table, sparse_linear = _table_and_linear()
+    dense_table, dense_linear = _table_and_linear()
+    _step(sparse_table, sparse_linear, [1, 4, 4], 0, sparse=True)
+    _step(dense_table, dense_linear, [1, 4, 4], 0, sparse=False)
+    params = [sparse_table, *sparse_linear.parameters()]
+    norm = clip_gradients(params, 0.5)
+    want = torch.nn.utils.clip_grad_norm_([dense_table, *dense_linear.parameters()], 0.5)
+    torch.testing.assert_close(norm, want)
+    assert norm > 0.5  # it did clip
+    torch.testing.assert_close(sparse_table.grad.to_dense(), dense_table.grad)
+    torch.testing.assert_close(sparse_linear.weight.grad, dense_linear.weight.grad)
 
 
 def _tiny_sasrec_run(precision: str, compile: str, negatives: int = 0) -> list[float]:

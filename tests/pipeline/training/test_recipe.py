@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 import resource
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,9 @@ from models.item_tower import ItemTower
 from models.sasrec import SASRec
 from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet
+from pipeline.errors import UserError
 from pipeline.training.evaluation import evaluate, selection_ks
+from tests.support import page_faults_in_a_thread
 
 
 @pytest.mark.parametrize("epochs", [0, 2])
@@ -43,6 +44,29 @@ def test_validation_runs_once_per_epoch_and_the_outcome_holds_the_kept_weights_m
     if epochs:
         best = next(r for r in outcome.fit.history if r.epoch == outcome.fit.best_epoch)
         assert outcome.valid == best.valid and outcome.valid[metric] == outcome.fit.best_metric
+
+
+def test_row_updates_train_one_process_with_sparse_item_tables_and_refuse_steps_that_read_every_row(
+        tiny_fs: FeatureSet, tmp_path: Path) -> None:
+    shape = {"train.batch_size": 16, "model.max_len": 20, "model.hidden_size": 16, "model.text_encoder": "hashed"}
+
+    def settings(**changes: object):
+        return load_settings(home=tmp_path / "home", **shape, **changes)
+
+    rows = settings(**{"train.negatives": 16, "train.table_updates": "rows", "train.epochs": 3, "train.lr": 1e-2})
+    setup = recipe.training_setup(rows, tiny_fs, torch.device("cpu"))
+    assert setup.row_sparse[0] is setup.model.item_tower.id_embedding.weight
+    assert len(setup.row_sparse) == 3  # IDs, categories, hashed words: sparse in one process too
+    dense = settings(**{"train.negatives": 16})
+    assert recipe.training_setup(dense, tiny_fs, torch.device("cpu")).row_sparse == ()  # one process, dense updates
+    losses = [h.loss for h in recipe.train_sasrec(rows, tiny_fs, progress=False).fit.history]
+    assert losses[-1] < losses[0], losses
+
+    with pytest.raises(UserError, match=r"train.negatives > 0"):
+        recipe.training_setup(settings(**{"train.table_updates": "rows"}), tiny_fs, torch.device("cpu"))
+    with pytest.raises(UserError, match=r"train.compile = on compiles it on cpu; set train.compile = off"):
+        recipe.training_setup(settings(**{"train.negatives": 16, "train.table_updates": "rows", "train.compile": "on"}),
+                              tiny_fs, torch.device("cpu"))
 
 
 def test_a_sampled_softmax_step_runs_the_item_tower_on_its_own_items_with_the_whole_tables_loss_and_gradient() -> None:
@@ -106,17 +130,7 @@ def test_scoring_batches_in_a_thread_does_not_page_fault_the_scores_in_every_bat
     model = SASRec(ItemTower(300_000, 8, use_content=False), max_len=5).eval()
     score = recipe.sasrec_scorer(model)
     seq = torch.randint(1, 300_001, (64, 5))
-    faults: list[int] = []
-
-    def batches() -> None:
-        for _ in range(4):
-            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-            score(seq)
-            faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-
-    thread = threading.Thread(target=batches)
-    thread.start()
-    thread.join()
+    faults = page_faults_in_a_thread(lambda: score(seq), times=4)
     scores_pages = 64 * 300_001 * 4 // resource.getpagesize()
     assert faults[0] > scores_pages // 2, faults  # the first batch maps the buffer: the probe sees faults
     assert max(faults[1:]) < scores_pages // 20, faults  # later batches reuse it
