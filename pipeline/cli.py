@@ -212,6 +212,9 @@ def train(
         help="validate on a fixed random sample of this many users (default: all)")] = None,
     test_users: Annotated[int | None, typer.Option(
         help="rank a fixed random sample of this many users in the test report (default: all)")] = None,
+    table_updates: Annotated[str | None, typer.Option(
+        help="how AdamW updates the item tables under a sampled softmax: dense (every row, every step) | rows "
+             "(only the rows the step read: far less memory traffic at large catalogues)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     resume: Annotated[Path | None, typer.Option(help="resume the run in this folder from its last checkpoint")] = None,
     index_kind: Annotated[str, typer.Option("--index-kind", help="FAISS index of the bundle: auto | flat | hnsw | ivf")] = "auto",
@@ -230,6 +233,7 @@ def train(
         "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "train.negatives": negatives,
         "train.exclude_history": exclude_history, "train.group_by_length": group_by_length,
         "train.patience": patience, "train.seed": seed, "train.valid_users": valid_users, "train.test_users": test_users,
+        "train.table_updates": table_updates,
         "model.hidden_size": hidden_size, "model.num_blocks": blocks,
         "model.num_heads": heads, "model.max_len": max_len, "model.dropout": dropout, "model.use_content": content,
         "model.text_encoder": text_encoder,

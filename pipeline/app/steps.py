@@ -201,7 +201,14 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
     from pipeline.training.data_defaults import fit_to_data
-    from pipeline.training.recipe import BASELINES, baseline_model, sasrec_scorer, train_sasrec, validation_queries
+    from pipeline.training.recipe import (
+        BASELINES,
+        baseline_model,
+        check_table_updates,
+        sasrec_scorer,
+        train_sasrec,
+        validation_queries,
+    )
 
     fs = _current_feature_set(settings)
     fingerprint = training_fingerprint(settings)  # of the settings as given ("auto" included)
@@ -212,6 +219,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     if resume is not None and not (resume / "checkpoint.pt").exists():
         raise UserError(f"--resume {resume}: no checkpoint.pt in that folder")
     device = resolve_device(settings.device)
+    check_table_updates(settings.train, device)
     tracking.recover_interrupted(settings)
     metric = settings.train.selection_metric
     tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version,

@@ -24,7 +24,7 @@ from models.item_knn import ItemKNN
 from models.losses import NextItemLoss
 from models.popularity import MostPopular
 from models.sasrec import SASRec
-from pipeline.config import Baseline, ModelSettings, Settings, TextEncoder
+from pipeline.config import Baseline, ModelSettings, Settings, TextEncoder, TrainSettings
 from pipeline.data.feature_store import FeatureSet, Ragged
 from pipeline.data.text_vectors import SENTENCE_ENCODERS, text_vectors
 from pipeline.errors import UserError
@@ -179,17 +179,9 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
     # and with ``table_updates = "rows"`` AdamW updates them alone (``RowAdamW``). Not in a
     # compiled step: Inductor cannot compile a sparse backward (it would fall back with a graph
     # break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
+    check_table_updates(cfg, device)
     compiled = precision_and_compilation(cfg, device)[1]
     rows = cfg.table_updates == "rows"
-    if rows and cfg.negatives == 0:
-        raise UserError("train.table_updates = rows needs a sampled softmax (train.negatives > 0): "
-                        "a full-softmax step reads every row of the item tables")
-    if rows and compiled:
-        raise UserError(f"train.table_updates = rows needs an uncompiled step (train.compile = {cfg.compile} "
-                        f"compiles it on {device.type}; set train.compile = off)")
-    if rows and group is not None and not cfg.sparse_item_tables:
-        raise UserError("train.table_updates = rows needs train.sparse_item_tables = true with workers > 1 "
-                        "(the ranks must exchange the rows read)")
     sparse_tables = cfg.negatives > 0 and not compiled and (rows or (group is not None and cfg.sparse_item_tables))
     row_sparse = tuple(model.item_tower.make_tables_sparse()) if sparse_tables else ()
 
@@ -200,6 +192,23 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
     next_item = NextItemLoss(excluded, cfg.negatives, counts.clamp(min=1.0) ** 0.75 if cfg.negatives else None,
                              exclude_history=cfg.exclude_history).to(device)
     return TrainingSetup(model, shape, train, windows, steps, batches, next_item_objective(next_item), row_sparse)
+
+
+def check_table_updates(cfg: TrainSettings, device: torch.device) -> None:
+    """A ``UserError`` where ``table_updates = "rows"`` cannot hold: a full softmax reads every
+    row; a compiled step cannot have sparse gradients; DDP's whole-table all-reduce leaves no
+    rows. Checked before a run starts, so a refused run leaves nothing behind."""
+    if cfg.table_updates != "rows":
+        return
+    if cfg.negatives == 0:
+        raise UserError("train.table_updates = rows needs a sampled softmax (train.negatives > 0): "
+                        "a full-softmax step reads every row of the item tables")
+    if precision_and_compilation(cfg, device)[1]:
+        raise UserError(f"train.table_updates = rows needs an uncompiled step (train.compile = {cfg.compile} "
+                        f"compiles it on {device.type}; set train.compile = off)")
+    if cfg.workers > 1 and not cfg.sparse_item_tables:
+        raise UserError("train.table_updates = rows needs train.sparse_item_tables = true with workers > 1 "
+                        "(the workers must exchange the rows read)")
 
 
 def next_item_objective(next_item: NextItemLoss) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]:

@@ -34,3 +34,9 @@ def test_a_bad_setting_given_as_a_flag_is_one_error_line(cli: Attnrec, flag: str
     setting = "train." + flag.replace("-", "_")
     assert_one_line_error(proc, f"invalid settings: {setting} = 0: Input should be greater than or equal to 1")
     assert proc.returncode == 1
+
+
+def test_an_unknown_table_update_is_one_error_line(cli: Attnrec) -> None:
+    proc = cli.run("train", "--table-updates", "sometimes", ok=False)
+    assert_one_line_error(proc, "invalid settings: train.table_updates = 'sometimes': Input should be 'dense' or 'rows'")
+    assert proc.returncode == 1
