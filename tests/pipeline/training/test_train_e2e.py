@@ -41,8 +41,10 @@ def test_row_updates_on_ml100k_beat_most_popular_and_a_refused_setting_starts_no
         mlflow.set_tracking_uri(f"sqlite:///{cli.home / 'mlflow.db'}")
         assert mlflow.search_runs(search_all_experiments=True).empty
 
-    result = cli.json("train", "--epochs", "4", "--lr", "3e-3", "--hidden-size", "32", "--max-len", "50",
+    # 256 sampled negatives learn more slowly per epoch than the full softmax: a higher rate (at
+    # 3e-3 both updates stayed at most-popular's level after 4 epochs; at 1e-2 dense 0.0648, rows 0.0655)
+    result = cli.json("train", "--epochs", "4", "--lr", "1e-2", "--hidden-size", "32", "--max-len", "50",
                       "--batch-size", "64", "--negatives", "256", "--table-updates", "rows", "--device", "cpu",
                       "--seed", "7")
     popular = cli.json("evaluate", "--split", "valid", "--baseline", "popularity")
-    assert result["valid"]["ndcg@10"] > 1.3 * popular["ndcg@10"], (result["valid"], popular["ndcg@10"])
+    assert result["valid"]["ndcg@10"] > 1.5 * popular["ndcg@10"], (result["valid"], popular["ndcg@10"])
