@@ -88,7 +88,9 @@ def optimizer_and_schedule(model: nn.Module, cfg: TrainSettings, steps_per_epoch
 
     AdamW runs fused (one kernel pass over each parameter, on the CPU as on CUDA): it updates
     every row of the item tables every step, 8.55M parameters at 100,000 items: 44 ms per step
-    with the per-tensor loop against 6 ms fused on one CPU thread (docs/benchmarks.md)."""
+    with the per-tensor loop against 6 ms fused on one CPU thread (docs/benchmarks.md); with
+    ``cfg.table_updates = "rows"`` the tables' gradients come sparse and only their rows read
+    are updated."""
     groups = param_groups or [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     optimizer = RowAdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=True)
     total_steps = max(1, cfg.epochs * steps_per_epoch)
