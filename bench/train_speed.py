@@ -42,12 +42,12 @@ from pipeline.data.feature_store import load_feature_set  # noqa: E402
 from pipeline.scale.cluster import free_port  # noqa: E402
 from pipeline.training.batches import epoch_batches, pack  # noqa: E402
 from pipeline.training.loop import (  # noqa: E402
+    TableGradients,
     data_parallel,
     keep_freed_memory_in_process,
     optimizer_and_schedule,
     precision_and_compilation,
     process_group,
-    TableGradients,
     resolve_device,
     train_step,
 )
@@ -75,7 +75,7 @@ def throughput(settings, fs, device: torch.device, steps: int | None, exclude_hi
     use_bf16, use_compile = precision_and_compilation(cfg, device)
     step_loss = torch.compile(setup.loss, dynamic=True) if use_compile else setup.loss
     batch_size, windows = cfg.batch_size, setup.windows
-    table_gradients = TableGradients(setup.row_sparse, None, dense=cfg.table_updates == "dense")
+    table_gradients = TableGradients.for_run(setup.row_sparse, None, cfg)
     longest = np.argsort(windows.start - windows.stop, kind="stable")[:3 * batch_size]  # warm-up: the heap reaches its peak
     warm = [pack(setup.train, windows, longest[i * batch_size:(i + 1) * batch_size]) for i in range(3)]
     batches = epoch_batches(setup.train, windows, batch_size, np.random.default_rng(0), group_by_length)
@@ -108,7 +108,7 @@ def step_phases(settings, fs, device: torch.device, steps: int, batch_size: int)
     model = setup.model.to(device).train()
     cfg = variant.train
     optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
-    table_gradients = TableGradients(setup.row_sparse, None, dense=cfg.table_updates == "dense")
+    table_gradients = TableGradients.for_run(setup.row_sparse, None, cfg)
     totals = dict.fromkeys(PHASES, 0.0)
     marks: list[float] = []
 
@@ -171,7 +171,7 @@ def _ddp_step_worker(rank: int, world: int, port: int, settings, feature_set: Pa
         model = setup.model.train()
         optimizer, scheduler = optimizer_and_schedule(model, cfg, setup.steps_per_epoch, model.optimizer_groups(cfg.weight_decay))
         step_loss, group = data_parallel(model, setup.loss, device, setup.row_sparse), process_group()
-        table_gradients = TableGradients(setup.row_sparse, group, dense=cfg.table_updates == "dense")
+        table_gradients = TableGradients.for_run(setup.row_sparse, group, cfg)
         for i, batch in enumerate(itertools.islice(setup.batches(1), steps + 3)):
             if i == 3:
                 dist.barrier()

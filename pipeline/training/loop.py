@@ -268,8 +268,8 @@ class TableGradients:
     values of their union (U, ...) summed. Under a sampled softmax a step of 128 windows of 50
     looks up at most 13,825 rows, so 2 ranks send at most 27,650 of a catalogue's rows.
 
-    Each table's dense gradient is one buffer kept from step to step: a step zeroes the rows the
-    step before wrote and writes its own. A fresh (R, ...) block every step cost a page fault
+    Made dense, each table's gradient is one buffer kept from step to step: a step zeroes the
+    rows the step before wrote and writes its own. A fresh (R, ...) block every step cost a page fault
     per 4 KB page wherever glibc maps it afresh, as it does for any block over 64 MB in a
     thread's own malloc arena (Ray Train runs the training function in a thread): at 500,000
     items 31,000 faults and 112 ms a step, against a few rows' writes here (docs/scaling.md).
@@ -280,6 +280,11 @@ class TableGradients:
     def __init__(self, tables: Sequence[nn.Parameter], group: ProcessGroup | None, dense: bool = True) -> None:
         self.tables, self.group, self.dense = list(tables), group, dense
         self.written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(table) -> (buffer (R, ...), rows set last (n,))
+
+    @classmethod
+    def for_run(cls, tables: Sequence[nn.Parameter], group: ProcessGroup | None, cfg: TrainSettings) -> "TableGradients":
+        """The completion ``fit`` runs: dense unless ``cfg.table_updates = "rows"`` (``RowAdamW``'s rows)."""
+        return cls(tables, group, dense=cfg.table_updates == "dense")
 
     def __call__(self) -> None:
         import torch.distributed as dist
@@ -418,7 +423,7 @@ def fit(
 
     history: list[EpochRecord] = state["history"]
     stopped_early = False
-    table_gradients = TableGradients(row_sparse, group, dense=cfg.table_updates == "dense")  # its buffers last the run
+    table_gradients = TableGradients.for_run(row_sparse, group, cfg)  # its buffers last the run
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         # --- step 3: one pass over the training batches
         model.train()
