@@ -45,13 +45,13 @@ from pipeline.training.loop import (  # noqa: E402
     TableGradients,
     data_parallel,
     keep_freed_memory_in_process,
-    optimizer_and_schedule,
     precision_and_compilation,
     process_group,
     resolve_device,
     train_step,
 )
 from pipeline.training.data_defaults import fit_to_data  # noqa: E402
+from pipeline.training.optimizer import optimizer_and_schedule  # noqa: E402
 from pipeline.training.recipe import build_sasrec, train_sasrec, training_setup  # noqa: E402
 
 
