@@ -95,9 +95,10 @@ class TrainSettings(Section):
                           "never in a compiled step, which cannot compile a sparse backward)")
     table_updates: Literal["dense", "rows"] = Field(
         "dense", description="how AdamW updates the item tables (IDs, categories, hashed words) under a sampled softmax: "
-                             "dense: every row every step; rows: only the rows the step looked up (lazy Adam: the "
-                             "moments of the other rows wait), much less memory traffic at large catalogues "
-                             "(docs/scaling.md); needs train.negatives > 0 and an uncompiled step")
+                             "dense: every row every step; rows: only the rows the step looked up, each first given "
+                             "the steps it missed in closed form (AdamW's weights whenever a row is read and at "
+                             "every validation), much less memory traffic at large catalogues (docs/scaling.md); "
+                             "needs train.negatives > 0 and an uncompiled step")
     patience: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="epochs without a gain of the selection metric before stopping; auto: 5 for short "
                             "histories (median under 20 items), else 20")

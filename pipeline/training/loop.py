@@ -341,6 +341,7 @@ def fit(
             n_samples += rows * (group.world if group is not None else 1)  # all ranks together (equal shares)
             bar.update(loss_sum / n_steps, n_samples / (time.perf_counter() - t0))
         bar.close()
+        optimizer.catch_up()  # rows updated row-wise: the steps they missed, so validation reads AdamW's weights
         seconds = time.perf_counter() - t0
         record = EpochRecord(epoch, loss_sum / max(1, n_steps), seconds, n_samples / max(seconds, 1e-9),
                              max_epochs=cfg.epochs)

@@ -213,10 +213,11 @@ def test_a_sampled_softmax_recipe_trains_its_item_tables_sparse_with_the_ranks_i
     for mode in ("ddp", "dense", "rows"):  # the ranks hold the same weights after the epoch (a rank once apart stays apart)
         for name, weight in ranks[0][mode]["weights"].items():
             assert torch.equal(weight, ranks[1][mode]["weights"][name]), name
-    # the lazy update of the rows read is another training than the dense one
+    # row-wise updates are another training than the dense one: a forward reads a row before it
+    # is given the steps it missed (test_loop checks the weights once caught up)
     ids = "item_tower.id_embedding.weight"
-    lazy, dense = ranks[0]["rows"]["weights"][ids], ranks[0]["dense"]["weights"][ids]
-    assert not torch.equal(lazy, dense)
+    row_wise, dense = ranks[0]["rows"]["weights"][ids], ranks[0]["dense"]["weights"][ids]
+    assert not torch.equal(row_wise, dense)
     # the same training as with DDP's whole tables, up to the order of sums (1e-8 measured); the
     # attention's key bias gets a gradient of rounding noise alone (softmax ignores it), which
     # AdamW turns into steps of its own size: 1.1e-5 apart after the epoch

@@ -86,6 +86,51 @@ def test_resume_refuses_a_checkpoint_validated_over_other_users(tmp_path: Path) 
     assert [h.epoch for h in again.history] == [1, 2]
 
 
+class SparseRows(nn.Module):
+    """A (20, 3) table read through ``embedding(sparse=True)`` and a dense bias: the loss
+    ``sum(table[rows] * x) + bias`` has gradients that do not depend on the weights, so any two
+    optimisers given the same batches see the same gradients."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1, 1, 60).reshape(20, 3))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+
+def rows_batches(epoch: int):
+    generator = torch.Generator().manual_seed(epoch)
+    for _ in range(5):  # each step reads 3 of the 20 rows: most rows miss most steps
+        yield torch.randint(0, 20, (3,), generator=generator), torch.randn(3, 3, generator=generator)
+
+
+def linear_in_rows(model: nn.Module, batch) -> torch.Tensor:
+    rows, x = batch
+    return (nn.functional.embedding(rows, model.table, sparse=True) * x).sum() + model.bias.sum()
+
+
+def test_row_updates_validate_and_checkpoint_the_weights_dense_adamw_trains() -> None:
+    """``train.table_updates = "rows"``: only the rows a step read are updated, the others' steps
+    deferred; before each validation ``fit`` gives every row the steps it missed, so the weights
+    validated (and kept as the best epoch's) are dense AdamW's, for gradients that do not depend
+    on the weights."""
+    validated: dict[str, list[torch.Tensor]] = {"dense": [], "rows": []}
+    for updates, seen in validated.items():
+        model = SparseRows()
+
+        def validate(m: nn.Module, seen: list[torch.Tensor] = seen) -> dict[str, float]:
+            seen.append(m.table.detach().clone())
+            return {"ndcg@10": float(len(seen))}  # every epoch the best: the last is restored
+
+        cfg = TrainSettings(epochs=3, lr=0.05, warmup_steps=2, patience=10, table_updates=updates)
+        fit(model, rows_batches, linear_in_rows, validate, cfg, torch.device("cpu"), steps_per_epoch=5,
+            row_sparse=[model.table], progress=False)
+        torch.testing.assert_close(model.table.detach(), seen[-1])
+    assert len(validated["rows"]) == 3
+    for dense, rows in zip(validated["dense"], validated["rows"], strict=True):
+        torch.testing.assert_close(rows, dense, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(validated["rows"][0], SparseRows().table.detach())  # it trained
+
+
 def test_freed_training_memory_is_reused_without_page_faults() -> None:
     """A 256 MB block freed and allocated again (a step's logits) stops being faulted in again.
 

@@ -27,45 +27,82 @@ def _step(table: nn.Parameter, linear: nn.Linear, rows: list[int], seed: int, sp
         table.grad = table.grad.coalesce()
 
 
-def test_row_adamw_is_adamw_on_the_rows_read_and_leaves_the_others_as_they_were() -> None:
-    """A row in the gradient gets AdamW's update (a row's update depends on its own gradient and
-    moments alone); a row not read keeps its weights and moments, where AdamW moves it on with
-    its old momentum."""
-    lazy_table, lazy_linear = _table_and_linear()
-    dense_table, dense_linear = _table_and_linear()
-    decay = [{"params": [lazy_table], "weight_decay": 0.1}, {"params": list(lazy_linear.parameters()), "weight_decay": 0.01}]
-    lazy = RowAdamW(decay, lr=0.05, betas=(0.9, 0.98), fused=True)
-    dense = torch.optim.AdamW([{"params": [dense_table], "weight_decay": 0.1},
-                               {"params": dense_linear.parameters(), "weight_decay": 0.01}],
-                              lr=0.05, betas=(0.9, 0.98), fused=True)
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)) for o in (lazy, dense)]
-    every_row = list(range(10))
-    for seed in range(3):  # every row read: the same steps as AdamW's
-        _step(lazy_table, lazy_linear, every_row, seed, sparse=True)
-        _step(dense_table, dense_linear, every_row, seed, sparse=False)
-        for optimizer, schedule in zip((lazy, dense), schedules, strict=True):
+def _give(table: nn.Parameter, rows: list[int], values: torch.Tensor, sparse: bool) -> None:
+    """Set ``table``'s gradient to ``values`` (R, D) at ``rows`` (R,) distinct: sparse and
+    coalesced, or dense with zeros elsewhere (as AdamW sees a row a step did not read)."""
+    index = torch.tensor(rows)
+    dense = torch.zeros_like(table).index_put_((index,), values)
+    table.grad = dense.to_sparse(1).coalesce() if sparse else dense
+
+
+def _pair(schedule) -> tuple[list[nn.Parameter], list[torch.optim.Optimizer], list]:
+    """The same (10, 4) table under RowAdamW and fused AdamW (weight decay 0.1), each with
+    the LambdaLR ``schedule``."""
+    torch.manual_seed(0)
+    start = torch.randn(10, 4)
+    tables = [nn.Parameter(start.clone()), nn.Parameter(start.clone())]
+    optimizers = [RowAdamW([tables[0]], lr=0.05, betas=(0.9, 0.98), weight_decay=0.1, fused=True),
+                  torch.optim.AdamW([tables[1]], lr=0.05, betas=(0.9, 0.98), weight_decay=0.1, fused=True)]
+    return tables, optimizers, [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in optimizers]
+
+
+def _run(tables, optimizers, schedules, reads: list[list[int]], seed: int) -> None:
+    """One step per entry of ``reads`` on both tables: the same gradient (entries of size 1) on
+    the rows read."""
+    generator = torch.Generator().manual_seed(seed)
+    for rows in reads:
+        values = torch.randn(len(rows), 4, generator=generator)
+        for table, optimizer, schedule, sparse in zip(tables, optimizers, schedules, (True, False), strict=True):
+            _give(table, rows, values, sparse)
             optimizer.step()
             schedule.step()
-    torch.testing.assert_close(lazy_table, dense_table, rtol=1e-5, atol=1e-6)
-    before = lazy_table.detach().clone()
-    moments = {k: lazy.state[lazy_table][k].clone() for k in ("exp_avg", "exp_avg_sq")}
 
-    read = [2, 7]
-    _step(lazy_table, lazy_linear, read, 9, sparse=True)
-    _step(dense_table, dense_linear, read, 9, sparse=False)
-    lazy.step()
-    dense.step()
-    unread = [r for r in every_row if r not in read]
-    torch.testing.assert_close(lazy_table[read], dense_table[read], rtol=1e-5, atol=1e-6)  # AdamW's update
-    torch.testing.assert_close(lazy_linear.weight, dense_linear.weight, rtol=1e-5, atol=1e-6)  # dense: AdamW's own
-    assert torch.equal(lazy_table[unread], before[unread])  # untouched, moments too
+
+def test_row_adamw_is_adamw_on_the_rows_read_and_defers_the_others_until_read_or_caught_up() -> None:
+    """A row read gets AdamW's weights and moments, the steps it missed included; a row not read
+    keeps its weights and moments until then, where AdamW keeps moving it by its momentum and
+    decaying it; ``catch_up`` gives every row AdamW's values. The learning rate changes every
+    step (a schedule), as the closed form must follow."""
+    (lazy, dense), (row_adamw, adamw), schedules = _pair(lambda s: 1.0 / (1 + 0.1 * s))
+    every_row = list(range(10))
+    _run((lazy, dense), (row_adamw, adamw), schedules, [every_row] * 3, seed=1)
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
+
+    before = lazy.detach().clone()
+    moments = {k: row_adamw.state[lazy][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    _run((lazy, dense), (row_adamw, adamw), schedules, [[2, 7], [7], [7, 3, 2]], seed=2)
+    unread = [r for r in every_row if r not in (2, 3, 7)]
+    torch.testing.assert_close(lazy[[2, 3, 7]], dense[[2, 3, 7]], rtol=1e-5, atol=1e-6)  # 7 every step, 2 and 3 after 1 and 2 missed
+    assert torch.equal(lazy[unread], before[unread])  # deferred, moments too
     for k, m in moments.items():
-        assert torch.equal(lazy.state[lazy_table][k][unread], m[unread]), k
-        assert not torch.equal(lazy.state[lazy_table][k][read], m[read]), k
-    assert not torch.allclose(dense_table[unread], before[unread])  # AdamW kept moving them
-    assert float(lazy.state[lazy_table]["step"]) == 4.0 and lazy_table.grad.is_sparse  # the gradient handed back
-    plain = torch.optim.AdamW(decay, lr=0.05, fused=True)
-    plain.load_state_dict(lazy.state_dict())  # AdamW's own state layout: checkpoints read either way
+        assert torch.equal(row_adamw.state[lazy][k][unread], m[unread]), k
+    assert not torch.allclose(dense[unread], before[unread])  # AdamW kept moving them
+    assert float(row_adamw.state[lazy]["step"]) == 6.0 and lazy.grad.is_sparse  # the gradient handed back
+
+    row_adamw.catch_up(chunk_rows=3)  # in chunks, as a large table is
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
+    for k in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(row_adamw.state[lazy][k], adamw.state[dense][k], rtol=1e-5, atol=1e-9)
+    plain = torch.optim.AdamW([lazy], lr=0.05, fused=True)
+    plain.load_state_dict(row_adamw.state_dict())  # AdamW's own state layout: checkpoints read either way
+
+
+def test_row_adamw_catches_up_a_row_missed_for_longer_than_its_horizon() -> None:
+    """A row left for 400 steps (past the ~170 the closed form sums over, the rest being under
+    1e-7 of its pull), under warm-up and a cosine schedule, with the checkpoint's state reloaded
+    half way: AdamW's weights once read again."""
+    from pipeline.training.optimizer import warmup_cosine
+
+    (lazy, dense), (row_adamw, adamw), schedules = _pair(lambda s: warmup_cosine(s, 20, 600))
+    _run((lazy, dense), (row_adamw, adamw), schedules, [list(range(10))] * 5, seed=3)
+    _run((lazy, dense), (row_adamw, adamw), schedules, [[0, 1]] * 200, seed=4)
+    saved = row_adamw.state_dict()
+    again = RowAdamW([lazy], lr=0.05, betas=(0.9, 0.98), weight_decay=0.1, fused=True)
+    schedules[0] = torch.optim.lr_scheduler.LambdaLR(again, lambda s: warmup_cosine(s, 20, 600))
+    again.load_state_dict(saved)  # as fit resumes: both built, then both loaded
+    schedules[0].load_state_dict(schedules[1].state_dict())
+    _run((lazy, dense), (again, adamw), schedules, [[0, 1]] * 200 + [list(range(10))], seed=5)
+    torch.testing.assert_close(lazy, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_clipping_counts_the_rows_of_a_sparse_gradient_as_its_dense_form() -> None:
