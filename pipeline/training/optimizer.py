@@ -62,11 +62,11 @@ class RowAdamW(torch.optim.AdamW):
     c_t q^(t-s), an (H,) update) and afterwards by A alone, its later terms being under
     q^H = 1e-7 of its first (H = 170 at betas 0.9, 0.98); with the running sum of log a_n
     (4 bytes a step each) and each row's last step (8 bytes a row), a row's catch-up is a
-    gather and a few (n, ...) operations. What differs from
-    AdamW is what a forward reads: a row not read for a while waits at its last update (plus
-    what ``catch_up`` gave it) where AdamW would have moved it already; ``fit`` calls
-    ``catch_up`` before every validation and checkpoint. A step under a sampled softmax reads a
-    few thousand of the catalogue's rows, and AdamW reads and writes all of them: the point.
+    gather and a few (n, ...) operations. What differs from AdamW is what a forward reads: a
+    row not read for a while waits at its last update where AdamW would have moved it already;
+    ``fit`` calls ``catch_up`` after every epoch, so validations and checkpoints see AdamW's
+    weights. A step under a sampled softmax reads a few thousand of the catalogue's rows, and
+    AdamW reads and writes all of them: the point.
     The moments live in AdamW's own state (``exp_avg``, ``exp_avg_sq``, ``step``), so
     checkpoints read either way. Dense gradients get torch's (fused) AdamW unchanged.
     """
