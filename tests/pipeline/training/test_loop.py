@@ -179,8 +179,8 @@ def test_table_gradients_reuse_one_buffer_and_clear_the_rows_of_the_step_before(
     torch.testing.assert_close(table.grad, want)  # rows 1 and 2 of the step before are gone
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="RUSAGE_THREAD is Linux's")
-def test_table_gradients_do_not_page_fault_a_whole_table_in_every_step_of_a_thread() -> None:
+@pytest.mark.skipif(platform.system() != "Linux", reason="glibc's thread arenas are Linux's")
+def test_table_gradients_do_not_page_fault_a_whole_table_in_every_step_of_a_thread(intra_op_threads: int) -> None:
     """Ray Train runs the training function in a thread; glibc gives a thread its own malloc
     arena, which maps any block over 64 MB afresh: a new dense gradient of a 500,000 x 64 table
     (128 MB) every step was 31,000 page faults and 112 ms (docs/scaling.md)."""
