@@ -118,3 +118,12 @@ def page_faults_in_a_thread(measured: Callable[[], object], times: int,
     thread.start()
     thread.join()
     return faults
+
+
+def fresh_block_faults(shape: tuple[int, ...]) -> int:
+    """The page faults of writing a new float32 block of ``shape`` in a new thread (the fewer of
+    two tries): what a block mapped afresh costs on this machine, in pages of its kernel's size
+    (about bytes / 4 KiB; far fewer where transparent huge pages back it)."""
+    import torch
+
+    return min(page_faults_in_a_thread(lambda: torch.ones(shape), times=2))

@@ -17,7 +17,7 @@ from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet
 from pipeline.errors import UserError
 from pipeline.training.evaluation import evaluate, selection_ks
-from tests.support import page_faults_in_a_thread
+from tests.support import fresh_block_faults, page_faults_in_a_thread
 
 
 @pytest.mark.parametrize("epochs", [0, 2])
@@ -132,7 +132,9 @@ def test_scoring_batches_in_a_thread_does_not_page_fault_the_scores_in_every_bat
     model = SASRec(ItemTower(300_000, 8, use_content=False), max_len=5).eval()
     score = recipe.sasrec_scorer(model)
     seq = torch.randint(1, 300_001, (64, 5))
+    fresh = fresh_block_faults((64, 300_001))
+    if fresh < 64 * 300_001 * 4 // resource.getpagesize() // 2:
+        pytest.skip(f"a fresh 77 MB block faults {fresh} pages here: too few to tell a reused block from a new one")
     faults = page_faults_in_a_thread(lambda: score(seq), times=4)
-    scores_pages = 64 * 300_001 * 4 // resource.getpagesize()
-    assert faults[0] > scores_pages // 2, faults  # the first batch maps the buffer: the probe sees faults
-    assert max(faults[1:]) < scores_pages // 20, faults  # later batches reuse it
+    assert faults[0] > fresh // 2, (fresh, faults)  # the first batch maps the buffer: the probe sees faults
+    assert max(faults[1:]) < fresh // 20, (fresh, faults)  # later batches reuse it
