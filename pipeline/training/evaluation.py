@@ -7,7 +7,8 @@ the seen items are ranked too (the protocol of catalogues where people buy or wa
 target is the number of items with a strictly higher score (ties favour the target, as
 in the reference implementations). Scoring runs in batches on the model's device; in a
 data-parallel process group (Ray Train's workers) the ranks score a share of the users each and
-exchange the results, so every rank holds what one process would have computed.
+exchange the results, so every rank holds what one process would have computed; a runner can
+score the shares elsewhere (Ray tasks: the test report of a multi-worker run).
 
 When the feature set holds items out of training (``cold_item_fraction``), the report adds
 a cold-start section for the targets among them: their ranks in the whole catalogue, and
@@ -138,33 +139,76 @@ def split_targets(fs: FeatureSet, split: str, sample: int | None = None) -> tupl
     return users, pos[users].astype(np.int64)
 
 
-def share_rows(mine: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
-    """Fill in each of ``arrays`` (U, ...) the rows the other ranks of the process group computed,
-    every rank having computed the rows ``mine`` (each row on one rank): afterwards every rank
-    holds every row."""
-    import torch.distributed as dist
+@dataclass
+class ScoredShare:
+    """What one share of an evaluation's batches found: ``rows`` (S,) are positions in the
+    split's user order (``split_targets``), the other arrays are theirs."""
 
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (mine, [a[mine] for a in arrays]))
-    for rows, values in parts:
-        for array, part in zip(arrays, values, strict=True):
-            array[rows] = part
+    rows: np.ndarray      # (S,) int64
+    ranks: np.ndarray     # (S,) 0-based rank of each target
+    targets: np.ndarray   # (S,) target item_idx
+    top: np.ndarray       # (S, K) the top items, best first
+    held_out: np.ndarray | None  # (S, 2) held-out items scored above the target, tied with it
+
+
+# (score, shares) -> every share's rows: ``score(share, shares)`` run once for each share, anywhere
+ShareRunner = Callable[[Callable[[int, int], ScoredShare], int], list[ScoredShare]]
 
 
 @torch.no_grad()
-def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False,
-             group: ProcessGroup | None = None, sample: int | None = None) -> EvalResult:
-    """Full-ranking metrics of ``scorer`` on the validation or test targets of ``fs``.
+def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np.ndarray, max_len: int,
+                device: torch.device, kmax: int, batch_size: int, keep_seen: bool, share: int, shares: int) -> ScoredShare:
+    """Score share ``share`` of ``shares`` of the targets at ``positions`` (U,) of ``users`` (U,).
 
     Users are batched by history length (shortest first) so attention cost tracks real
-    lengths. Returns metrics plus ``coverage@K`` (share of the catalogue appearing in
-    any user's top K), over every user with a target or a fixed ``sample`` of that many
-    (``split_targets``). In a process ``group`` (``pipeline.training.loop.process_group``) every
-    rank must call it: rank r scores every ``world``-th batch of one process's from the r-th
-    (the same batches, so the same scores to the bit; about equal shares, the batches' lengths
-    growing slowly), then the ranks exchange their users' ranks, targets and top items, and
-    each returns the whole result.
+    lengths; share r takes every ``shares``-th batch from the r-th (the batches one process
+    scores, so every user's scores are the same to the bit however many shares there are;
+    about equal shares, the batches' lengths growing slowly)."""
+    order = np.argsort(np.minimum(positions, max_len), kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][share::shares]
+    rows = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)  # (S,)
+    ranks_out, targets_out = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
+    top = np.zeros((len(rows), min(kmax, fs.num_items + 1)), dtype=np.int64)  # a K beyond the catalogue: all of it
+    held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
+    held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
+    held_out_counts = np.zeros((len(rows), 2), dtype=np.int64) if len(held_out) else None
+    at = 0
+    for sel in batches:
+        here = slice(at, at + len(sel))  # this batch's rows of the share
+        at += len(sel)
+        u, p = users[sel], positions[sel]
+        seq = torch.from_numpy(prefix_batch(fs.sequences, u, p, max_len)).to(device)
+        targets = torch.from_numpy(fs.sequences.values[fs.sequences.offsets[u] + p].astype(np.int64)).to(device)
+        seen_rows, seen_items = seen_pairs(fs.sequences, u, p)
+        scores = scorer(seq).float().contiguous()  # (B, N+1), modified in place below
+        ranks = target_ranks(scores, targets, torch.from_numpy(seen_rows).to(device),
+                             torch.from_numpy(seen_items).to(device), keep_seen)
+        ranks_out[here] = ranks.cpu().numpy()
+        if held_out_counts is not None:
+            held_scores = scores[:, held_out]  # (B, C)
+            target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
+            higher = count_per_row(torch.gt, held_scores, target_scores)  # (B,)
+            ties = count_per_row(torch.eq, held_scores, target_scores) - held_mask[targets].long()  # (B,) the target is no tie of its own
+            held_out_counts[here] = torch.stack([higher, ties], dim=1).cpu().numpy()
+        targets_out[here] = targets.cpu().numpy()
+        top[here] = torch.topk(scores, top.shape[1], dim=1).indices.cpu().numpy()
+    return ScoredShare(rows, ranks_out, targets_out, top, held_out_counts)
+
+
+def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
+             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 512, keep_seen: bool = False,
+             group: ProcessGroup | None = None, sample: int | None = None,
+             shares: tuple[ShareRunner, int] | None = None) -> EvalResult:
+    """Full-ranking metrics of ``scorer`` on the validation or test targets of ``fs``.
+
+    Returns metrics plus ``coverage@K`` (share of the catalogue appearing in any user's top
+    K), over every user with a target or a fixed ``sample`` of that many (``split_targets``).
+    The users' batches (``score_share``) are scored here, or shared: in a process ``group``
+    (``pipeline.training.loop.process_group``; every rank must call this) rank r scores share r
+    of ``world`` and the ranks exchange their rows, each returning the whole result; with
+    ``shares`` = (runner, n) the runner scores the n shares (on Ray:
+    ``pipeline.scale.evaluation.shares_on_ray``). Every user is scored as one process scores
+    it, so the result is the same.
     """
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
@@ -173,37 +217,32 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     if len(users) == 0:
         raise UserError(f"the feature set {fs.version} has no {split} targets (split {fs.manifest.get('split', {}).get('kind')}): "
                         "build one that has, e.g. `attnrec features --split loo`")
-    order = np.argsort(np.minimum(positions, max_len), kind="stable")
-    kmax = max(ks)
-    all_ranks = np.empty(len(users), dtype=np.int64)
-    all_targets = np.empty(len(users), dtype=np.int64)
-    top = np.zeros((len(users), min(kmax, fs.num_items + 1)), dtype=np.int64)  # a K beyond the catalogue: all of it
-    held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
-    held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
-    held_out_counts = np.zeros((len(users), 2), dtype=np.int64) if len(held_out) else None
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group is not None:  # one process's batches, dealt round robin: each user scored as one process scores it
-        batches = batches[group.rank::group.world]
-    for sel in batches:
-        u, p = users[sel], positions[sel]
-        seq = torch.from_numpy(prefix_batch(fs.sequences, u, p, max_len)).to(device)
-        targets = torch.from_numpy(fs.sequences.values[fs.sequences.offsets[u] + p].astype(np.int64)).to(device)
-        rows, items = seen_pairs(fs.sequences, u, p)
-        scores = scorer(seq).float().contiguous()  # (B, N+1), modified in place below
-        ranks = target_ranks(scores, targets, torch.from_numpy(rows).to(device), torch.from_numpy(items).to(device),
-                             keep_seen)
-        all_ranks[sel] = ranks.cpu().numpy()
-        if held_out_counts is not None:
-            held_scores = scores[:, held_out]  # (B, C)
-            target_scores = scores.gather(1, targets.unsqueeze(1))  # (B, 1)
-            higher = count_per_row(torch.gt, held_scores, target_scores)  # (B,)
-            ties = count_per_row(torch.eq, held_scores, target_scores) - held_mask[targets].long()  # (B,) the target is no tie of its own
-            held_out_counts[sel] = torch.stack([higher, ties], dim=1).cpu().numpy()
-        all_targets[sel] = targets.cpu().numpy()
-        top[sel] = torch.topk(scores, min(kmax, scores.shape[1]), dim=1).indices.cpu().numpy()
+
+    def score(share: int, of: int) -> ScoredShare:
+        return score_share(scorer, fs, users, positions, max_len, device, max(ks), batch_size, keep_seen, share, of)
+
     if group is not None:
-        mine = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)  # (U_mine,) the users scored here
-        share_rows(mine, [a for a in (all_ranks, all_targets, top, held_out_counts) if a is not None])
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * group.world
+        dist.all_gather_object(parts, score(group.rank, group.world))
+    elif shares is not None:
+        runner, n = shares
+        parts = runner(score, n)
+    else:
+        parts = [score(0, 1)]
+    rows = np.concatenate([part.rows for part in parts])  # (U,) each position once
+    if not np.array_equal(np.sort(rows), np.arange(len(users))):
+        raise RuntimeError(f"the shares of the {split} evaluation scored {len(rows)} rows for {len(users)} users")
+
+    def whole(field: str) -> np.ndarray:
+        values = np.concatenate([getattr(part, field) for part in parts])
+        out = np.empty_like(values)
+        out[rows] = values
+        return out
+
+    all_ranks, all_targets, top = whole("ranks"), whole("targets"), whole("top")
+    held_out_counts = whole("held_out") if parts[0].held_out is not None else None
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
     for k in ks:
         metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items
@@ -212,19 +251,21 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
 
 
 def evaluation_report(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
-                      ks: Sequence[int] = DEFAULT_KS, keep_seen: bool = False, sample: int | None = None) -> dict[str, Any]:
+                      ks: Sequence[int] = DEFAULT_KS, keep_seen: bool = False, sample: int | None = None,
+                      shares: tuple[ShareRunner, int] | None = None) -> dict[str, Any]:
     """``evaluate``'s metrics and seconds (seen items excluded), plus the cold-start section
     (targets among held-out items) and, with ``keep_seen``, a ``keep_seen`` section: the same
     metrics with seen items ranked too, beside the default; over a fixed ``sample`` of the
-    users (``split_targets``) or all of them."""
-    result = evaluate(scorer, fs, split, max_len, device, ks, sample=sample)
+    users (``split_targets``) or all of them, scored here or in ``shares`` (``evaluate``)."""
+    result = evaluate(scorer, fs, split, max_len, device, ks, sample=sample, shares=shares)
     report: dict[str, Any] = dict(result.metrics)
     report["seconds"] = round(result.seconds, 3)
     cold = fs.cold_mask
     if cold.any():
         report["cold_start"] = result.restricted(cold[result.targets], ks)
     if keep_seen:
-        report["keep_seen"] = evaluate(scorer, fs, split, max_len, device, ks, keep_seen=True, sample=sample).metrics
+        report["keep_seen"] = evaluate(scorer, fs, split, max_len, device, ks, keep_seen=True, sample=sample,
+                                       shares=shares).metrics
     return report
 
 

@@ -1,8 +1,10 @@
-"""Full-ranking metrics against a tiny hand-computed example."""
+"""Full-ranking metrics against tiny hand-computed examples, and shared among scorers."""
 
+import dataclasses
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,10 @@ import pytest
 import torch
 
 from pipeline.data.feature_store import FeatureSet, Ragged
-from pipeline.training.evaluation import evaluate, rank_metrics, target_ranks
+from models.item_tower import ItemTower
+from models.sasrec import SASRec
+from pipeline.training.evaluation import ScoredShare, evaluate, rank_metrics, target_ranks
+from pipeline.training.recipe import sasrec_scorer
 
 NUM_ITEMS = 5
 
@@ -161,3 +166,29 @@ def test_a_sample_of_users_is_fixed_and_ranks_each_sampled_user_as_the_whole_eva
     assert sample.metrics["ndcg@3"] == pytest.approx(whole.restricted(mask, (1, 3))["ndcg@3"], abs=1e-12)
     larger = evaluate(scorer, fs, "valid", max_len=10, device=torch.device("cpu"), ks=(1, 3), sample=1000)
     assert np.array_equal(larger.users, whole.users)  # a sample beyond the users: all of them
+
+
+def _shares_here_last_first(score: Callable[[int, int], ScoredShare], shares: int) -> list[ScoredShare]:
+    """A share runner that scores the shares in this process, the last first."""
+    return [score(share, shares) for share in reversed(range(shares))]
+
+
+def test_shares_scored_apart_give_the_one_process_result(small_fs: FeatureSet) -> None:
+    torch.manual_seed(0)
+    fs = dataclasses.replace(small_fs, items=small_fs.items.with_columns(cold=pl.col("item_idx") % 7 == 0))
+    scorer = sasrec_scorer(SASRec(ItemTower(fs.num_items, 8, use_content=False), max_len=20).eval())
+    here = evaluate(scorer, fs, "test", 20, torch.device("cpu"), batch_size=64)
+    apart = evaluate(scorer, fs, "test", 20, torch.device("cpu"), batch_size=64, shares=(_shares_here_last_first, 3))
+    assert here.metrics == apart.metrics and here.metrics["users"] > 3 * 64  # every share had batches
+    for field in ("ranks", "users", "targets", "held_out"):
+        np.testing.assert_array_equal(getattr(here, field), getattr(apart, field), err_msg=field)
+    assert here.held_out is not None and here.held_out.any()
+
+
+def test_a_share_runner_that_loses_a_share_is_an_error(small_fs: FeatureSet) -> None:
+    def lossy(score: Callable[[int, int], ScoredShare], shares: int) -> list[ScoredShare]:
+        return [score(share, shares) for share in range(shares - 1)]
+
+    with pytest.raises(RuntimeError, match="scored .* rows for 610 users"):
+        evaluate(FixedScorer([0.0] + [1.0] * small_fs.num_items), small_fs, "test", 20, torch.device("cpu"),
+                 batch_size=64, shares=(lossy, 3))
