@@ -286,7 +286,9 @@ def _read_arrow(path: Path) -> pa.RecordBatch:
 
 @dataclass
 class FeatureSet:
-    """A loaded feature set. Sequence arrays are memory-mapped views of ``histories.arrow``."""
+    """A loaded feature set. Sequence arrays are memory-mapped views of ``histories.arrow``.
+    It pickles as its folder and loads again from there (a Ray task's argument: the folder
+    must be readable where it is unpickled)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -302,6 +304,9 @@ class FeatureSet:
     train_end: np.ndarray     # (U,) int32
     valid_pos: np.ndarray     # (U,) int32, -1 = no target
     test_pos: np.ndarray      # (U,) int32, -1 = no target
+
+    def __reduce__(self) -> tuple[Callable[[Path], FeatureSet], tuple[Path]]:
+        return load_feature_set, (self.path,)
 
     @property
     def version(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -181,6 +182,16 @@ def test_loaded_arrays_are_consistent(small: Attnrec) -> None:
     assert fs.item_tokens.values.min() >= 1 and fs.item_tokens.values.max() < fs.manifest["text_buckets"]
     assert fs.categories["category_id"].to_list() == list(range(1, fs.categories.height + 1))
     assert (np.diff(fs.user_keys) > 0).all()
+
+
+def test_a_feature_set_pickles_as_its_folder_and_loads_from_there(small_fs: FeatureSet) -> None:
+    # a Ray task's argument: the arrays are read from the folder again, not copied
+    data = pickle.dumps(small_fs)
+    assert len(data) < 2_000  # the folder, not the arrays
+    again = pickle.loads(data)
+    assert again.path == small_fs.path and again.version == small_fs.version
+    np.testing.assert_array_equal(again.sequences.values, small_fs.sequences.values)
+    np.testing.assert_array_equal(again.test_pos, small_fs.test_pos)
 
 
 def test_features_need_events(cli: Attnrec, tmp_path: Path) -> None:
