@@ -16,6 +16,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from pipeline.data.ingest import IngestOptions, IngestReport
     from pipeline.data.warehouse import WarehouseStats
     from pipeline.registry.model_store import Bundle
-    from pipeline.training.evaluation import Scorer
+    from pipeline.training.evaluation import Scorer, ShareRunner
     from pipeline.training.loop import EpochRecord
 
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -195,7 +196,8 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     apply the promotion gate. ``resume``: a run folder to continue from its checkpoint.
     ``on_note`` hears, before the first epoch, each setting fitted to the data and why, and
     whether item texts were encoded. ``train.workers`` > 1 trains on the engine's Ray cluster
-    (``pipeline.scale.training``)."""
+    (``pipeline.scale.training``) and, on the CPU, scores the test report's users there too,
+    in as many Ray tasks (``pipeline.scale.evaluation``), over one connection."""
     from pipeline.registry import tracking
     from pipeline.registry.model_store import BUNDLE_DIR, write_bundle
     from pipeline.training.evaluation import evaluation_report
@@ -225,7 +227,17 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
     tags = {**tracking.system_tags(str(device)), "type": "train", "feature_version": fs.version,
             "fitted_to_data": "; ".join(fitted) or "nothing: every setting given"}
     data = f"{fs.num_users:,} users x {fs.num_items:,} items"
-    with tracking.tracked_run(settings, f"train {data}, features {fs.version[:8]}", tags) as run_id:
+    on_ray = settings.train.workers > 1
+    shares: tuple[ShareRunner, int] | None = None
+    if on_ray and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks
+        from pipeline.scale.evaluation import shares_on_ray
+
+        shares = (shares_on_ray, settings.train.workers)
+    with ExitStack() as cluster, tracking.tracked_run(settings, f"train {data}, features {fs.version[:8]}", tags) as run_id:
+        if on_ray:
+            from pipeline.scale.cluster import ray_connection
+
+            cluster.enter_context(ray_connection(settings))
         tracking.log_feature_set(fs.path, fs.version, fs.manifest["counts"])
         params = tracking.flatten(settings.model_dump(mode="json", include={"model", "train", "features", "device"}))
         params.update({"feature_set.version": fs.version, "feature_set.fingerprint": fs.manifest["source"]["fingerprint"],
@@ -267,19 +279,21 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
 
         # --- test metrics, side by side with the champion and the baselines (checkpoint chosen on validation)
         test_users = settings.train.test_users  # every row ranks the same users: all, or this fixed sample
-        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users)
-        tracking.set_tags({"test_users": "all" if test_users is None else str(test["users"])})
+        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users,
+                                 shares=shares)
+        scored_on = f"{shares[1]} Ray tasks" if shares else "this process"
+        tracking.set_tags({"test_users": "all" if test_users is None else str(test["users"]), "test_scored_on": scored_on})
         tested_on = "" if test_users is None else f" on a sample of {test['users']:,} users"
         tracking.log_metrics({tracking.metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
         others: dict[str, dict[str, Any]] = {}
         current = tracking.champion(settings) if register else None
         if current is not None and (champion := registered_scorer(settings, fs, current[0])) is not None:
             others[f"champion v{current[0]}"] = evaluation_report(champion[0], fs, "test", champion[1], device,
-                                                                  sample=test_users)
+                                                                  sample=test_users, shares=shares)
         if baselines:
             for name in BASELINES:
                 others[name] = evaluation_report(baseline_model(name, fs).to(device), fs, "test", settings.model.max_len,
-                                                 device, sample=test_users)
+                                                 device, sample=test_users, shares=shares)
                 tracking.log_metrics({f"baseline_{name}_test_ndcg_at_10": others[name]["ndcg@10"]})
 
         # --- register, then the gate decides who serves
@@ -305,6 +319,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
             "run_dir": str(outcome.run_dir), "bundle": str(bundle.path), "best_epoch": fit.best_epoch,
             "epochs_run": fit.epochs_run, "seconds": round(fit.seconds, 1), "valid": outcome.valid,
             "test": {k: v for k, v in test.items() if k != "cold_start"}, "cold_start": test.get("cold_start"),
+            "test_scored_on": scored_on,
             "index": {"kind": bundle.index_meta.kind, "recall_at_10": bundle.index_meta.recall_at_10},
             "valid_ndcg@10": outcome.valid["ndcg@10"], "test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"],
             "selection_metric": metric, "feature_version": fs.version, "fitted_to_data": fitted,

@@ -4,6 +4,8 @@
 benchmarks; ``batch_scoring`` runs ``recommend-all`` as one Ray task per user partition;
 ``training`` runs the one training recipe as torch DDP on Ray Train's ``TorchTrainer``;
 ``features`` builds the feature set's histories as one Ray task per user bucket;
+``evaluation`` scores an evaluation's users in shares, one Ray task each (the test report
+of a multi-worker run);
 ``ingest`` reads and checks many event files at once, one Ray task per file, for the
 driver to commit in order.
 Ray is imported inside their functions only, so the plain install (without the ``ray``

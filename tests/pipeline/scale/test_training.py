@@ -22,6 +22,9 @@ from pipeline.scale.training import train_sasrec_on_ray
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import evaluate, selection_ks
 from pipeline.training.recipe import sasrec_scorer
+from tests.support import Attnrec
+
+TINY = ["--epochs", "1", "--hidden-size", "16", "--max-len", "20", "--batch-size", "256", "--negatives", "128"]
 
 
 def test_two_ray_train_workers_train_the_recipe(ray_cluster: str, tiny_fs: FeatureSet, tmp_path: Path) -> None:
@@ -48,3 +51,16 @@ def test_more_workers_than_the_cluster_has_cpus_is_one_error_not_a_wait(ray_clus
     settings = fit_to_data(settings, tiny_fs)[0]
     with pytest.raises(UserError, match=r"train.workers = 3: the Ray cluster at .* has 2 CPUs"):
         train_sasrec_on_ray(settings, tiny_fs)
+
+
+def test_attnrec_train_on_two_workers_ranks_the_test_users_in_ray_tasks_as_one_process_does(
+        ray_cluster: str, small_cli: Attnrec) -> None:
+    """The test report of a 2-worker run is scored in 2 Ray tasks; `attnrec evaluate`, one
+    process, gives the same metrics for the model it wrote and for the popularity baseline."""
+    result = small_cli.json("train", *TINY, "--workers", "2", "--engine", "ray", "--ray-address", ray_cluster)
+    assert result["test_scored_on"] == "2 Ray tasks"
+    alone = small_cli.json("evaluate", "--split", "test", "--model", result["run_dir"])
+    popularity = small_cli.json("evaluate", "--split", "test", "--baseline", "popularity")
+    for k in ("ndcg@10", "hr@10", "mrr@10", "coverage@10", "ndcg@50", "users"):
+        assert result["test"][k] == alone[k], k
+    assert result["baselines"]["popularity"] == popularity["ndcg@10"]
