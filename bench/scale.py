@@ -17,6 +17,10 @@ least 1,000 and at most 1M), times in time order over one year, and once more as
   in this process (``local``), or on Ray Train with 1 and with 2 DDP workers
   (``train_sasrec_on_ray``); model: hidden size 64, max_len 50, full softmax (``--negatives N``:
   a sampled softmax over N negatives, for catalogues where the full one does not fit the time);
+* ``test report``: ``evaluation_report`` of the bundle's model (below) on every test user,
+  ranking the whole catalogue: in this process (``local``), or in 2 Ray tasks of one share
+  of the users' batches each (``ray-2``, ``shares_on_ray``: what ``attnrec train`` does
+  with ``train.workers = 2`` on the CPU); the JSON adds NDCG@10, equal on both;
 * ``recommend-all``: top 10 for every user through ``steps.recommend_everyone``, locally, and
   on Ray with 1 and with 2 user partitions (one Ray task each), with the bundle the local
   training epoch wrote, or, where that step did not run, one of the untrained model (same
@@ -28,7 +32,7 @@ Every run is its own child process (``--one``). Seconds are the wall clock of th
 alone (imports outside), Ray's start-up of workers included; for training that is model
 set-up, the epoch and validation. Rows/s: events (ingest, features), training windows per
 second of the epoch's training pass alone (train epoch; the JSON adds the epoch's and its
-validation's seconds), users (recommend-all). Peak RSS is the
+validation's seconds), users (test report, recommend-all). Peak RSS is the
 child's own ``ru_maxrss`` (the driver) and, for Ray, the largest resident size sampled every
 0.2 s of each Ray worker process that ran the step (``ray::`` processes other than idle
 ones). Ray runs use one ``ray start --head`` cluster on 127.0.0.1 (``--num-cpus 2``) per size.
@@ -39,6 +43,7 @@ ones). Ray runs use one ``ray start --head`` cluster on 127.0.0.1 (``--num-cpus 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,7 +62,8 @@ sys.path.insert(0, str(REPO))
 SETTINGS = {"model.hidden_size": 64, "model.max_len": 50, "train.epochs": 1, "train.batch_size": 128,
             "registry.popularity_floor": False}
 STEPS = (("ingest", "local"), ("ingest", "ray-2"), ("features", "local"), ("features", "ray-2"), ("train epoch", "local"),
-         ("train epoch", "ray-1"), ("train epoch", "ray-2"), ("recommend-all", "local"), ("recommend-all", "ray-1"), ("recommend-all", "ray-2"))
+         ("train epoch", "ray-1"), ("train epoch", "ray-2"), ("test report", "local"), ("test report", "ray-2"), ("recommend-all", "local"), ("recommend-all", "ray-1"),
+         ("recommend-all", "ray-2"))
 K = 10
 CSV_FILES = 8  # the log as this many CSV files, for ingest
 
@@ -148,6 +154,25 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str, index
         return {"seconds": seconds, "rows": int(record.samples_per_s * record.seconds), "rows_per_s": record.samples_per_s,
                 "epoch_seconds": record.seconds, "valid_seconds": record.valid_seconds,
                 "valid_ndcg@10": outcome.valid["ndcg@10"]}
+    if step == "test report":
+        import torch
+
+        from pipeline.data.feature_store import current_feature_set, load_feature_set
+        from pipeline.registry.model_store import MODEL_FILE, load_model
+        from pipeline.scale.cluster import ray_connection
+        from pipeline.scale.evaluation import shares_on_ray
+        from pipeline.training.evaluation import evaluation_report
+        from pipeline.training.recipe import sasrec_scorer
+
+        if not (home / "bundle").exists():
+            untrained_bundle(load_settings(home=home, **SETTINGS), home / "bundle")
+        fs = load_feature_set(current_feature_set(settings))
+        model, _ = load_model(home / "bundle" / MODEL_FILE, torch.device("cpu"))
+        started = time.perf_counter()
+        with ray_connection(settings) if ray else contextlib.nullcontext():
+            report = evaluation_report(sasrec_scorer(model), fs, "test", model.max_len, torch.device("cpu"),
+                                       shares=(shares_on_ray, workers) if ray else None)
+        return {"seconds": time.perf_counter() - started, "rows": report["users"], "test_ndcg@10": report["ndcg@10"]}
     if step == "recommend-all":
         from pipeline.registry.index import choose_kind, read_index_meta
         from pipeline.registry.model_store import INDEX_DIR
@@ -178,12 +203,13 @@ def untrained_bundle(settings: Any, folder: Path) -> None:
     write_bundle(folder, setup.model, setup.shape, fs.items, fs.version, validation_queries(setup.model, fs), "flat")
 
 
-WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories", "ray::stage_file")  # Ray worker processes that run a step's work
+WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories", "ray::stage_file",
+               "ray::score_one_share")  # Ray worker processes that run a step's work
 
 
 class RaySampler:
-    """Largest resident size (MB) of each Ray worker process running a step's work (a
-    recommend_partition task or a Ray Train worker), sampled every 0.2 s."""
+    """Largest resident size (MB) of each Ray worker process running a step's work (a task or
+    a Ray Train worker, by ``WORK_TITLES``), sampled every 0.2 s."""
 
     def __init__(self) -> None:
         self.peaks: dict[int, float] = {}

@@ -16,7 +16,8 @@ from pipeline.scale.cluster import import_ray
 from pipeline.training.evaluation import ScoredShare
 
 
-def _score(score: Callable[[int, int], ScoredShare], share: int, shares: int) -> ScoredShare:
+def score_one_share(score: Callable[[int, int], ScoredShare], share: int, shares: int) -> ScoredShare:
+    """One Ray task's work: ``score(share, shares)``."""
     return score(share, shares)
 
 
@@ -25,6 +26,6 @@ def shares_on_ray(score: Callable[[int, int], ScoredShare], shares: int) -> list
     its worker dies; the shares in order. ``score`` goes to the object store once (a model's
     tables can pass the size Ray allows a remote function's closure)."""
     ray = import_ray()
-    task = ray.remote(num_cpus=1, max_retries=2)(_score)
+    task = ray.remote(num_cpus=1, max_retries=2)(score_one_share)
     ref = ray.put(score)
     return ray.get([task.remote(ref, share, shares) for share in range(shares)])
