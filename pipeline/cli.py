@@ -272,19 +272,23 @@ def evaluate(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
     keep_seen: Annotated[bool, typer.Option("--keep-seen", help="also rank seen items (repeat consumption), beside the default")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print metrics as JSON")] = False,
+    partitions: Annotated[int | None, typer.Option(help="engine ray: the users in this many shares, one Ray task each (default: the cluster's CPUs)")] = None,
+    engine: EngineOpt = None,
+    ray_address: RayAddressOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Full-ranking HR/NDCG/MRR/coverage@K on the validation or test split (seen items excluded)."""
     from pipeline.app.steps import evaluate as evaluate_step
 
-    s = load_settings(home=home, device=device)
+    s = load_settings(home=home, device=device, engine=engine, ray_address=ray_address, partitions=partitions)
     report = evaluate_step(s, split, baseline, model, keep_seen=keep_seen)
     name = report["model"]
     if as_json:
         _echo_json(report)
         return
     out.print(f"{name} on {split} of feature set {report['feature_set']}, {report['feature_set_note']} "
-              f"({report['users']:,} users, full ranking, seen items excluded):", highlight=False)
+              f"({report['users']:,} users, full ranking, seen items excluded; ranked in {report['scored_on']}):",
+              highlight=False)
     for k in (5, 10, 20, 50):
         out.print(f"  @{k:<3} hr {report[f'hr@{k}']:.4f}  ndcg {report[f'ndcg@{k}']:.4f}  mrr {report[f'mrr@{k}']:.4f}"
                   f"  coverage {report[f'coverage@{k}']:.4f}", highlight=False)

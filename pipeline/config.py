@@ -190,7 +190,8 @@ class Settings(BaseSettings):
                                                       "machine by `ray start`), ray://host:port (a remote one), or unset "
                                                       "(a private Ray started on this machine for the run)")
     partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="user partitions batch scoring is split into on Ray; auto: two per CPU of the cluster")
+        "auto", description="user partitions batch scoring and evaluation are split into on Ray, one "
+                                "Ray task each; auto: one per CPU of the cluster")
     event_buckets: int = Field(16, ge=1, description="user buckets of the partitioned Parquet copy of the events "
                                                     "(HOME/events/bucket=N/) that engine = ray writes after ingest and "
                                                     "builds feature histories from, one Ray task per bucket")

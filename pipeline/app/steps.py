@@ -508,7 +508,9 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
 
     When the model's own feature set is gone from the store, the current one is used if its
     items match the model's, and ``feature_set_note`` says so. ``keep_seen`` adds the metrics
-    with seen items ranked too (section ``keep_seen``).
+    with seen items ranked too (section ``keep_seen``). With ``engine = "ray"`` on the CPU the
+    users are ranked in ``partitions`` Ray tasks (``pipeline.scale.evaluation``; auto: one per
+    CPU of the cluster), the metrics the same as in this process; ``scored_on`` says where.
     """
     from pipeline.data.feature_store import load_feature_set
     from pipeline.registry import tracking
@@ -541,10 +543,21 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
         check_vocabulary(meta, fs)
         name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
-    report = {"model": name, "split": split, "feature_set": fs.version, "feature_set_note": note,
-              **evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen)}
+    if settings.engine == "ray" and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks
+        from pipeline.scale.cluster import cluster_cpus, ray_connection
+        from pipeline.scale.evaluation import shares_on_ray
+
+        with ray_connection(settings) as ray:
+            tasks = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+            scored = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen, shares=(shares_on_ray, tasks))
+        scored_on = f"{tasks} Ray tasks"
+    else:
+        scored, scored_on = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen), "this process"
+    report = {"model": name, "split": split, "feature_set": fs.version, "feature_set_note": note, **scored,
+              "scored_on": scored_on}
     with tracking.tracked_run(settings, f"evaluate {name} on {split}, features {fs.version[:8]}",
-                              {"type": "evaluate", "model": name, "feature_version": fs.version}) as run_id:
+                              {"type": "evaluate", "model": name, "feature_version": fs.version,
+                               "scored_on": scored_on}) as run_id:
         tracking.log_params({"split": split, "model": name, "feature_set.version": fs.version, "keep_seen": keep_seen})
         tracking.log_metrics({tracking.metric_name(k, f"{split}_"): v for k, v in report.items()
                               if isinstance(v, float) and k != "seconds"})
