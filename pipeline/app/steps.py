@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -605,15 +605,18 @@ PartitionRunner = Callable[[Settings, str, int, "list[UserRange]", "list[Path]"]
 
 def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None = None, model: str | None = None,
                        table: str = "recommendations", run_partitions: PartitionRunner | None = None) -> dict[str, Any]:
-    """Top ``k`` for every warehouse user through the query path (``Recommender.recommend_all``),
+    """Top ``k`` for every warehouse user through the query path (``Recommender.recommend_chunks``),
     written to the DuckDB table ``table`` and to ``out`` in the format its extension names
     (Parquet, CSV, or newline-delimited JSON; default ``recommendations.parquet`` in the state folder).
 
-    With ``engine = "ray"`` the users are cut into ``partitions`` ranges of user keys, each
-    scored by ``recommend_partition`` on the cluster (``run_partitions``: how they are run; by
-    default one Ray task each) into ``<out stem>.parts/part-NNNNN.parquet``; the parts, in key
-    order, are the same frame as the local run's (the query path scores each user alone).
+    The users are scored in chunks (``CHUNK_USERS``) streamed into Parquet, and the file and the
+    table are written from there, so no process holds every user's answers. With ``engine =
+    "ray"`` the users are cut into ``partitions`` ranges of user keys, each scored by
+    ``recommend_partition`` on the cluster (``run_partitions``: how they are run; by default one
+    Ray task each) into ``<out stem>.parts/part-NNNNN.parquet``; the parts, in key order, are
+    the same rows as the local run's (the query path scores each user alone).
     """
+    import shutil
     import time
 
     from pipeline.data.warehouse import replace_table
@@ -628,66 +631,99 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
         raise UserError(f"--out {out}: the extension names the format; use one of {', '.join(RECOMMENDATION_FORMATS)}")
     started = time.perf_counter()
     partitions: dict[str, Any] | None = None
-    if settings.engine == "ray":
-        import shutil
-        from functools import partial
+    staging: Path | None = None
+    try:
+        if settings.engine == "ray":
+            from functools import partial
 
-        import polars as pl
+            from pipeline.data.histories import HistoryStore, UserRange
+            from pipeline.scale.batch_scoring import run_on_ray
+            from pipeline.scale.cluster import cluster_cpus, ray_connection
 
-        from pipeline.data.histories import HistoryStore, UserRange
-        from pipeline.scale.batch_scoring import run_on_ray
-        from pipeline.scale.cluster import cluster_cpus, ray_connection
-
-        bundle = str(resolve_bundle(settings, model))
-        folder = target.with_name(target.stem + ".parts")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        with ray_connection(settings) as ray:
-            parts = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
-            # an empty warehouse is one empty partition (the frame keeps its columns)
-            ranges = HistoryStore(settings.duckdb_path).user_ranges(parts) or [UserRange(0, -1)]
-            files = [folder / f"part-{i:05d}.parquet" for i in range(len(ranges))]
-            reports = (run_partitions or partial(run_on_ray, recommend_partition))(settings, bundle, k, ranges, files)
-        frame, version = pl.concat([pl.read_parquet(f) for f in files]), reports[0]["model_version"]
-        partitions = {"folder": str(folder), "count": len(files), "rows": [r["rows"] for r in reports]}
-    else:
-        recommender = Recommender.load(model, settings=settings)
-        frame, version = recommender.recommend_all(k), recommender.version
-    _write_recommendations(frame, target)
-    replace_table(settings.duckdb_path, table, frame)
-    users = frame["user_id"].n_unique()
-    fallback = frame.filter(frame["fallback"].is_not_null())["user_id"].n_unique()
-    return {"users": users, "rows": frame.height, "fallback_users": fallback,
-            "seconds": round(time.perf_counter() - started, 2), "file": str(target), "table": table,
+            bundle = str(resolve_bundle(settings, model))
+            folder = target.with_name(target.stem + ".parts")
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            with ray_connection(settings) as ray:
+                parts = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+                # an empty warehouse is one empty partition (the file keeps the columns)
+                ranges = HistoryStore(settings.duckdb_path).user_ranges(parts) or [UserRange(0, -1)]
+                files = [folder / f"part-{i:05d}.parquet" for i in range(len(ranges))]
+                reports = (run_partitions or partial(run_on_ray, recommend_partition))(settings, bundle, k, ranges, files)
+            version = reports[0]["model_version"]
+            partitions = {"folder": str(folder), "count": len(files), "rows": [r["rows"] for r in reports]}
+        else:
+            recommender = Recommender.load(model, settings=settings)
+            staging = settings.tmp_dir / f"recommendations-{os.getpid()}.parquet"
+            write_parquet_pieces(recommender.recommend_chunks(k), staging)
+            files, version = [staging], recommender.version
+        counts = _write_recommendations(files, target)
+        replace_table(settings.duckdb_path, table, files)
+    finally:
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+    return {**counts, "seconds": round(time.perf_counter() - started, 2), "file": str(target), "table": table,
             "model_version": version, "engine": settings.engine, "partitions": partitions}
 
 
 def recommend_partition(settings: Settings, bundle: str, k: int, users: UserRange, out: Path) -> dict[str, Any]:
     """One partition of ``recommend_everyone`` on Ray (a Ray task, or a Prefect task on Ray's
     task runner): the bundle at ``bundle`` loaded once, the top ``k`` of the users in
-    ``users`` through ``Recommender.recommend_all``, written to the Parquet file ``out``."""
+    ``users`` through ``Recommender.recommend_chunks``, streamed into the Parquet file ``out``."""
     from pipeline.serving.recommender import Recommender
 
     recommender = Recommender.load(bundle, settings=settings)
-    frame = recommender.recommend_all(k, users)
-    _write_recommendations(frame, out)
-    return {"file": str(out), "rows": frame.height, "first_user_key": users.first, "last_user_key": users.last,
+    rows = write_parquet_pieces(recommender.recommend_chunks(k, users), out)
+    return {"file": str(out), "rows": rows, "first_user_key": users.first, "last_user_key": users.last,
             "model_version": recommender.version}
 
 
-def _write_recommendations(frame: pl.DataFrame, target: Path) -> None:
-    """Write in the format of ``target``'s extension, atomically: a reader sees the old file or
-    the new one, never half of one."""
+def write_parquet_pieces(frames: Iterable[pl.DataFrame], target: Path) -> int:
+    """Write ``frames`` (one schema, at least one frame) one after the other into the Parquet
+    file ``target``, holding one at a time, atomically (a reader sees no half-written file);
+    the rows written."""
+    import pyarrow.parquet as pq
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    writer: pq.ParquetWriter | None = None
+    rows = 0
+    try:
+        for frame in frames:
+            piece = frame.to_arrow()
+            writer = writer or pq.ParquetWriter(tmp, piece.schema, compression="zstd")
+            writer.write_table(piece)
+            rows += frame.height
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError("write_parquet_pieces needs at least one frame (its schema)")
+    tmp.replace(target)
+    return rows
+
+
+def _write_recommendations(files: list[Path], target: Path) -> dict[str, int]:
+    """The rows of the Parquet ``files``, in order, written in the format of ``target``'s
+    extension, streamed and atomically (a reader sees the old file or the new one, never half
+    of one); the users (those with a rank-1 row), the rows, and the users served the fallback."""
+    import polars as pl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    rows = pl.scan_parquet(files)
     suffix = target.suffix.lower()
     if suffix == ".parquet":
-        frame.write_parquet(tmp)
+        rows.sink_parquet(tmp)
     elif suffix == ".csv":
-        frame.write_csv(tmp)
+        rows.sink_csv(tmp)
     else:
-        frame.write_ndjson(tmp)
+        rows.sink_ndjson(tmp)
     tmp.replace(target)
+    first = pl.col("rank") == 1  # one row per user with any answer
+    counts = rows.select(pl.len().alias("rows"), first.sum().alias("users"),
+                         (first & pl.col("fallback").is_not_null()).sum().alias("fallback_users")).collect()
+    return {name: int(counts[name][0]) for name in ("users", "rows", "fallback_users")}
 
 
 def check_port_free(host: str, port: int, hint: str) -> None:

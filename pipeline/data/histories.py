@@ -202,13 +202,17 @@ class HistoryStore:
         starts, ends = _runs(users)
         return [str(uids[s]) for s in starts], [items[s:e] for s, e in zip(starts, ends, strict=True)]
 
-    def user_ranges(self, parts: int) -> list[UserRange]:
-        """The warehouse's users cut into at most ``parts`` ranges of consecutive keys with
-        about as many users each, in key order (so their batch scores, concatenated, are in
-        the order of ``all_histories``)."""
+    def user_ranges(self, parts: int = 1, within: UserRange | None = None, most: int | None = None) -> list[UserRange]:
+        """The warehouse's users (those of ``within`` when given) cut into ranges of consecutive
+        keys with about as many users each, in key order (so their batch scores, concatenated,
+        are in the order of ``all_histories``): ``parts`` ranges, or more where one would hold
+        over ``most`` users; fewer where there are fewer users; none when there are none."""
+        where, params = ("WHERE user_key BETWEEN ? AND ?", [within.first, within.last]) if within else ("", [])
         with self._reading() as con:
-            keys = con.execute("SELECT DISTINCT user_key FROM events ORDER BY user_key").fetchnumpy()["user_key"]
-        return [UserRange(int(chunk[0]), int(chunk[-1])) for chunk in np.array_split(keys, min(parts, len(keys))) if len(chunk)]
+            keys = con.execute(f"SELECT DISTINCT user_key FROM events {where} ORDER BY user_key",
+                               params).fetchnumpy()["user_key"]  # (users,) int64
+        count = max(parts, -(-len(keys) // most) if most else 1)
+        return [UserRange(int(chunk[0]), int(chunk[-1])) for chunk in np.array_split(keys, min(count, len(keys))) if len(chunk)]
 
 
 def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -187,14 +187,15 @@ def query_frame(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | No
     return frame
 
 
-def replace_table(db_path: Path, name: str, frame: pl.DataFrame) -> None:
-    """(Re)write table ``name`` (a plain identifier) with ``frame`` plus ``created_at``, in one transaction."""
+def replace_table(db_path: Path, name: str, parquet_files: list[Path]) -> None:
+    """(Re)write table ``name`` (a plain identifier) with the rows of ``parquet_files``, in
+    order, plus ``created_at``, in one transaction (DuckDB streams the files: nothing holds
+    them whole)."""
     con = connect(db_path)
     try:
-        con.register("frame_to_write", frame.to_arrow())
         with transaction(con):
-            con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT *, now()::TIMESTAMP AS created_at FROM frame_to_write')
-        con.unregister("frame_to_write")
+            con.execute(f'CREATE OR REPLACE TABLE "{name}" AS SELECT *, now()::TIMESTAMP AS created_at FROM read_parquet(?)',
+                        [[str(path) for path in parquet_files]])
     finally:
         con.close()
 

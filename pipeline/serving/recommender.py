@@ -7,6 +7,7 @@
     rec.item("1"), rec.search("star wars", limit=20)      # catalogue facts, title search
     rec.timeline("42")                                    # a user's history with times
     rec.recommend_all(k=50)                               # every user: a Polars frame
+    rec.recommend_chunks(k=50)                            # the same rows, CHUNK_USERS users at a time
 
 Ids are always in the user's terms (the identity rule of ``pipeline.data.identity``);
 answers are plain dataclasses (``pipeline.serving.query``). The CLI, the HTTP server and
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ from pipeline.serving.query import (Filters, ItemInfo, Recommendations, check_k,
                                     search_titles, set_threads, similar)
 
 log = logging.getLogger(__name__)
+
+# Users whose histories and answers batch scoring holds at once (``recommend_chunks``): a
+# partition's memory is this many users', not all of its users' (at 50M events about 11-17 KB
+# per user when a partition was one piece).
+CHUNK_USERS = 50_000
 
 
 class UnknownItems(UserError):
@@ -137,8 +143,22 @@ class Recommender:
         partition of a distributed run), through the same query path as ``recommend``:
         ``user_id``, ``rank`` (1..k), ``item_id``, ``score``, ``fallback`` ("popular" for a
         user without usable history, else null), ``model_version``; users in key order."""
+        return pl.concat(list(self.recommend_chunks(k, users)))
+
+    def recommend_chunks(self, k: int = 50, users: UserRange | None = None,
+                         most_users: int | None = None) -> Iterator[pl.DataFrame]:
+        """``recommend_all``'s frame in consecutive pieces of at most ``most_users`` users each
+        (default ``CHUNK_USERS``; at least one piece, empty when there are no users), so that
+        batch scoring holds one piece's histories and answers at a time, however many users it
+        writes."""
         check_k(k)
-        user_ids, key_lists = self._store().all_histories(users)
+        store = self._store()
+        for chunk in store.user_ranges(within=users, most=most_users or CHUNK_USERS) or [UserRange(0, -1)]:
+            user_ids, key_lists = store.all_histories(chunk)
+            yield self._frame(user_ids, key_lists, k)
+
+    def _frame(self, user_ids: list[str], key_lists: list[np.ndarray], k: int) -> pl.DataFrame:
+        """The top ``k`` of these users' histories (item keys, oldest first) as ``recommend_all``'s rows."""
         bundle = self.bundle
         ranked = rank(bundle, [bundle.indices_of_keys(keys) for keys in key_lists], k)
         counts = np.array([len(r.items) for r in ranked], dtype=np.int64)
