@@ -147,7 +147,8 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
                   device: torch.device, row_sparse: Sequence[nn.Parameter] = ()) -> Callable[[nn.Module, Batch], torch.Tensor]:
     """``loss_fn`` run through ``DistributedDataParallel`` over ``model`` (rank 0's weights
     are broadcast to every rank here); its backward leaves the ranks' average gradient in
-    ``model``'s parameters. Constant buffers (the catalogue's content) are not re-broadcast.
+    ``model``'s parameters. Buffers (the catalogue's content, constant and the same on every
+    rank) are broadcast with the weights here, not again before every forward.
 
     ``row_sparse``: tables with sparse gradients (``ItemTower.make_tables_sparse``), left out of
     DDP, which would all-reduce them whole every step (136.6 MB at 500,000 items of 64
@@ -161,7 +162,7 @@ def data_parallel(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], torch.
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         objective, [name for name, p in objective.named_parameters() if id(p) in sparse])
     ddp = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                  broadcast_buffers=False)
+                                  forward_sync_buffers=False)
     with torch.no_grad():
         for p in row_sparse:  # DDP broadcasts only the parameters it keeps
             dist.broadcast(p, src=0)
