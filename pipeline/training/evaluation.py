@@ -142,12 +142,13 @@ def split_targets(fs: FeatureSet, split: str, sample: int | None = None) -> tupl
 @dataclass
 class ScoredShare:
     """What one share of an evaluation's batches found: ``rows`` (S,) are positions in the
-    split's user order (``split_targets``), the other arrays are theirs."""
+    split's user order (``split_targets``), the per-user arrays are theirs; ``first_place``
+    is the catalogue's, so that a share's size does not grow with its users' top lists."""
 
     rows: np.ndarray      # (S,) int64
     ranks: np.ndarray     # (S,) 0-based rank of each target
     targets: np.ndarray   # (S,) target item_idx
-    top: np.ndarray       # (S, K) the top items, best first
+    first_place: np.ndarray  # (N+1,) int64 each item's best 0-based place in the share's top-K lists, K where none
     held_out: np.ndarray | None  # (S, 2) held-out items scored above the target, tied with it
 
 
@@ -168,7 +169,8 @@ def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][share::shares]
     rows = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)  # (S,)
     ranks_out, targets_out = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
-    top = np.zeros((len(rows), min(kmax, fs.num_items + 1)), dtype=np.int64)  # a K beyond the catalogue: all of it
+    k = min(kmax, fs.num_items + 1)  # a K beyond the catalogue: all of it
+    first_place = torch.full((fs.num_items + 1,), k, dtype=torch.long, device=device)  # (N+1,)
     held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
     held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
     held_out_counts = np.zeros((len(rows), 2), dtype=np.int64) if len(held_out) else None
@@ -191,8 +193,10 @@ def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np
             ties = count_per_row(torch.eq, held_scores, target_scores) - held_mask[targets].long()  # (B,) the target is no tie of its own
             held_out_counts[here] = torch.stack([higher, ties], dim=1).cpu().numpy()
         targets_out[here] = targets.cpu().numpy()
-        top[here] = torch.topk(scores, top.shape[1], dim=1).indices.cpu().numpy()
-    return ScoredShare(rows, ranks_out, targets_out, top, held_out_counts)
+        top = torch.topk(scores, k, dim=1).indices  # (B, K) best first
+        places = torch.arange(k, device=device).expand_as(top)  # (B, K) each entry's place in its list
+        first_place.scatter_reduce_(0, top.flatten(), places.flatten(), reduce="amin")
+    return ScoredShare(rows, ranks_out, targets_out, first_place.cpu().numpy(), held_out_counts)
 
 
 def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
@@ -241,11 +245,12 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
         out[rows] = values
         return out
 
-    all_ranks, all_targets, top = whole("ranks"), whole("targets"), whole("top")
+    all_ranks, all_targets = whole("ranks"), whole("targets")
     held_out_counts = whole("held_out") if parts[0].held_out is not None else None
+    first_place = np.minimum.reduce([part.first_place for part in parts])  # (N+1,) over every user's top list
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
-    for k in ks:
-        metrics[f"coverage@{k}"] = len(np.unique(top[:, :k])) / fs.num_items
+    for k in ks:  # the items in some user's top k
+        metrics[f"coverage@{k}"] = int(np.count_nonzero(first_place < k)) / fs.num_items
     metrics["users"] = len(users)
     return EvalResult(metrics, all_ranks, users, all_targets, time.perf_counter() - started, held_out_counts)
 

@@ -192,3 +192,23 @@ def test_a_share_runner_that_loses_a_share_is_an_error(small_fs: FeatureSet) -> 
     with pytest.raises(RuntimeError, match="scored .* rows for 610 users"):
         evaluate(FixedScorer([0.0] + [1.0] * small_fs.num_items), small_fs, "test", 20, torch.device("cpu"),
                  batch_size=64, shares=(lossy, 3))
+
+
+def test_coverage_counts_the_items_in_some_users_top_k_as_the_whole_top_lists_do(small_fs: FeatureSet) -> None:
+    """Coverage comes from each item's best place in any top list (a catalogue-sized array per
+    share, not every user's top K): the same counts as the distinct items of the top lists."""
+    torch.manual_seed(0)
+    inner = sasrec_scorer(SASRec(ItemTower(small_fs.num_items, 8, use_content=False), max_len=20).eval())
+    scored: list[torch.Tensor] = []  # each batch's scores, masked in place by the evaluation as it ranks
+
+    def keeping(seq: torch.Tensor) -> torch.Tensor:
+        scored.append(inner(seq).clone())
+        return scored[-1]
+
+    ks = (1, 5, 10, 50)
+    result = evaluate(keeping, small_fs, "test", 20, torch.device("cpu"), ks=ks, batch_size=64)
+    top = torch.cat([torch.topk(scores, 50, dim=1).indices for scores in scored]).numpy()  # (U, 50)
+    assert len(top) == result.metrics["users"]
+    for k in ks:
+        assert result.metrics[f"coverage@{k}"] == len(np.unique(top[:, :k])) / small_fs.num_items, k
+    assert 0 < result.metrics["coverage@1"] < result.metrics["coverage@50"]
