@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from pipeline import Recommender
@@ -46,6 +47,7 @@ def test_the_readme_example_runs_as_written(champion_home: Path, tmp_path: Path,
     assert isinstance(rec, Recommender) and rec.version == "attnrec v1"
     everyone = namespace["everyone"]
     assert everyone["user_id"].n_unique() == 610 and everyone.height == 610 * 50
+    assert pl.concat(list(namespace["pieces"])).equals(everyone)  # type: ignore[call-overload]
 
 
 def test_ids_are_the_users_and_answers_say_what_is_unknown(champion_home: Path) -> None:
