@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -544,11 +544,11 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
         name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
     if settings.engine == "ray" and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks
-        from pipeline.scale.cluster import cluster_cpus, ray_connection
+        from pipeline.scale.cluster import partition_count, ray_connection
         from pipeline.scale.evaluation import shares_on_ray
 
         with ray_connection(settings) as ray:
-            tasks = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+            tasks = partition_count(settings, ray)
             scored = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen, shares=(shares_on_ray, tasks))
         scored_on = f"{tasks} Ray tasks"
     else:
@@ -638,14 +638,14 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
 
             from pipeline.data.histories import HistoryStore, UserRange
             from pipeline.scale.batch_scoring import run_on_ray
-            from pipeline.scale.cluster import cluster_cpus, ray_connection
+            from pipeline.scale.cluster import partition_count, ray_connection
 
             bundle = str(resolve_bundle(settings, model))
             folder = target.with_name(target.stem + ".parts")
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             with ray_connection(settings) as ray:
-                parts = cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+                parts = partition_count(settings, ray)
                 # an empty warehouse is one empty partition (the file keeps the columns)
                 ranges = HistoryStore(settings.duckdb_path).user_ranges(parts) or [UserRange(0, -1)]
                 files = [folder / f"part-{i:05d}.parquet" for i in range(len(ranges))]
@@ -678,48 +678,57 @@ def recommend_partition(settings: Settings, bundle: str, k: int, users: UserRang
             "model_version": recommender.version}
 
 
-def write_parquet_pieces(frames: Iterable[pl.DataFrame], target: Path) -> int:
-    """Write ``frames`` (one schema, at least one frame) one after the other into the Parquet
-    file ``target``, holding one at a time, atomically (a reader sees no half-written file);
-    the rows written."""
-    import pyarrow.parquet as pq
-
+@contextmanager
+def _replaced_atomically(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target`` to write; renamed onto ``target`` when the block
+    ends, removed when it fails: a reader sees the old file or the new one, never half of one,
+    and a failed write leaves nothing behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    writer: pq.ParquetWriter | None = None
-    rows = 0
     try:
-        for frame in frames:
-            piece = frame.to_arrow()
-            writer = writer or pq.ParquetWriter(tmp, piece.schema, compression="zstd")
-            writer.write_table(piece)
-            rows += frame.height
+        yield tmp
+        tmp.replace(target)
     finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:
-        raise ValueError("write_parquet_pieces needs at least one frame (its schema)")
-    tmp.replace(target)
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_pieces(frames: Iterable[pl.DataFrame], target: Path) -> int:
+    """Write ``frames`` (one schema, at least one frame) one after the other into the Parquet
+    file ``target``, holding one at a time, atomically; the rows written."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with _replaced_atomically(target) as tmp:
+        writer: pq.ParquetWriter | None = None
+        try:
+            for frame in frames:
+                piece = frame.to_arrow()
+                writer = writer or pq.ParquetWriter(tmp, piece.schema, compression="zstd")
+                writer.write_table(piece)
+                rows += frame.height
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError("write_parquet_pieces needs at least one frame (its schema)")
     return rows
 
 
 def _write_recommendations(files: list[Path], target: Path) -> dict[str, int]:
     """The rows of the Parquet ``files``, in order, written in the format of ``target``'s
-    extension, streamed and atomically (a reader sees the old file or the new one, never half
-    of one); the users (those with a rank-1 row), the rows, and the users served the fallback."""
+    extension, streamed and atomically; the users (those with a rank-1 row), the rows, and
+    the users served the fallback."""
     import polars as pl
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     rows = pl.scan_parquet(files)
-    suffix = target.suffix.lower()
-    if suffix == ".parquet":
-        rows.sink_parquet(tmp)
-    elif suffix == ".csv":
-        rows.sink_csv(tmp)
-    else:
-        rows.sink_ndjson(tmp)
-    tmp.replace(target)
+    with _replaced_atomically(target) as tmp:
+        suffix = target.suffix.lower()
+        if suffix == ".parquet":
+            rows.sink_parquet(tmp)
+        elif suffix == ".csv":
+            rows.sink_csv(tmp)
+        else:
+            rows.sink_ndjson(tmp)
     first = pl.col("rank") == 1  # one row per user with any answer
     counts = rows.select(pl.len().alias("rows"), first.sum().alias("users"),
                          (first & pl.col("fallback").is_not_null()).sum().alias("fallback_users")).collect()

@@ -288,7 +288,7 @@ def _read_arrow(path: Path) -> pa.RecordBatch:
 class FeatureSet:
     """A loaded feature set. Sequence arrays are memory-mapped views of ``histories.arrow``.
     It pickles as its folder and loads again from there (a Ray task's argument: the folder
-    must be readable where it is unpickled)."""
+    must be readable where it is unpickled; changes made to the object in memory do not travel)."""
 
     path: Path
     manifest: dict[str, Any]

@@ -211,6 +211,10 @@ class HistoryStore:
         with self._reading() as con:
             keys = con.execute(f"SELECT DISTINCT user_key FROM events {where} ORDER BY user_key",
                                params).fetchnumpy()["user_key"]  # (users,) int64
+        if parts < 1 or (most is not None and most < 1):
+            raise ValueError(f"user_ranges: parts = {parts} and most = {most} must be at least 1")
+        if not len(keys):
+            return []
         count = max(parts, -(-len(keys) // most) if most else 1)
         return [UserRange(int(chunk[0]), int(chunk[-1])) for chunk in np.array_split(keys, min(count, len(keys))) if len(chunk)]
 

@@ -110,6 +110,12 @@ def cluster_cpus(ray: ModuleType) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def partition_count(settings: Settings, ray: ModuleType) -> int:
+    """How many Ray tasks batch scoring and evaluation split the users into: ``partitions``,
+    or with ``auto`` one per CPU of the connected cluster."""
+    return cluster_cpus(ray) if settings.partitions == "auto" else settings.partitions
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""
     with socket.socket() as probe:

@@ -150,12 +150,18 @@ class Recommender:
         """``recommend_all``'s frame in consecutive pieces of at most ``most_users`` users each
         (default ``CHUNK_USERS``; at least one piece, empty when there are no users), so that
         batch scoring holds one piece's histories and answers at a time, however many users it
-        writes."""
+        writes. ``k`` and the warehouse are checked here, before the first piece. Each piece is
+        its own read of the warehouse: events committed meanwhile reach the pieces read after."""
         check_k(k)
         store = self._store()
-        for chunk in store.user_ranges(within=users, most=most_users or CHUNK_USERS) or [UserRange(0, -1)]:
-            user_ids, key_lists = store.all_histories(chunk)
-            yield self._frame(user_ids, key_lists, k)
+        chunks = store.user_ranges(within=users, most=most_users or CHUNK_USERS) or [UserRange(0, -1)]
+
+        def pieces() -> Iterator[pl.DataFrame]:
+            for chunk in chunks:
+                user_ids, key_lists = store.all_histories(chunk)
+                yield self._frame(user_ids, key_lists, k)
+
+        return pieces()
 
     def _frame(self, user_ids: list[str], key_lists: list[np.ndarray], k: int) -> pl.DataFrame:
         """The top ``k`` of these users' histories (item keys, oldest first) as ``recommend_all``'s rows."""

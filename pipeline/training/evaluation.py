@@ -142,13 +142,14 @@ def split_targets(fs: FeatureSet, split: str, sample: int | None = None) -> tupl
 @dataclass
 class ScoredShare:
     """What one share of an evaluation's batches found: ``rows`` (S,) are positions in the
-    split's user order (``split_targets``), the per-user arrays are theirs; ``first_place``
-    is the catalogue's, so that a share's size does not grow with its users' top lists."""
+    split's user order (``split_targets``), the per-user arrays are theirs; ``covered`` is
+    the catalogue's, one bit per item and K, so that a share's size does not grow with its
+    users' top lists."""
 
     rows: np.ndarray      # (S,) int64
     ranks: np.ndarray     # (S,) 0-based rank of each target
     targets: np.ndarray   # (S,) target item_idx
-    first_place: np.ndarray  # (N+1,) int64 each item's best 0-based place in the share's top-K lists, K where none
+    covered: np.ndarray   # (len(ks), ceil((N+1)/8)) uint8 packed bits: item_idx i is in some user's top ks[j]
     held_out: np.ndarray | None  # (S, 2) held-out items scored above the target, tied with it
 
 
@@ -158,7 +159,8 @@ ShareRunner = Callable[[Callable[[int, int], ScoredShare], int], list[ScoredShar
 
 @torch.no_grad()
 def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np.ndarray, max_len: int,
-                device: torch.device, kmax: int, batch_size: int, keep_seen: bool, share: int, shares: int) -> ScoredShare:
+                device: torch.device, ks: Sequence[int], batch_size: int, keep_seen: bool, share: int,
+                shares: int) -> ScoredShare:
     """Score share ``share`` of ``shares`` of the targets at ``positions`` (U,) of ``users`` (U,).
 
     Users are batched by history length (shortest first) so attention cost tracks real
@@ -169,8 +171,8 @@ def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][share::shares]
     rows = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)  # (S,)
     ranks_out, targets_out = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
-    k = min(kmax, fs.num_items + 1)  # a K beyond the catalogue: all of it
-    first_place = torch.full((fs.num_items + 1,), k, dtype=torch.long, device=device)  # (N+1,)
+    kmax = min(max(ks), fs.num_items + 1)  # a K beyond the catalogue: all of it
+    covered = torch.zeros((len(ks), fs.num_items + 1), dtype=torch.bool, device=device)  # (len(ks), N+1)
     held_mask = torch.from_numpy(fs.cold_mask).to(device)  # (N+1,) bool
     held_out = torch.nonzero(held_mask).squeeze(1)  # (C,) item_idx
     held_out_counts = np.zeros((len(rows), 2), dtype=np.int64) if len(held_out) else None
@@ -193,10 +195,10 @@ def score_share(scorer: Scorer, fs: FeatureSet, users: np.ndarray, positions: np
             ties = count_per_row(torch.eq, held_scores, target_scores) - held_mask[targets].long()  # (B,) the target is no tie of its own
             held_out_counts[here] = torch.stack([higher, ties], dim=1).cpu().numpy()
         targets_out[here] = targets.cpu().numpy()
-        top = torch.topk(scores, k, dim=1).indices  # (B, K) best first
-        places = torch.arange(k, device=device).expand_as(top)  # (B, K) each entry's place in its list
-        first_place.scatter_reduce_(0, top.flatten(), places.flatten(), reduce="amin")
-    return ScoredShare(rows, ranks_out, targets_out, first_place.cpu().numpy(), held_out_counts)
+        top = torch.topk(scores, kmax, dim=1).indices  # (B, K) best first
+        for j, k in enumerate(ks):
+            covered[j, top[:, :k].flatten()] = True
+    return ScoredShare(rows, ranks_out, targets_out, np.packbits(covered.cpu().numpy(), axis=1), held_out_counts)
 
 
 def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: torch.device,
@@ -216,6 +218,8 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
     """
     if split not in ("valid", "test"):
         raise ValueError("split must be 'valid' or 'test'")
+    if group is not None and shares is not None:
+        raise ValueError("evaluate: a process group's ranks share the users already; give group or shares, not both")
     started = time.perf_counter()
     users, positions = split_targets(fs, split, sample)
     if len(users) == 0:
@@ -223,7 +227,7 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
                         "build one that has, e.g. `attnrec features --split loo`")
 
     def score(share: int, of: int) -> ScoredShare:
-        return score_share(scorer, fs, users, positions, max_len, device, max(ks), batch_size, keep_seen, share, of)
+        return score_share(scorer, fs, users, positions, max_len, device, ks, batch_size, keep_seen, share, of)
 
     if group is not None:
         import torch.distributed as dist
@@ -247,10 +251,12 @@ def evaluate(scorer: Scorer, fs: FeatureSet, split: str, max_len: int, device: t
 
     all_ranks, all_targets = whole("ranks"), whole("targets")
     held_out_counts = whole("held_out") if parts[0].held_out is not None else None
-    first_place = np.minimum.reduce([part.first_place for part in parts])  # (N+1,) over every user's top list
+    covered = parts[0].covered.copy()  # (len(ks), ceil((N+1)/8)): folded share by share, never stacked
+    for part in parts[1:]:
+        np.bitwise_or(covered, part.covered, out=covered)
     metrics = rank_metrics(torch.from_numpy(all_ranks), ks)
-    for k in ks:  # the items in some user's top k
-        metrics[f"coverage@{k}"] = int(np.count_nonzero(first_place < k)) / fs.num_items
+    for j, k in enumerate(ks):  # the items in some user's top k
+        metrics[f"coverage@{k}"] = int(np.unpackbits(covered[j]).sum()) / fs.num_items
     metrics["users"] = len(users)
     return EvalResult(metrics, all_ranks, users, all_targets, time.perf_counter() - started, held_out_counts)
 

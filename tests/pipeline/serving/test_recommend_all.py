@@ -111,4 +111,22 @@ def test_writing_pieces_needs_one_and_leaves_no_file_when_scoring_fails(tmp_path
 
     with pytest.raises(RuntimeError):
         write_parquet_pieces(pieces(), tmp_path / "half.parquet")
-    assert not (tmp_path / "half.parquet").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_an_empty_warehouse_gets_an_empty_file_and_table_with_the_columns(ml100k_bundle: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """Found in review: cutting no users into ranges raised numpy's "number sections must be
+    larger than 0" (the Ray path since it was built, the local path since it read in chunks)."""
+    from pipeline.app import steps
+    from pipeline.data.warehouse import connect
+
+    _, bundle = ml100k_bundle
+    settings = load_settings(home=tmp_path / "empty")
+    connect(settings.duckdb_path).close()  # the schema, no events
+    assert HistoryStore(settings.duckdb_path).user_ranges(4) == []
+    report = steps.recommend_everyone(settings, K, tmp_path / "recs.csv", str(bundle))
+    assert (report["users"], report["rows"], report["fallback_users"]) == (0, 0, 0)
+    assert (tmp_path / "recs.csv").read_text().strip() == "user_id,rank,item_id,score,fallback,model_version"
+    with pytest.raises(ValueError, match="most = 0"):
+        HistoryStore(settings.duckdb_path).user_ranges(1, most=0)

@@ -195,8 +195,8 @@ def test_a_share_runner_that_loses_a_share_is_an_error(small_fs: FeatureSet) -> 
 
 
 def test_coverage_counts_the_items_in_some_users_top_k_as_the_whole_top_lists_do(small_fs: FeatureSet) -> None:
-    """Coverage comes from each item's best place in any top list (a catalogue-sized array per
-    share, not every user's top K): the same counts as the distinct items of the top lists."""
+    """Coverage comes from one bit per item and K per share (not every user's top K): the same
+    counts as the distinct items of the top lists."""
     torch.manual_seed(0)
     inner = sasrec_scorer(SASRec(ItemTower(small_fs.num_items, 8, use_content=False), max_len=20).eval())
     scored: list[torch.Tensor] = []  # each batch's scores, masked in place by the evaluation as it ranks
@@ -212,3 +212,11 @@ def test_coverage_counts_the_items_in_some_users_top_k_as_the_whole_top_lists_do
     for k in ks:
         assert result.metrics[f"coverage@{k}"] == len(np.unique(top[:, :k])) / small_fs.num_items, k
     assert 0 < result.metrics["coverage@1"] < result.metrics["coverage@50"]
+
+
+def test_a_process_group_and_a_share_runner_together_are_refused(small_fs: FeatureSet) -> None:
+    from pipeline.training.loop import ProcessGroup
+
+    with pytest.raises(ValueError, match="group or shares, not both"):
+        evaluate(FixedScorer([0.0] + [1.0] * small_fs.num_items), small_fs, "test", 20, torch.device("cpu"),
+                 group=ProcessGroup(0, 2), shares=(_shares_here_last_first, 2))
