@@ -234,7 +234,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
 
         shares = (shares_on_ray, settings.train.workers)
     with ExitStack() as cluster, tracking.tracked_run(settings, f"train {data}, features {fs.version[:8]}", tags) as run_id:
-        if on_ray:
+        if shares:  # one connection for training and the test report (on a GPU training opens its own)
             from pipeline.scale.cluster import ray_connection
 
             cluster.enter_context(ray_connection(settings))
@@ -654,10 +654,13 @@ def recommend_everyone(settings: Settings, k: int = 50, out: str | Path | None =
             partitions = {"folder": str(folder), "count": len(files), "rows": [r["rows"] for r in reports]}
         else:
             recommender = Recommender.load(model, settings=settings)
-            staging = settings.tmp_dir / f"recommendations-{os.getpid()}.parquet"
-            write_parquet_pieces(recommender.recommend_chunks(k), staging)
-            files, version = [staging], recommender.version
-        counts = _write_recommendations(files, target)
+            if target.suffix.lower() != ".parquet":  # staged as Parquet, then written in the target's format
+                staging = settings.tmp_dir / f"recommendations-{os.getpid()}.parquet"
+            files, version = [staging or target], recommender.version
+            write_parquet_pieces(recommender.recommend_chunks(k), files[0])
+        if files != [target]:
+            _write_recommendations(files, target)
+        counts = _recommendation_counts(files)
         replace_table(settings.duckdb_path, table, files)
     finally:
         if staging is not None:
@@ -714,10 +717,9 @@ def write_parquet_pieces(frames: Iterable[pl.DataFrame], target: Path) -> int:
     return rows
 
 
-def _write_recommendations(files: list[Path], target: Path) -> dict[str, int]:
+def _write_recommendations(files: list[Path], target: Path) -> None:
     """The rows of the Parquet ``files``, in order, written in the format of ``target``'s
-    extension, streamed and atomically; the users (those with a rank-1 row), the rows, and
-    the users served the fallback."""
+    extension, streamed and atomically."""
     import polars as pl
 
     rows = pl.scan_parquet(files)
@@ -729,9 +731,16 @@ def _write_recommendations(files: list[Path], target: Path) -> dict[str, int]:
             rows.sink_csv(tmp)
         else:
             rows.sink_ndjson(tmp)
+
+
+def _recommendation_counts(files: list[Path]) -> dict[str, int]:
+    """The users (those with a rank-1 row), the rows, and the users served the fallback in the
+    recommendations of the Parquet ``files``."""
+    import polars as pl
+
     first = pl.col("rank") == 1  # one row per user with any answer
-    counts = rows.select(pl.len().alias("rows"), first.sum().alias("users"),
-                         (first & pl.col("fallback").is_not_null()).sum().alias("fallback_users")).collect()
+    counts = pl.scan_parquet(files).select(pl.len().alias("rows"), first.sum().alias("users"),
+                                           (first & pl.col("fallback").is_not_null()).sum().alias("fallback_users")).collect()
     return {name: int(counts[name][0]) for name in ("users", "rows", "fallback_users")}
 
 
