@@ -281,7 +281,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         test_users = settings.train.test_users  # every row ranks the same users: all, or this fixed sample
         test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users,
                                  shares=shares)
-        scored_on = f"{shares[1]} Ray tasks" if shares else "this process"
+        scored_on = scored_where(shares)
         tracking.set_tags({"test_users": "all" if test_users is None else str(test["users"]), "test_scored_on": scored_on})
         tested_on = "" if test_users is None else f" on a sample of {test['users']:,} users"
         tracking.log_metrics({tracking.metric_name(k, "test_"): v for k, v in test.items() if isinstance(v, float)})
@@ -501,6 +501,12 @@ def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | 
 # Evaluation, index, recommendations
 
 
+def scored_where(shares: tuple[ShareRunner, int] | None) -> str:
+    """Where an evaluation's users were ranked, for its report and run tag: "N Ray tasks" or
+    "this process"."""
+    return f"{shares[1]} Ray tasks" if shares else "this process"
+
+
 def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline | None = None, model: str | None = None,
              keep_seen: bool = False) -> dict[str, Any]:
     """Full-ranking metrics of a model (default: the champion) on the feature set it was trained
@@ -543,21 +549,20 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
         check_vocabulary(meta, fs)
         name = model_label(path, meta["sha256"])
         scorer, max_len = sasrec_scorer(net), net.max_len
-    if settings.engine == "ray" and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks
-        from pipeline.scale.cluster import partition_count, ray_connection
-        from pipeline.scale.evaluation import shares_on_ray
+    shares: tuple[ShareRunner, int] | None = None
+    with ExitStack() as cluster:
+        if settings.engine == "ray" and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks
+            from pipeline.scale.cluster import partition_count, ray_connection
+            from pipeline.scale.evaluation import shares_on_ray
 
-        with ray_connection(settings) as ray:
-            tasks = partition_count(settings, ray)
-            scored = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen, shares=(shares_on_ray, tasks))
-        scored_on = f"{tasks} Ray tasks"
-    else:
-        scored, scored_on = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen), "this process"
+            ray = cluster.enter_context(ray_connection(settings))
+            shares = (shares_on_ray, partition_count(settings, ray))
+        scored = evaluation_report(scorer, fs, split, max_len, device, keep_seen=keep_seen, shares=shares)
     report = {"model": name, "split": split, "feature_set": fs.version, "feature_set_note": note, **scored,
-              "scored_on": scored_on}
+              "scored_on": scored_where(shares)}
     with tracking.tracked_run(settings, f"evaluate {name} on {split}, features {fs.version[:8]}",
                               {"type": "evaluate", "model": name, "feature_version": fs.version,
-                               "scored_on": scored_on}) as run_id:
+                               "scored_on": report["scored_on"]}) as run_id:
         tracking.log_params({"split": split, "model": name, "feature_set.version": fs.version, "keep_seen": keep_seen})
         tracking.log_metrics({tracking.metric_name(k, f"{split}_"): v for k, v in report.items()
                               if isinstance(v, float) and k != "seconds"})
