@@ -8,6 +8,9 @@ validation item, as in the SASRec protocol.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import numpy as np
 import polars as pl
 
 
@@ -47,12 +50,52 @@ def temporal(histories: pl.DataFrame, valid_time: int, test_time: int) -> pl.Dat
     )
 
 
-def time_quantiles(histories: pl.DataFrame, test_fraction: float) -> tuple[int, int]:
-    """(valid_time, test_time): the times leaving the last 2x / 1x ``test_fraction`` of events after them."""
-    times = histories.select(pl.col("times").explode()).to_series()
-    test_time = int(times.quantile(1.0 - test_fraction, interpolation="lower"))
-    valid_time = int(times.quantile(max(0.0, 1.0 - 2 * test_fraction), interpolation="lower"))
+def time_quantiles(times: Callable[[], Iterable[np.ndarray]], test_fraction: float) -> tuple[int, int]:
+    """(valid_time, test_time): the times leaving the last 2x / 1x ``test_fraction`` of events after them.
+
+    ``times()`` yields every event time (int64 arrays, in any order and chunking); it is
+    called once per pass (see ``quantile_lower``).
+    """
+    test_time = quantile_lower(times, 1.0 - test_fraction)
+    valid_time = quantile_lower(times, max(0.0, 1.0 - 2 * test_fraction))
     return valid_time, test_time
+
+
+def quantile_lower(chunks: Callable[[], Iterable[np.ndarray]], q: float, bins: int = 1 << 16,
+                   gather: int = 1 << 20) -> int:
+    """The ``q`` quantile of the int64 values ``chunks()`` yields, "lower" interpolation (the
+    value at sorted index floor((n - 1) q), as Polars and NumPy compute it), exactly.
+
+    No pass holds more than one chunk and ``bins`` counts: each pass histograms the values
+    in the range known to hold the answer into ``bins`` equal bins and keeps the answer's bin,
+    until at most ``gather`` values are left, which are then selected directly. Passes:
+    one for the count and range, then about log_bins(range) (2 for microsecond times over a
+    year). Raises ValueError when there are no values.
+    """
+    n, lo, hi = 0, None, None
+    for chunk in chunks():
+        if len(chunk):
+            n += len(chunk)
+            lo = int(chunk.min()) if lo is None else min(lo, int(chunk.min()))
+            hi = int(chunk.max()) if hi is None else max(hi, int(chunk.max()))
+    if lo is None or hi is None:
+        raise ValueError("the quantile of no values")
+    k = int((n - 1) * q)  # rank of the answer among the values in [lo, hi]
+    inside = n
+    while inside > gather and hi > lo:
+        width = -(-(hi - lo + 1) // bins)  # ceil: bins of `width` values cover [lo, hi]
+        counts = np.zeros(bins, dtype=np.int64)
+        for chunk in chunks():
+            v = chunk[(chunk >= lo) & (chunk <= hi)]
+            offset = v.view(np.uint64) - np.uint64(lo & 0xFFFF_FFFF_FFFF_FFFF)  # v - lo, no overflow
+            counts += np.bincount((offset // np.uint64(width)).astype(np.int64), minlength=bins)
+        below = np.cumsum(counts) - counts  # values in [lo, hi] before each bin
+        b = int(np.searchsorted(below, k, side="right")) - 1
+        k -= int(below[b])
+        inside = int(counts[b])
+        lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+    values = np.concatenate([c[(c >= lo) & (c <= hi)] for c in chunks()])
+    return int(np.partition(values, k)[k])
 
 
 def cold_items(items: pl.DataFrame, fraction: float, seed: int) -> pl.Series:

@@ -157,6 +157,7 @@ def features(
     valid_time: Annotated[str | None, typer.Option(help="temporal: validation events at/after this ISO time")] = None,
     test_fraction: Annotated[float | None, typer.Option(help="temporal without --split-time: last share of events")] = None,
     cold_item_fraction: Annotated[float | None, typer.Option(help="hold this share of items out of training (cold-start report)")] = None,
+    min_user_events: Annotated[int | None, typer.Option(help="keep only users with at least this many events")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even if an identical feature set exists")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     engine: EngineOpt = None,
@@ -171,7 +172,8 @@ def features(
         raise UserError("--split must be loo or temporal")
     s = load_settings(home=home, engine=engine, ray_address=ray_address, **{"features.split": split, "features.split_time": split_time,
                                "features.valid_time": valid_time, "features.test_fraction": test_fraction,
-                               "features.cold_item_fraction": cold_item_fraction})
+                               "features.cold_item_fraction": cold_item_fraction,
+                               "features.min_user_events": min_user_events})
     result = build_features(s, force=force)
     path, built, manifest = result["path"], result["built"], result["manifest"]
     if as_json:

@@ -133,12 +133,12 @@ def build_features(settings: Settings, force: bool = False) -> dict[str, Any]:
 
             from pipeline.data.event_dataset import sync
             from pipeline.scale.cluster import ray_connection
-            from pipeline.scale.features import histories_on_ray
+            from pipeline.scale.features import history_pieces_on_ray
 
             sync(con, settings.events_dir, settings.event_buckets)  # events ingested before engine = ray too
             with ray_connection(settings):
-                path, built = build_feature_set(con, settings, force=force, histories_of=partial(
-                    histories_on_ray, settings.events_dir, settings.event_buckets, settings.features.event_types))
+                path, built = build_feature_set(con, settings, force=force, pieces_of=partial(
+                    history_pieces_on_ray, settings.events_dir, settings.event_buckets, settings.features.event_types))
         else:
             path, built = build_feature_set(con, settings, force=force)
     manifest = json.loads((path / "manifest.json").read_text())

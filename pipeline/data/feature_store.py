@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,15 @@ from features.item_content import category_ids, category_vocabulary, item_texts,
 from features.splits import cold_items, leave_one_out, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
+from pipeline.data.history_pieces import (HistoriesFile, HistoryPiece, final_user_order, piece_times,
+                                           read_history_piece, write_history_piece)
 from pipeline.data.warehouse import query_frame
 from pipeline.errors import UserError
 
 FEATURES_CODE_VERSION = 2
-# (item vocabulary, user vocabulary) -> ``features.histories.user_histories`` of every user
-HistoriesOf = Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame]
+# (item vocabulary, user vocabulary, min_user_events, folder) -> the pieces of every kept
+# user's history, written into the folder (``pipeline.data.history_pieces``)
+PiecesOf = Callable[[pl.DataFrame, pl.DataFrame, int, Path], list[HistoryPiece]]
 COLD_SEED = 20240601
 
 
@@ -94,7 +97,8 @@ def _write_arrow(df: pl.DataFrame, path: Path) -> None:
             writer.write_batch(batch)
 
 
-def _split_times(histories: pl.DataFrame, fs: FeatureSettings) -> tuple[int, int]:
+def _split_times(times: Callable[[], Iterator[np.ndarray]], fs: FeatureSettings) -> tuple[int, int]:
+    """(valid_time, test_time) in microseconds; ``times()`` yields every event time."""
     def us(dt: datetime) -> int:
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
@@ -102,22 +106,27 @@ def _split_times(histories: pl.DataFrame, fs: FeatureSettings) -> tuple[int, int
 
     if fs.split_time is not None:
         test_time = us(fs.split_time)
-        valid_time = us(fs.valid_time) if fs.valid_time else time_quantiles(
-            histories.with_columns(pl.col("times").list.eval(pl.element().filter(pl.element() < test_time))),
-            fs.test_fraction)[1]
+        if fs.valid_time:
+            return us(fs.valid_time), test_time
+        try:
+            valid_time = time_quantiles(lambda: (t[t < test_time] for t in times()), fs.test_fraction)[1]
+        except ValueError:
+            raise UserError(f"features.split_time {fs.split_time.isoformat()}: no event is before it, "
+                            "so there is nothing to train on") from None
         return valid_time, test_time
-    return time_quantiles(histories, fs.test_fraction)
+    return time_quantiles(times, fs.test_fraction)
 
 
 def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force: bool = False,
-                      histories_of: HistoriesOf | None = None) -> tuple[Path, bool]:
+                      pieces_of: PiecesOf | None = None) -> tuple[Path, bool]:
     """Build (or reuse) the feature set for the warehouse as it is now.
 
     Returns (folder, built): ``built`` is False when an identical feature set already existed.
     The folder is written under a temporary name and renamed into place, so a crash never
-    leaves a half-written feature set. ``histories_of`` (items, users) -> the users' histories
-    builds them elsewhere (on Ray, by user bucket: ``pipeline.scale.features``); by default
-    they are built here from every event at once. Both give the same frame.
+    leaves a half-written feature set. The users' histories are written as pieces
+    (``pipeline.data.history_pieces``) and assembled one piece at a time: by default one
+    piece built here from every event at once; ``pieces_of`` builds them elsewhere (on Ray,
+    one per user bucket: ``pipeline.scale.features``). Both give the same files.
     """
     fs = settings.features
     params = feature_params(fs)
@@ -133,102 +142,115 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
 
     where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if fs.event_types else ""
     args = [fs.event_types] if fs.event_types else []
-    events = query_frame(con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}", args) \
-        if histories_of is None else None
     catalog = query_frame(
         con, "SELECT item_key, title, categories, text, map_keys(numeric) AS num_keys, map_values(numeric) AS num_values FROM items_v"
     )
     item_ids = query_frame(con, "SELECT item_key, item_id FROM item_ids_v")
     user_ids = query_frame(con, "SELECT user_key, user_id FROM users_v")
-
-    # Vocabularies and histories
-    if events is not None:
-        items = item_vocabulary(events.select("item_key"), catalog.select("item_key"))
-        users = user_vocabulary(events.select("user_key"))
-        histories = user_histories(events, items, users)
-    else:
-        items = item_vocabulary(query_frame(con, f"SELECT DISTINCT item_key FROM events {where}", args), catalog.select("item_key"))
-        users = user_vocabulary(query_frame(con, f"SELECT DISTINCT user_key FROM events {where}", args))
-        histories = histories_of(items, users)
-    histories = histories.filter(pl.col("items").list.len() >= fs.min_user_events).with_columns(
-        pl.int_range(0, pl.len(), dtype=pl.Int32).alias("user_idx"))
-    histories = histories.join(user_ids, on="user_key", how="left").select(
-        "user_idx", "user_key", "user_id", "items", "times"
-    )
-
-    # Splits
-    split_info: dict[str, Any] = {"kind": fs.split}
-    if fs.split == "loo":
-        splits = leave_one_out(histories)
-    else:
-        valid_time, test_time = _split_times(histories, fs)
-        splits = temporal(histories, valid_time, test_time)
-        split_info.update({"valid_time_us": valid_time, "test_time_us": test_time,
-                           "valid_time": datetime.fromtimestamp(valid_time / 1e6, UTC).isoformat(),
-                           "test_time": datetime.fromtimestamp(test_time / 1e6, UTC).isoformat()})
-
-    # Items: content, cold hold-out, training popularity (cold items never count)
-    cold = cold_items(items, fs.cold_item_fraction, COLD_SEED)
-    items = items.with_columns(cold)
-    content = items.join(catalog, on="item_key", how="left").sort("item_idx")
-    cat_vocab = category_vocabulary(content)
-    num_names, numeric = numeric_fields(content)
-    pad = pl.DataFrame({"item_idx": [0]}, schema={"item_idx": pl.Int32})
-    item_features = pl.concat([
-        pad.with_columns(pl.lit([], pl.List(pl.Int32)).alias("category_ids"), pl.lit([], pl.List(pl.Int32)).alias("text_tokens"),
-                         pl.lit([0.0] * len(num_names), pl.List(pl.Float32)).alias("numeric")),
-        content.select("item_idx").with_columns(
-            category_ids(content, cat_vocab, fs.max_categories),
-            text_tokens(content, fs.text_buckets, fs.max_text_tokens),
-            numeric.alias("numeric"),
-        ),
-    ])
-    train_lengths = splits["train_end"]
-    pop = item_popularity(histories, train_lengths, items.height)
-    cold_idx = items.filter(pl.col("cold"))["item_idx"]
-    pop = pop.with_columns(pl.when(pl.col("item_idx").is_in(cold_idx.implode())).then(0).otherwise(pl.col("count")).alias("count"))
-    items_table = (
-        content.select("item_idx", "item_key", "title", "categories", "in_events", "cold", item_texts(content))
-        .join(item_ids, on="item_key", how="left")
-        .join(pop.rename({"count": "train_count"}), on="item_idx", how="left")
-        .select("item_idx", "item_key", "item_id", "title",
-                "categories", "in_events", "cold", "train_count", "item_text")
-        .sort("item_idx")
-    )
-
-    counts = {
-        "users": histories.height,
-        "items": items.height,
-        "events": int(histories["items"].list.len().sum()),
-        "train_events": int(train_lengths.sum()),
-        "valid_targets": int(splits["valid_pos"].is_not_null().sum()),
-        "test_targets": int(splits["test_pos"].is_not_null().sum()),
-        "categories": cat_vocab.height,
-        "numeric_fields": len(num_names),
-        "cold_items": int(cold.sum()),
-        "catalog_only_items": int((~items["in_events"]).sum()),
-    }
-    manifest = {
-        "format_version": 1,
-        "version": version,
-        "source": source,
-        "params": params,
-        "split": split_info,
-        "counts": counts,
-        "numeric_fields": num_names,
-        "text_buckets": fs.text_buckets,
-    }
+    items = item_vocabulary(query_frame(con, f"SELECT DISTINCT item_key FROM events {where}", args), catalog.select("item_key"))
+    users = user_vocabulary(query_frame(con, f"SELECT DISTINCT user_key FROM events {where}", args))
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    (tmp / "pieces").mkdir(parents=True)
     try:
+        # Histories, in pieces
+        if pieces_of is None:
+            events = query_frame(con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}", args)
+            pieces = [write_history_piece(user_histories(events, items, users), fs.min_user_events, tmp / "pieces" / "all.arrow")]
+            del events
+        else:
+            pieces = pieces_of(items, users, fs.min_user_events, tmp / "pieces")
+        kept, finals = final_user_order(pieces, users.height)
+        if not len(kept):
+            raise UserError(f"no user has features.min_user_events = {fs.min_user_events} events or more: "
+                            "lower it or ingest more events")
+
+        # Split times
+        split_info: dict[str, Any] = {"kind": fs.split}
+        if fs.split == "temporal":
+            valid_time, test_time = _split_times(lambda: piece_times(pieces), fs)
+            split_info.update({"valid_time_us": valid_time, "test_time_us": test_time,
+                               "valid_time": datetime.fromtimestamp(valid_time / 1e6, UTC).isoformat(),
+                               "test_time": datetime.fromtimestamp(test_time / 1e6, UTC).isoformat()})
+
+        # Splits, training popularity and histories.arrow, one piece at a time
+        lengths = np.zeros(len(kept), dtype=np.int64)  # (U,) in the new user order
+        for piece, rows in zip(pieces, finals, strict=True):
+            lengths[rows] = piece.lengths
+        histories_file = HistoriesFile(tmp / "histories.arrow", lengths)
+        split_parts, counts_per_item = [], np.zeros(items.height + 1, dtype=np.int64)
+        for piece, rows in zip(pieces, finals, strict=True):
+            histories = read_history_piece(piece).with_columns(pl.Series("user_idx", rows, dtype=pl.Int32))
+            split = leave_one_out(histories) if fs.split == "loo" else temporal(histories, valid_time, test_time)
+            counts_per_item += item_popularity(histories, split["train_end"], items.height)["count"].to_numpy()
+            histories_file.put(histories, rows)
+            split_parts.append(split)
+            piece.path.unlink()
+        splits = pl.concat(split_parts).sort("user_idx").rechunk()
+        user_columns = pl.DataFrame({
+            "user_idx": np.arange(len(kept), dtype=np.int32),
+            "user_key": users["user_key"].to_numpy()[kept],
+        }).join(user_ids, on="user_key", how="left", maintain_order="left")
+        histories_file.write(user_columns)
+        (tmp / "pieces").rmdir()
+
+        # Items: content, cold hold-out, training popularity (cold items never count)
+        cold = cold_items(items, fs.cold_item_fraction, COLD_SEED)
+        items = items.with_columns(cold)
+        content = items.join(catalog, on="item_key", how="left").sort("item_idx")
+        cat_vocab = category_vocabulary(content)
+        num_names, numeric = numeric_fields(content)
+        pad = pl.DataFrame({"item_idx": [0]}, schema={"item_idx": pl.Int32})
+        item_features = pl.concat([
+            pad.with_columns(pl.lit([], pl.List(pl.Int32)).alias("category_ids"), pl.lit([], pl.List(pl.Int32)).alias("text_tokens"),
+                             pl.lit([0.0] * len(num_names), pl.List(pl.Float32)).alias("numeric")),
+            content.select("item_idx").with_columns(
+                category_ids(content, cat_vocab, fs.max_categories),
+                text_tokens(content, fs.text_buckets, fs.max_text_tokens),
+                numeric.alias("numeric"),
+            ),
+        ])
+        pop = pl.DataFrame({"item_idx": np.arange(items.height + 1, dtype=np.int32), "count": counts_per_item})
+        cold_idx = items.filter(pl.col("cold"))["item_idx"]
+        pop = pop.with_columns(pl.when(pl.col("item_idx").is_in(cold_idx.implode())).then(0).otherwise(pl.col("count")).alias("count"))
+        items_table = (
+            content.select("item_idx", "item_key", "title", "categories", "in_events", "cold", item_texts(content))
+            .join(item_ids, on="item_key", how="left")
+            .join(pop.rename({"count": "train_count"}), on="item_idx", how="left")
+            .select("item_idx", "item_key", "item_id", "title",
+                    "categories", "in_events", "cold", "train_count", "item_text")
+            .sort("item_idx")
+        )
+
+        counts = {
+            "users": len(kept),
+            "items": items.height,
+            "events": histories_file.events,
+            "train_events": int(splits["train_end"].sum()),
+            "valid_targets": int(splits["valid_pos"].is_not_null().sum()),
+            "test_targets": int(splits["test_pos"].is_not_null().sum()),
+            "categories": cat_vocab.height,
+            "numeric_fields": len(num_names),
+            "cold_items": int(cold.sum()),
+            "catalog_only_items": int((~items["in_events"]).sum()),
+        }
+        manifest = {
+            "format_version": 1,
+            "version": version,
+            "source": source,
+            "params": params,
+            "split": split_info,
+            "counts": counts,
+            "numeric_fields": num_names,
+            "text_buckets": fs.text_buckets,
+        }
+
         items_table.write_parquet(tmp / "items.parquet", statistics=False)
         cat_vocab.write_parquet(tmp / "categories.parquet", statistics=False)
         splits.write_parquet(tmp / "splits.parquet", statistics=False)
         _write_arrow(item_features, tmp / "item_features.arrow")
-        _write_arrow(histories, tmp / "histories.arrow")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from features.splits import cold_items, leave_one_out, temporal, time_quantiles
+from features.splits import cold_items, leave_one_out, quantile_lower, temporal, time_quantiles
 
 
 def histories(rows: dict[int, list[int]]) -> pl.DataFrame:
@@ -87,11 +90,30 @@ def test_temporal_rejects_valid_after_test() -> None:
 
 
 def test_time_quantiles() -> None:
-    h = histories({0: list(range(0, 50)), 1: list(range(50, 100))})  # times 0..99
-    valid_time, test_time = time_quantiles(h, 0.1)
+    chunks = [np.arange(0, 50), np.arange(50, 100)]  # times 0..99, in two chunks
+    valid_time, test_time = time_quantiles(lambda: iter(chunks), 0.1)
     assert test_time == 89  # 11 of 100 events at/after it (lower interpolation)
     assert valid_time == 79
     assert valid_time <= test_time
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=400) | st.lists(st.integers(0, 4), min_size=1, max_size=400),
+       q=st.floats(0, 1), cuts=st.lists(st.integers(0, 400), max_size=4), bins=st.integers(2, 16), gather=st.integers(1, 50))
+def test_quantile_lower_is_the_value_at_the_lower_sorted_index_in_any_chunking(
+        values: list[int], q: float, cuts: list[int], bins: int, gather: int) -> None:
+    """Small bins and gather limits force several histogram passes; int64 extremes check the range arithmetic."""
+    x = np.array(values, dtype=np.int64)
+    chunks = np.split(x, sorted(c for c in cuts if c <= len(x)))
+    expected = int(np.sort(x)[int((len(x) - 1) * q)])
+    assert quantile_lower(lambda: iter(chunks), q, bins=bins, gather=gather) == expected
+    if np.abs(x).max() < 2**53:  # Polars answers in float64: exact below 2**53
+        assert expected == int(pl.Series(x).quantile(q, interpolation="lower"))
+
+
+def test_quantile_of_no_values_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        quantile_lower(lambda: iter([np.zeros(0, np.int64)]), 0.5)
 
 
 def items_frame(n: int, in_events: list[bool] | None = None) -> pl.DataFrame:

@@ -202,3 +202,33 @@ def test_features_need_events(cli: Attnrec, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="attnrec features"):
         current_feature_set(load_settings())
     assert_one_line_error(cli.run("features", "--split", "random", ok=False), "--split")
+
+
+def test_a_cut_that_keeps_no_user_or_no_training_event_is_an_error_and_leaves_nothing(small: Attnrec) -> None:
+    # before the build read its histories in pieces, the first built an empty feature set
+    # (0 users) as if it had worked, and the second ended in a TypeError traceback
+    assert_one_line_error(small.run("features", "--min-user-events", "5000", ok=False),
+                          "features.min_user_events = 5000")
+    assert_one_line_error(small.run("features", "--split", "temporal", "--split-time", "1990-01-01", ok=False),
+                          "features.split_time 1990-01-01T00:00:00", "no event is before it")
+    assert not (small.home / "features").exists() or [p.name for p in (small.home / "features").iterdir()] == []
+
+
+def test_a_failed_piece_build_leaves_no_temporary_folder(small: Attnrec) -> None:
+    from pipeline.data.feature_store import build_feature_set
+    from pipeline.data.history_pieces import write_history_piece
+    from pipeline.data.warehouse import open_warehouse
+    from features.histories import user_histories
+
+    def first_piece_then_fail(items, users, min_events, folder):  # noqa: ANN001, ANN202
+        import polars as pl
+
+        empty = user_histories(pl.DataFrame(schema={"user_key": pl.Int64, "item_key": pl.Int64, "ts": pl.Int64,
+                                                    "source_id": pl.Int32, "line": pl.Int64}), items, users)
+        write_history_piece(empty, min_events, folder / "bucket-0.arrow")
+        raise RuntimeError("a worker died")
+
+    settings = load_settings(home=small.home)
+    with open_warehouse(settings.duckdb_path, read_only=True) as con, pytest.raises(RuntimeError, match="a worker died"):
+        build_feature_set(con, settings, pieces_of=first_piece_then_fail)
+    assert [p.name for p in settings.features_dir.iterdir()] == []

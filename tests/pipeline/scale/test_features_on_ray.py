@@ -1,29 +1,38 @@
-"""The feature build on Ray, one task per user bucket of the event dataset, equals the local
-build: same feature-set version and the same files, byte for byte, on MovieLens-100K."""
+"""The feature build on Ray, one task per user bucket of the event dataset, each writing its
+piece of the histories, equals the local build: same feature-set version and the same files,
+byte for byte, on MovieLens-100K (leave-one-out; and a temporal split, whose split times are
+quantiles over every piece, with users below ``min_user_events`` left out in the tasks)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from pipeline.app.steps import build_features, ingest_catalog, ingest_events
 from pipeline.config import load_settings
 
 
+@pytest.mark.parametrize("cut", [{}, {"features.split": "temporal", "features.min_user_events": 100,
+                                      "features.cold_item_fraction": 0.1}], ids=["loo", "temporal-min100"])
 def test_features_built_on_ray_by_user_bucket_equal_the_local_build(ray_cluster: str, shared_data: Path,
-                                                                     tmp_path: Path) -> None:
+                                                                     tmp_path: Path, cut: dict[str, Any]) -> None:
     ml100k = shared_data / "ml-100k"
     built = {}
     for engine in ("local", "ray"):
-        settings = load_settings(home=tmp_path / engine, engine=engine, ray_address=ray_cluster, event_buckets=5)
+        settings = load_settings(home=tmp_path / engine, engine=engine, ray_address=ray_cluster, event_buckets=5, **cut)
         ingest_events(settings, [ml100k / "u.data"])
         ingest_catalog(settings, [ml100k / "u.item"])
         built[engine] = build_features(settings)
     local, on_ray = Path(built["local"]["path"]), Path(built["ray"]["path"])
     assert built["ray"]["version"] == built["local"]["version"] and built["ray"]["built"]
     assert built["ray"]["manifest"]["counts"] == built["local"]["manifest"]["counts"]
-    assert built["ray"]["manifest"]["counts"]["events"] == 100_000
+    assert built["ray"]["manifest"]["split"] == built["local"]["manifest"]["split"]
+    assert built["ray"]["manifest"]["counts"]["events"] == (100_000 if not cut else 74_522)  # 364 users of 943 kept
     for name in ("histories.arrow", "splits.parquet", "items.parquet", "item_features.arrow"):
         assert (on_ray / name).read_bytes() == (local / name).read_bytes(), name
     # ingest under engine = ray wrote the dataset; the local home has none
     assert len(list((tmp_path / "ray" / "events").glob("bucket=*/source-*.parquet"))) == 5
     assert not (tmp_path / "local" / "events").exists()
+    assert {p.name for p in on_ray.parent.iterdir()} == {"CURRENT", on_ray.name}  # no pieces left
