@@ -89,7 +89,7 @@ def build_sasrec(fs: FeatureSet, ms: ModelSettings,
     return model, shape
 
 
-def sasrec_scorer(model: SASRec) -> Scorer:
+class SasrecScorer:
     """Scores over the catalogue for a batch of histories (``SASRec.forward``): item vectors
     computed once, and every batch's scores written into one buffer, so that a call's scores
     last until the next call.
@@ -98,19 +98,31 @@ def sasrec_scorer(model: SASRec) -> Scorer:
     serves it outside the main heap, as it does any block over 64 MB in a thread's own arena
     (Ray Train's training thread validates): at 500,000 items a batch of 512 users is 1 GB,
     262,000 faults (docs/scaling.md).
+
+    It pickles as its model (a Ray task's argument): the item vectors are computed again where
+    it is unpickled, and the buffer, grown by the batches it scored here, stays here.
     """
-    with torch.no_grad():
-        table = model.item_vectors()  # (N+1, D)
-    buffer = table.new_empty(0, table.shape[0])  # (B_max, N+1), grown to the largest batch
+
+    def __init__(self, model: SASRec) -> None:
+        self.model = model
+        with torch.no_grad():
+            self.table = model.item_vectors()  # (N+1, D)
+        self.buffer = self.table.new_empty(0, self.table.shape[0])  # (B_max, N+1), grown to the largest batch
 
     @torch.no_grad()
-    def score(seq: torch.Tensor) -> torch.Tensor:
-        nonlocal buffer
-        if buffer.shape[0] < seq.shape[0]:
-            buffer = table.new_empty(seq.shape[0], table.shape[0])
-        return model(seq, table, out=buffer[:seq.shape[0]])  # (B, T) -> (B, N+1), a view of the buffer
+    def __call__(self, seq: torch.Tensor) -> torch.Tensor:
+        """(B, T) item indices -> (B, N+1) scores, a view of the buffer."""
+        if self.buffer.shape[0] < seq.shape[0]:
+            self.buffer = self.table.new_empty(seq.shape[0], self.table.shape[0])
+        return self.model(seq, self.table, out=self.buffer[:seq.shape[0]])
 
-    return score
+    def __reduce__(self) -> tuple[type[SasrecScorer], tuple[SASRec]]:
+        return SasrecScorer, (self.model,)
+
+
+def sasrec_scorer(model: SASRec) -> Scorer:
+    """The ``Scorer`` of a SASRec model (``SasrecScorer``)."""
+    return SasrecScorer(model)
 
 
 def new_run_dir(settings: Settings) -> Path:

@@ -7,6 +7,7 @@ import platform
 import resource
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 
@@ -121,6 +122,21 @@ def test_the_scorer_writes_each_batch_into_one_buffer_and_scores_as_the_model_do
     smaller = score(seq[:2])  # a last, shorter batch
     assert smaller.data_ptr() == first.data_ptr()
     torch.testing.assert_close(smaller, model(seq[:2]))
+
+
+@torch.no_grad()
+def test_a_used_scorer_pickles_as_its_model_without_its_scores_buffer() -> None:
+    """A Ray task's scorer: before, the closure carried the buffer its batches had grown (here
+    200 x 20,001 floats, 16 MB) and the item vectors beside the model."""
+    torch.manual_seed(0)
+    model = SASRec(ItemTower(20_000, 8, use_content=False), max_len=5).eval()
+    score = recipe.sasrec_scorer(model)
+    seq = torch.randint(1, 20_001, (200, 5))
+    expected = score(seq).clone()
+    data = cloudpickle.dumps(score)  # as Ray pickles a task's arguments
+    assert len(data) < len(cloudpickle.dumps(model)) + 10_000  # the model, not 16 MB of scores
+    again = cloudpickle.loads(data)
+    torch.testing.assert_close(again(seq), expected, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's thread arenas are Linux's")
