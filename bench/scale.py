@@ -203,7 +203,7 @@ def untrained_bundle(settings: Any, folder: Path) -> None:
     write_bundle(folder, setup.model, setup.shape, fs.items, fs.version, validation_queries(setup.model, fs), "flat")
 
 
-WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_histories", "ray::stage_file",
+WORK_TITLES = ("ray::recommend_partition", "ray::RayTrainWorker", "ray::bucket_piece", "ray::stage_file",
                "ray::score_one_share")  # Ray worker processes that run a step's work
 
 

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from datetime import UTC, datetime
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ from features.item_content import category_ids, category_vocabulary, item_texts,
 from features.splits import cold_items, leave_one_out, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
+from pipeline.data.event_dataset import bucket_sql
 from pipeline.data.history_pieces import (HistoriesFile, HistoryPiece, final_user_order, piece_times,
                                            read_history_piece, write_history_piece)
 from pipeline.data.warehouse import query_frame
@@ -117,6 +119,20 @@ def _split_times(times: Callable[[], Iterator[np.ndarray]], fs: FeatureSettings)
     return time_quantiles(times, fs.test_fraction)
 
 
+def warehouse_pieces(con: duckdb.DuckDBPyConnection, event_types: list[str] | None, buckets: int,
+                     items: pl.DataFrame, users: pl.DataFrame, min_events: int, folder: Path) -> list[HistoryPiece]:
+    """The default ``PiecesOf``: one piece per user bucket (``user_key mod buckets``, the
+    buckets of ``pipeline.data.event_dataset``), each read from the warehouse and built here,
+    one after the other, so that this process holds one bucket's events at a time."""
+    where = "AND event_type IN (SELECT unnest(?::VARCHAR[]))" if event_types else ""
+    pieces = []
+    for b in range(buckets):
+        events = query_frame(con, f"SELECT user_key, item_key, ts, source_id, line FROM events "
+                                  f"WHERE {bucket_sql('user_key', buckets)} = {b} {where}", [event_types] if event_types else [])
+        pieces.append(write_history_piece(user_histories(events, items, users), min_events, folder / f"bucket-{b}.arrow"))
+    return pieces
+
+
 def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force: bool = False,
                       pieces_of: PiecesOf | None = None) -> tuple[Path, bool]:
     """Build (or reuse) the feature set for the warehouse as it is now.
@@ -124,9 +140,11 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     Returns (folder, built): ``built`` is False when an identical feature set already existed.
     The folder is written under a temporary name and renamed into place, so a crash never
     leaves a half-written feature set. The users' histories are written as pieces
-    (``pipeline.data.history_pieces``) and assembled one piece at a time: by default one
-    piece built here from every event at once; ``pieces_of`` builds them elsewhere (on Ray,
-    one per user bucket: ``pipeline.scale.features``). Both give the same files.
+    (``pipeline.data.history_pieces``), one per user bucket (``settings.event_buckets``), and
+    assembled one piece at a time: by default built here from the warehouse, one bucket after
+    the other (``warehouse_pieces``); ``pieces_of`` builds them elsewhere (on Ray, from the
+    partitioned event dataset: ``pipeline.scale.features``). Both give the same files, and
+    the same as any other cut of the users would.
     """
     fs = settings.features
     params = feature_params(fs)
@@ -142,6 +160,7 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
 
     where = "WHERE event_type IN (SELECT unnest(?::VARCHAR[]))" if fs.event_types else ""
     args = [fs.event_types] if fs.event_types else []
+
     catalog = query_frame(
         con, "SELECT item_key, title, categories, text, map_keys(numeric) AS num_keys, map_values(numeric) AS num_values FROM items_v"
     )
@@ -156,12 +175,8 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     (tmp / "pieces").mkdir(parents=True)
     try:
         # Histories, in pieces
-        if pieces_of is None:
-            events = query_frame(con, f"SELECT user_key, item_key, ts, source_id, line FROM events {where}", args)
-            pieces = [write_history_piece(user_histories(events, items, users), fs.min_user_events, tmp / "pieces" / "all.arrow")]
-            del events
-        else:
-            pieces = pieces_of(items, users, fs.min_user_events, tmp / "pieces")
+        build_pieces = pieces_of or partial(warehouse_pieces, con, fs.event_types, settings.event_buckets)
+        pieces = build_pieces(items, users, fs.min_user_events, tmp / "pieces")
         kept, finals = final_user_order(pieces, users.height)
         if not len(kept):
             raise UserError(f"no user has features.min_user_events = {fs.min_user_events} events or more: "

@@ -94,17 +94,25 @@ class HistoriesFile:
                 np.memmap(self._files["times"], np.int64, mode, shape=(self.events,)))
 
     def put(self, piece: pl.DataFrame, finals: np.ndarray) -> None:
-        """Scatter one piece's ``items`` and ``times`` to the rows ``finals`` (u,) of the file."""
-        lengths = piece["items"].list.len().to_numpy().astype(np.int64)          # (u,)
-        starts = np.repeat(self.offsets[finals] - (np.cumsum(lengths) - lengths), lengths)  # (nnz,)
-        dest = starts + np.arange(int(lengths.sum()), dtype=np.int64)             # (nnz,) file positions
-        items, times = self._columns("r+")
-        items[dest] = piece["items"].explode().to_numpy()
-        times[dest] = piece["times"].explode().to_numpy()
-        for column in (items, times):
+        """Scatter one piece's ``items`` and ``times`` to the rows ``finals`` (u,), ascending, of the file."""
+        lengths = piece["items"].list.len().to_numpy().astype(np.int64)                 # (u,)
+        values = {name: piece[name].to_arrow().flatten().to_numpy() for name in ("items", "times")}  # (nnz,) each
+        if not len(finals):
+            return
+        columns = dict(zip(("items", "times"), self._columns("r+"), strict=True))
+        if finals[-1] - finals[0] + 1 == len(finals):  # consecutive rows (a local build's one piece): one slice
+            start, stop = self.offsets[finals[0]], self.offsets[finals[-1] + 1]
+            for name, column in columns.items():
+                column[start:stop] = values[name]
+        else:
+            dest = np.repeat(self.offsets[finals] - (np.cumsum(lengths) - lengths), lengths)  # (nnz,) row start - piece start
+            dest += np.arange(len(dest), dtype=np.int64)                                   # (nnz,) file positions
+            for name, column in columns.items():
+                column[dest] = values[name]
+        for column in columns.values():
             if isinstance(column, np.memmap):
                 column.flush()
-        del items, times  # unmapped: the piece's pages leave this process
+        del columns  # unmapped: the piece's pages leave this process
 
     def write(self, users: pl.DataFrame) -> None:
         """Write the file: ``users`` (``user_idx``, ``user_key``, ``user_id``; U rows in order)
