@@ -109,10 +109,7 @@ class HistoriesFile:
             dest += np.arange(len(dest), dtype=np.int64)                                   # (nnz,) file positions
             for name, column in columns.items():
                 column[dest] = values[name]
-        for column in columns.values():
-            if isinstance(column, np.memmap):
-                column.flush()
-        del columns  # unmapped: the piece's pages leave this process
+        del columns  # unmapped: the piece's pages leave this process (written back by the kernel; no msync)
 
     def write(self, users: pl.DataFrame) -> None:
         """Write the file: ``users`` (``user_idx``, ``user_key``, ``user_id``; U rows in order)
