@@ -192,7 +192,8 @@ class Settings(BaseSettings):
     partitions: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="user partitions batch scoring and evaluation are split into on Ray, one "
                                 "Ray task each; auto: one per CPU of the cluster")
-    event_buckets: int = Field(16, ge=1, description="user buckets of the partitioned Parquet copy of the events "
+    event_buckets: int = Field(16, ge=1, description="user buckets (user_key mod N) the feature build reads one at a "
+                                                    "time, and of the partitioned Parquet copy of the events "
                                                     "(HOME/events/bucket=N/) that engine = ray writes after ingest and "
                                                     "builds feature histories from, one Ray task per bucket")
 
