@@ -27,6 +27,7 @@ import duckdb
 import polars as pl
 
 from features.histories import user_histories
+from pipeline.errors import UserError
 
 EVENT_COLUMNS = "user_key, item_key, ts, event_type, weight, event_id, source_id, line"
 DONE_DIR = "_done"
@@ -101,11 +102,27 @@ def bucket_histories(root: Path, bucket: int, items: pl.DataFrame, users: pl.Dat
     files = [p for p in sorted((root / f"bucket={bucket}").glob("source-*.parquet"))
              if int(p.name.split("-")[1]) in done]
     columns = ["user_key", "item_key", "ts", "source_id", "line"]
-    if files:
-        scan = pl.scan_parquet(files, hive_partitioning=False)
+
+    def read(paths: list[Path]) -> pl.DataFrame:
+        scan = pl.scan_parquet(paths, hive_partitioning=False)
         if event_types:
             scan = scan.filter(pl.col("event_type").is_in(event_types))
-        events = scan.select(columns).collect()
+        return scan.select(columns).collect()
+
+    if files:
+        try:
+            events = read(files)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            bad, error = files[0], exc
+            for path in files:  # which file: the error does not say
+                try:
+                    read([path])
+                except (pl.exceptions.PolarsError, OSError) as exc_of_path:
+                    bad, error = path, exc_of_path
+                    break
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"{bad}: a file of the event dataset cannot be read ({first}); remove {root} and "
+                            "run the command again: the dataset is written again from the warehouse") from None
     else:
         events = pl.DataFrame(schema={"user_key": pl.Int64, "item_key": pl.Int64, "ts": pl.Int64,
                                       "source_id": pl.Int32, "line": pl.Int64})

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.errors import UserError
@@ -103,6 +104,22 @@ def ray_connection(settings: Settings) -> Iterator[ModuleType]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def task_results(ray: ModuleType, refs: list[Any]) -> list[Any]:
+    """``ray.get(refs)``, the tasks' results in order. A task that raised a ``UserError`` raises
+    it here as itself, one line (Ray's ``RayTaskError`` carries the remote traceback in its
+    text); on any failure the other tasks are cancelled first, a running one by stopping its
+    worker (Ray leaves a running task alone otherwise: their results would be thrown away)."""
+    try:
+        return list(ray.get(refs))
+    except BaseException as exc:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, UserError):
+            raise cause from None
+        raise
 
 
 def cluster_cpus(ray: ModuleType) -> int:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from pipeline.data.ingest import IngestOptions, StagedFile, stage_file
 from pipeline.data.ingest_formats import SourceSpec
-from pipeline.errors import InputFileError
-from pipeline.scale.cluster import cluster_cpus, import_ray
+from pipeline.scale.cluster import cluster_cpus, import_ray, task_results
 
 AHEAD_PER_CPU = 2  # staged files allowed to wait for the commit, per cluster CPU (bounds the staging folder)
 
@@ -39,12 +38,7 @@ def stage_on_ray(specs: list[SourceSpec], opts: IngestOptions, folder: Path,
         for i in range(len(specs)):
             while len(refs) < min(len(specs), i + ahead):
                 submit()
-            try:
-                yield ray.get(refs[i])
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, InputFileError):
-                    raise exc.cause from None
-                raise
+            yield task_results(ray, [refs[i]])[0]  # a file's InputFileError: one line
     finally:
         for ref in refs:
             ray.cancel(ref)

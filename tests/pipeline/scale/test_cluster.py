@@ -37,3 +37,32 @@ def test_a_malformed_ray_address_is_refused(address: str) -> None:
 def test_nobody_listening_at_ray_address_is_refused_at_once() -> None:
     with pytest.raises(UserError, match="no Ray cluster answers there"):
         check_reachable(f"ray://127.0.0.1:{free_port()}")
+
+
+def test_task_results_raise_a_tasks_user_error_as_one_line_and_cancel_the_rest(ray_cluster: str, home: object) -> None:
+    import ray as ray_module
+
+    from pipeline.scale.cluster import ray_connection, task_results
+
+    def fails_with(kind: str, seconds: float) -> str:  # defined here: pickled by value for the workers
+        import time
+
+        time.sleep(seconds)
+        if kind == "user":
+            raise UserError("bucket 3: the file is damaged")
+        if kind == "bug":
+            raise ValueError("a bug")
+        return "done"
+
+    with ray_connection(load_settings(engine="ray", ray_address=ray_cluster)) as ray:
+        task = ray.remote(num_cpus=1, max_retries=0)(fails_with)
+        assert task_results(ray, [task.remote("ok", 0), task.remote("ok", 0)]) == ["done", "done"]
+        slow = task.remote("ok", 60)
+        with pytest.raises(UserError) as caught:
+            task_results(ray, [task.remote("user", 0), slow])
+        assert str(caught.value) == "bucket 3: the file is damaged"  # not Ray's text with the remote traceback
+        assert not isinstance(caught.value, ray_module.exceptions.RayTaskError)
+        with pytest.raises(ray_module.exceptions.TaskCancelledError):
+            ray.get(slow, timeout=30)  # cancelled, not left running for a minute
+        with pytest.raises(ray_module.exceptions.RayTaskError, match="a bug"):  # anything else: Ray's own error
+            task_results(ray, [task.remote("bug", 0)])
