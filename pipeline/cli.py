@@ -165,7 +165,7 @@ def features(
     home: HomeOpt = None,
 ) -> None:
     """Build the versioned feature set (vocabularies, content features, histories, splits).
-    Engine ray: the histories are built by user bucket, one Ray task each."""
+    The histories are built one user bucket at a time (event_buckets); engine ray: one Ray task per bucket."""
     from pipeline.app.steps import build_features
 
     if split is not None and split not in ("loo", "temporal"):
