@@ -94,6 +94,8 @@ def quantile_lower(chunks: Callable[[], Iterable[np.ndarray]], q: float, bins: i
         k -= int(below[b])
         inside = int(counts[b])
         lo, hi = lo + b * width, min(hi, lo + (b + 1) * width - 1)
+    if lo == hi:  # one value left, however many hold it (ties of day-only times)
+        return lo
     values = np.concatenate([c[(c >= lo) & (c <= hi)] for c in chunks()])
     return int(np.partition(values, k)[k])
 

@@ -8,7 +8,8 @@ import resource
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,21 @@ def fresh_block_faults(shape: tuple[int, ...]) -> int:
     import torch
 
     return min(page_faults_in_a_thread(lambda: torch.ones(shape), times=2))
+
+
+@contextmanager
+def small_disk(path: Path, size_bytes: int) -> Iterator[Path]:
+    """A real file system of ``size_bytes`` at ``path`` (a tmpfs, mounted for the block and
+    unmounted after): where a write runs out of space. Skips the test where this machine does
+    not let it mount one (not root, or no mount capability in the container)."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

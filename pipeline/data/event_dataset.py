@@ -109,20 +109,21 @@ def bucket_histories(root: Path, bucket: int, items: pl.DataFrame, users: pl.Dat
             scan = scan.filter(pl.col("event_type").is_in(event_types))
         return scan.select(columns).collect()
 
+    unreadable = (pl.exceptions.PolarsError, pl.exceptions.PanicException, OSError)
     if files:
         try:
             events = read(files)
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            bad, error = files[0], exc
+        except unreadable as exc:
+            what, error = f"{root / f'bucket={bucket}'}: the files of the event dataset cannot be read together", exc
             for path in files:  # which file: the error does not say
                 try:
                     read([path])
-                except (pl.exceptions.PolarsError, OSError) as exc_of_path:
-                    bad, error = path, exc_of_path
+                except unreadable as exc_of_path:
+                    what, error = f"{path}: a file of the event dataset cannot be read", exc_of_path
                     break
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise UserError(f"{bad}: a file of the event dataset cannot be read ({first}); remove {root} and "
-                            "run the command again: the dataset is written again from the warehouse") from None
+            raise UserError(f"{what} ({first}); remove {root} and run the command again: the dataset is "
+                            "written again from the warehouse") from None
     else:
         events = pl.DataFrame(schema={"user_key": pl.Int64, "item_key": pl.Int64, "ts": pl.Int64,
                                       "source_id": pl.Int32, "line": pl.Int64})

@@ -20,10 +20,12 @@ version, so an unchanged warehouse reuses its feature set instead of rebuilding 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from functools import partial
 from datetime import UTC, datetime
@@ -39,7 +41,7 @@ import pyarrow.ipc as ipc
 
 from features.histories import item_popularity, user_histories
 from features.item_content import category_ids, category_vocabulary, item_texts, numeric_fields, text_tokens
-from features.splits import cold_items, leave_one_out, temporal, time_quantiles
+from features.splits import cold_items, leave_one_out, quantile_lower, temporal, time_quantiles
 from features.vocabulary import item_vocabulary, user_vocabulary
 from pipeline.config import FeatureSettings, Settings
 from pipeline.data.event_dataset import bucket_sql
@@ -109,9 +111,12 @@ def _split_times(times: Callable[[], Iterator[np.ndarray]], fs: FeatureSettings)
     if fs.split_time is not None:
         test_time = us(fs.split_time)
         if fs.valid_time:
+            if fs.valid_time > fs.split_time:
+                raise UserError(f"features.valid_time {fs.valid_time.isoformat()} is after features.split_time "
+                                f"{fs.split_time.isoformat()}: validation comes before the test")
             return us(fs.valid_time), test_time
         try:
-            valid_time = time_quantiles(lambda: (t[t < test_time] for t in times()), fs.test_fraction)[1]
+            valid_time = quantile_lower(lambda: (t[t < test_time] for t in times()), max(0.0, 1.0 - 2 * fs.test_fraction))
         except ValueError:
             raise UserError(f"features.split_time {fs.split_time.isoformat()}: no event is before it, "
                             "so there is nothing to train on") from None
@@ -170,7 +175,8 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
     users = user_vocabulary(query_frame(con, f"SELECT DISTINCT user_key FROM events {where}", args))
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{version}-{os.getpid()}"
+    _remove_abandoned_builds(root)
+    tmp = root / f".tmp-{version}-{os.getpid()}-{socket.gethostname()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "pieces").mkdir(parents=True)
     try:
@@ -204,6 +210,9 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
             split_parts.append(split)
             piece.path.unlink()
         splits = pl.concat(split_parts).sort("user_idx").rechunk()
+        if not splits["train_end"].sum():
+            raise UserError(f"no event is before the validation time {split_info['valid_time']}: nothing to train on; "
+                            "move features.valid_time (or split_time) later")
         user_columns = pl.DataFrame({
             "user_idx": np.arange(len(kept), dtype=np.int32),
             "user_key": users["user_key"].to_numpy()[kept],
@@ -270,11 +279,31 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UserError(f"{root}: no space left on its device for the feature set (it needs about twice the "
+                            "size of histories.arrow while it is written): free space, or set home to a larger disk") from None
         raise
     set_current(root, version)
     return final, True
+
+
+def _remove_abandoned_builds(root: Path) -> None:
+    """Remove the ``.tmp-<version>-<pid>-<host>`` folders of builds on this machine whose
+    process is gone (killed, or the machine restarted); a running build's folder, or one of
+    another machine sharing the folder, stays."""
+    host = socket.gethostname()
+    for folder in root.glob(".tmp-*"):
+        parts = folder.name.removeprefix(".tmp-").split("-", 2)
+        if len(parts) != 3 or parts[2] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
 
 
 def set_current(root: Path, version: str) -> None:

@@ -1,17 +1,20 @@
 """Users' histories in pieces on disk, and the feature set's ``histories.arrow`` assembled from them.
 
-The feature build writes its histories as pieces: one for a local build, one per user bucket
-under ``engine = "ray"`` (each written by the Ray task that built it). A piece is an Arrow
-file of some users' histories in vocabulary order (``write_history_piece``); the builder gets
-back only its users' vocabulary indices and lengths (``HistoryPiece``). The builder then
-reads one piece at a time (``read_history_piece``) and scatters its rows into
-``histories.arrow`` (``HistoriesFile``): the columns are laid out in files mapped into
-memory, so no process holds every user's history at once, and the file is the one a build
-from a single frame writes, byte for byte.
+The feature build writes its histories as pieces, one per user bucket (``user_key mod
+event_buckets``): built one after the other from the warehouse, or each by the Ray task that
+built it under ``engine = "ray"``. A piece is an Arrow file of some users' histories in
+vocabulary order (``write_history_piece``); the builder gets back only its users' vocabulary
+indices and lengths (``HistoryPiece``). The builder then reads one piece at a time
+(``read_history_piece``) and scatters its rows into ``histories.arrow`` (``HistoriesFile``):
+the columns are laid out in scratch files mapped into memory, so no process holds every
+user's history at once, and the file is the one a build from a single frame writes, byte for
+byte. The scratch files take as much disk as the events of ``histories.arrow`` while it is
+written (the build's disk peak is about twice the file).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +71,11 @@ def final_user_order(pieces: list[HistoryPiece], num_users: int) -> tuple[np.nda
 
 
 class HistoriesFile:
-    """``histories.arrow`` filled piece by piece: ``items`` and ``times`` are laid out in
-    ``<path>.items`` / ``<path>.times`` / ``<path>.offsets`` (mapped into memory, removed by
-    ``write``), so the writer holds one piece, not every history.
+    """``histories.arrow`` filled piece by piece: ``items`` and ``times`` are laid out in the
+    scratch files ``<path>.items`` / ``<path>.times`` (mapped into memory, removed by
+    ``write``; their blocks are allocated up front, so a full disk is an ``OSError`` here, not
+    a SIGBUS on a mapped page), the offsets in memory, so the writer holds one piece, not
+    every history.
 
     Usage: ``f = HistoriesFile(path, lengths)``; ``f.put(piece_frame, finals)`` for every piece;
     ``f.write(users)`` with the user columns.
@@ -85,7 +90,8 @@ class HistoriesFile:
         self._files = {name: path.with_name(f"{path.name}.{name}") for name in ("items", "times")}
         for name, dtype in (("items", np.int32), ("times", np.int64)):
             with open(self._files[name], "wb") as f:
-                f.truncate(self.events * np.dtype(dtype).itemsize)
+                if self.events:
+                    os.posix_fallocate(f.fileno(), 0, self.events * np.dtype(dtype).itemsize)
 
     def _columns(self, mode: str) -> tuple[np.ndarray, np.ndarray]:
         if self.events == 0:
@@ -100,7 +106,7 @@ class HistoriesFile:
         if not len(finals):
             return
         columns = dict(zip(("items", "times"), self._columns("r+"), strict=True))
-        if finals[-1] - finals[0] + 1 == len(finals):  # consecutive rows (a local build's one piece): one slice
+        if finals[-1] - finals[0] + 1 == len(finals):  # consecutive rows (one bucket of all): one slice
             start, stop = self.offsets[finals[0]], self.offsets[finals[-1] + 1]
             for name, column in columns.items():
                 column[start:stop] = values[name]

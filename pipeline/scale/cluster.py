@@ -32,6 +32,7 @@ RAY_MISSING = "engine = ray needs the ray extra: pip install 'attnrec[ray]' (`ma
 CONNECT_TIMEOUT_S = 5.0    # a TCP connection to ray_address must open within this
 HEAD_START_TIMEOUT_S = 120.0  # `ray start --head` must accept connections within this
 NAMESPACE = "attnrec"
+STOP_TIMEOUT_S = 60.0  # stop_tasks waits at most this long for cancelled tasks to end
 
 
 def import_ray() -> ModuleType:
@@ -109,17 +110,26 @@ def ray_connection(settings: Settings) -> Iterator[ModuleType]:
 def task_results(ray: ModuleType, refs: list[Any]) -> list[Any]:
     """``ray.get(refs)``, the tasks' results in order. A task that raised a ``UserError`` raises
     it here as itself, one line (Ray's ``RayTaskError`` carries the remote traceback in its
-    text); on any failure the other tasks are cancelled first, a running one by stopping its
-    worker (Ray leaves a running task alone otherwise: their results would be thrown away)."""
+    text); on any failure the other tasks are stopped first (``stop_tasks``)."""
     try:
         return list(ray.get(refs))
     except BaseException as exc:
-        for ref in refs:
-            ray.cancel(ref, force=True)
+        stop_tasks(ray, refs)
         cause = getattr(exc, "cause", None)
         if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, UserError):
             raise cause from None
         raise
+
+
+def stop_tasks(ray: ModuleType, refs: list[Any]) -> None:
+    """Cancel the tasks of ``refs`` that have not finished, a running one by stopping its worker
+    (Ray leaves a running task alone otherwise), and wait until they have ended, so that none
+    writes into a folder its caller removes next."""
+    if not refs:
+        return
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S, fetch_local=False)
 
 
 def cluster_cpus(ray: ModuleType) -> int:

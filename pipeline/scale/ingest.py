@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.data.ingest import IngestOptions, StagedFile, stage_file
 from pipeline.data.ingest_formats import SourceSpec
-from pipeline.scale.cluster import cluster_cpus, import_ray, task_results
+from pipeline.scale.cluster import cluster_cpus, import_ray, stop_tasks, task_results
 
 AHEAD_PER_CPU = 2  # staged files allowed to wait for the commit, per cluster CPU (bounds the staging folder)
 
@@ -39,6 +39,5 @@ def stage_on_ray(specs: list[SourceSpec], opts: IngestOptions, folder: Path,
             while len(refs) < min(len(specs), i + ahead):
                 submit()
             yield task_results(ray, [refs[i]])[0]  # a file's InputFileError: one line
-    finally:
-        for ref in refs:
-            ray.cancel(ref)
+    finally:  # after a failure (or a consumer that stopped early), no task writes into the staging folder any more
+        stop_tasks(ray, refs)

@@ -3,6 +3,7 @@ after an export that was cut off half-way, and the warehouse reads it back whole
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.config import load_settings
@@ -73,3 +74,31 @@ def test_each_source_lands_once_per_bucket_and_an_interrupted_export_is_redone(s
         assert by_bucket(con, dataset_sql(root), 3) == by_bucket(con, "events", 3)
     finally:
         con.close()
+
+
+def test_a_bucket_that_cannot_be_read_names_its_file_or_says_its_files_disagree(shared_data: Path, tmp_path: Path) -> None:
+    import polars as pl
+    import pytest
+
+    from pipeline.data.event_dataset import bucket_histories
+    from pipeline.errors import UserError
+
+    settings = load_settings(home=tmp_path / "home")
+    con = connect(settings.duckdb_path)
+    try:
+        ingest_paths(con, two_halves(shared_data / "ml-100k" / "u.data", tmp_path / "in"), IngestOptions(), settings.tmp_dir)
+        root = settings.events_dir
+        sync(con, root, 4)
+    finally:
+        con.close()
+    items = pl.DataFrame({"item_idx": [1], "item_key": [1]}, schema={"item_idx": pl.Int32, "item_key": pl.Int64})
+    users = pl.DataFrame({"user_idx": [0], "user_key": [1]}, schema={"user_idx": pl.Int32, "user_key": pl.Int64})
+    first, second = sorted((root / "bucket=1").glob("source-*.parquet"))
+    # two readable files whose column types disagree: no one file is to blame
+    pl.read_parquet(second).with_columns(pl.col("line").cast(pl.Int32)).write_parquet(second)
+    with pytest.raises(UserError, match=r"bucket=1: the files of the event dataset cannot be read together \(.*\); "
+                                        rf"remove {re.escape(str(root))}"):
+        bucket_histories(root, 1, items, users, None)
+    first.write_bytes(first.read_bytes()[:500])  # a damaged file: named
+    with pytest.raises(UserError, match=rf"{re.escape(str(first))}: a file of the event dataset cannot be read \(.*PAR1"):
+        bucket_histories(root, 1, items, users, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import shutil
 from datetime import datetime
@@ -14,7 +15,7 @@ import pytest
 from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet, current_feature_set, load_feature_set
 from pipeline.errors import UserError
-from tests.support import Attnrec, assert_one_line_error
+from tests.support import Attnrec, assert_one_line_error, small_disk
 
 FILES = {"manifest.json", "items.parquet", "item_features.arrow", "histories.arrow", "splits.parquet", "categories.parquet"}
 
@@ -232,3 +233,42 @@ def test_a_failed_piece_build_leaves_no_temporary_folder(small: Attnrec) -> None
     with open_warehouse(settings.duckdb_path, read_only=True) as con, pytest.raises(RuntimeError, match="a worker died"):
         build_feature_set(con, settings, pieces_of=first_piece_then_fail)
     assert [p.name for p in settings.features_dir.iterdir()] == []
+
+
+def test_a_valid_time_that_leaves_nothing_to_train_on_or_comes_after_the_test_is_an_error(small: Attnrec) -> None:
+    # before: a feature set of 0 training events built as if it had worked, and a traceback
+    assert_one_line_error(small.run("features", "--split", "temporal", "--split-time", "1990-01-01",
+                                    "--valid-time", "1989-01-01", ok=False), "no event is before the validation time")
+    assert_one_line_error(small.run("features", "--split", "temporal", "--split-time", "2017-01-01",
+                                    "--valid-time", "2018-01-01", ok=False), "features.valid_time 2018-01-01T00:00:00 is after")
+    assert [p.name for p in (small.home / "features").iterdir()] == []
+
+
+def test_a_build_that_runs_out_of_disk_is_one_error_line_and_leaves_nothing(small: Attnrec, tmp_path: Path) -> None:
+    db_size = small.db.stat().st_size
+    with small_disk(tmp_path / "disk", db_size + (1 << 20)) as disk:  # the warehouse and 1 MB: the build needs more
+        app = Attnrec(disk / "home", tmp_path)
+        app.home.mkdir()
+        shutil.copyfile(small.db, app.db)
+        assert_one_line_error(app.run("features", ok=False), f"{app.home / 'features'}: no space left")
+        assert [p.name for p in (app.home / "features").iterdir()] == []
+
+
+def test_an_abandoned_build_folder_of_a_dead_process_on_this_machine_is_removed(small: Attnrec) -> None:
+    import socket
+    import subprocess
+
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    gone = finished.pid  # reaped: no process has this id now (ids are reused only after the range wraps)
+    features = small.home / "features"
+    features.mkdir(parents=True)
+    host = socket.gethostname()
+    abandoned = features / f".tmp-0123456789abcdef-{gone}-{host}"
+    live = features / f".tmp-0123456789abcdef-{os.getpid()}-{host}"  # this test's own process: running
+    elsewhere = features / f".tmp-0123456789abcdef-{gone}-another-machine"
+    for folder in (abandoned, live, elsewhere):
+        (folder / "pieces").mkdir(parents=True)
+    small.features()
+    left = {p.name for p in features.iterdir()}
+    assert abandoned.name not in left and {live.name, elsewhere.name} <= left

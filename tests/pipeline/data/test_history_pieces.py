@@ -3,17 +3,20 @@ from them is the file written from the whole frame at once, byte for byte."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.feature_store import _write_arrow
 from pipeline.data.history_pieces import (HistoriesFile, final_user_order, piece_times, read_history_piece,
                                           write_history_piece)
+from tests.support import small_disk
 
 
 def whole_file(histories: pl.DataFrame, min_events: int, user_ids: pl.DataFrame, path: Path) -> bytes:
@@ -68,3 +71,12 @@ def test_any_cut_into_pieces_assembles_the_whole_frames_file(lengths: list[int],
         assert (folder / "histories.arrow").read_bytes() == expected
         assert sorted(p.name for p in folder.iterdir()) == sorted(["whole.arrow", "histories.arrow"]
                                                                   + [f"{p}.arrow" for p in range(pieces)])
+
+
+def test_scratch_files_that_do_not_fit_are_an_os_error_not_a_bus_error(tmp_path: Path) -> None:
+    """Sparse scratch files filled through a memory map killed the build with SIGBUS (exit 135,
+    its temporary folder left) where the disk filled; their blocks are now allocated first."""
+    with small_disk(tmp_path / "disk", 1 << 20) as disk:
+        with pytest.raises(OSError) as caught:
+            HistoriesFile(disk / "histories.arrow", np.full(1_000, 1_000, dtype=np.int64))  # 12 MB of events
+        assert caught.value.errno == errno.ENOSPC
