@@ -144,7 +144,11 @@ def test_scoring_batches_in_a_thread_does_not_page_fault_the_scores_in_every_bat
     """Ray Train validates in a thread, whose malloc arena maps any block over 64 MB afresh: a
     new (64, 300,001) block of scores (77 MB) each batch was all of its pages faulted in again.
     At 4 intra-op threads the matmul's workers write most of the block (CI saw 7 faults in the
-    calling thread)."""
+    calling thread).
+
+    The control is the same scorer made to allocate a new buffer before every batch, measured
+    right after in the same process: what re-allocation costs here and now (a CI run saw a first
+    batch fault only 9,012 of 18,751 pages, so a fixed share of a fresh block is no yardstick)."""
     model = SASRec(ItemTower(300_000, 8, use_content=False), max_len=5).eval()
     score = recipe.sasrec_scorer(model)
     seq = torch.randint(1, 300_001, (64, 5))
@@ -152,5 +156,10 @@ def test_scoring_batches_in_a_thread_does_not_page_fault_the_scores_in_every_bat
     if fresh < 64 * 300_001 * 4 // resource.getpagesize() // 2:
         pytest.skip(f"a fresh 77 MB block faults {fresh} pages here: too few to tell a reused block from a new one")
     faults = page_faults_in_a_thread(lambda: score(seq), times=4)
-    assert faults[0] > fresh // 2, (fresh, faults)  # the first batch maps the buffer: the probe sees faults
-    assert max(faults[1:]) < fresh // 20, (fresh, faults)  # later batches reuse it
+    empty = score.table.new_empty(0, score.table.shape[0])
+    reallocated = page_faults_in_a_thread(lambda: score(seq), times=3,
+                                          before_each=lambda i: setattr(score, "buffer", empty))
+    if min(reallocated) < fresh // 4:
+        pytest.skip(f"a buffer re-allocated every batch faults only {reallocated} pages here (a fresh block "
+                    f"{fresh}): too few to tell")
+    assert max(faults[1:]) < min(reallocated) // 10, (fresh, faults, reallocated)  # later batches reuse the buffer
