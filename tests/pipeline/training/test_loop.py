@@ -12,7 +12,7 @@ import torch.nn as nn
 from pipeline.config import TrainSettings
 from pipeline.errors import UserError
 from pipeline.training.loop import TableGradients, fit, keep_freed_memory_in_process
-from tests.support import fresh_block_faults, page_faults_in_a_thread
+from tests.pipeline.training.page_fault_probes import run_probe
 
 
 class Linear1(nn.Module):
@@ -184,14 +184,12 @@ def test_table_gradients_do_not_page_fault_a_whole_table_in_every_step_of_a_thre
     """Ray Train runs the training function in a thread; glibc gives a thread its own malloc
     arena, which maps any block over 64 MB afresh: a new dense gradient of a 500,000 x 64 table
     (128 MB) every step was 31,000 page faults and 112 ms (docs/scaling.md)."""
-    table = nn.Parameter(torch.zeros(500_000, 64))
-    fresh = fresh_block_faults(tuple(table.shape))
-    if fresh < table.numel() * 4 // resource.getpagesize() // 2:
+    probe = run_probe("table_gradients", intra_op_threads)  # in a fresh interpreter: see page_fault_probes
+    fresh, faults = probe["fresh"], probe["faults"]
+    if fresh < probe["pages"] // 2:
         pytest.skip(f"a fresh 128 MB block faults {fresh} pages here: too few to tell a reused block from a new one")
-    faults = page_faults_in_a_thread(TableGradients([table], group=None), times=4,
-                                     before_each=lambda step: sparse_step(table, [step + 1, 1000 * step + 7], 1.0))
-    assert faults[0] > fresh // 10, (fresh, faults)  # the first step maps the buffer: the probe sees faults
-    assert max(faults[1:]) < fresh // 100, (fresh, faults)  # later steps write a few rows of it (was half the table)
+    assert faults[0] > fresh // 10, probe  # the first step maps the buffer: the probe sees faults
+    assert max(faults[1:]) < fresh // 100, probe  # later steps write a few rows of it (was half the table)
 
 
 def test_table_gradients_left_sparse_hold_the_rows_read_once_each() -> None:

@@ -18,7 +18,7 @@ from pipeline.config import load_settings
 from pipeline.data.feature_store import FeatureSet
 from pipeline.errors import UserError
 from pipeline.training.evaluation import evaluate, selection_ks
-from tests.support import fresh_block_faults, page_faults_in_a_thread
+from tests.pipeline.training.page_fault_probes import run_probe
 
 
 @pytest.mark.parametrize("epochs", [0, 2])
@@ -144,22 +144,11 @@ def test_scoring_batches_in_a_thread_does_not_page_fault_the_scores_in_every_bat
     """Ray Train validates in a thread, whose malloc arena maps any block over 64 MB afresh: a
     new (64, 300,001) block of scores (77 MB) each batch was all of its pages faulted in again.
     At 4 intra-op threads the matmul's workers write most of the block (CI saw 7 faults in the
-    calling thread).
-
-    The control is the same scorer made to allocate a new buffer before every batch, measured
-    right after in the same process: what re-allocation costs here and now (a CI run saw a first
-    batch fault only 9,012 of 18,751 pages, so a fixed share of a fresh block is no yardstick)."""
-    model = SASRec(ItemTower(300_000, 8, use_content=False), max_len=5).eval()
-    score = recipe.sasrec_scorer(model)
-    seq = torch.randint(1, 300_001, (64, 5))
-    fresh = fresh_block_faults((64, 300_001))
+    calling thread). Measured in a fresh interpreter (``page_fault_probes``), against a control:
+    the same scorer made to allocate a new buffer before every batch."""
+    probe = run_probe("scorer", intra_op_threads)
+    fresh, faults, reallocated = probe["fresh"], probe["faults"], probe["reallocated"]
     if fresh < 64 * 300_001 * 4 // resource.getpagesize() // 2:
         pytest.skip(f"a fresh 77 MB block faults {fresh} pages here: too few to tell a reused block from a new one")
-    faults = page_faults_in_a_thread(lambda: score(seq), times=4)
-    empty = score.table.new_empty(0, score.table.shape[0])
-    reallocated = page_faults_in_a_thread(lambda: score(seq), times=3,
-                                          before_each=lambda i: setattr(score, "buffer", empty))
-    if min(reallocated) < fresh // 4:
-        pytest.skip(f"a buffer re-allocated every batch faults only {reallocated} pages here (a fresh block "
-                    f"{fresh}): too few to tell")
-    assert max(faults[1:]) < min(reallocated) // 10, (fresh, faults, reallocated)  # later batches reuse the buffer
+    assert min(reallocated) > fresh // 2, probe  # the control: a new buffer every batch is seen
+    assert max(faults[1:]) < min(reallocated) // 10, probe  # later batches reuse the buffer
