@@ -10,6 +10,7 @@ and the serving model carries the ``champion`` alias.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -46,6 +47,9 @@ def configure(settings: Settings) -> str:
     # MLflow draws a progress bar for every artefact it copies; attnrec prints its own lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
+
+    # MLflow logs creating a new store's tables at INFO on stderr, which is for errors here (one line)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

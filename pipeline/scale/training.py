@@ -43,6 +43,17 @@ def _worker(config: dict[str, Any]) -> None:
                     "fit": {**asdict(fit), "history": [asdict(h) for h in fit.history]}}, run_dir / RANK_0_RESULT)
 
 
+def _first_user_error(exc: BaseException) -> UserError | None:
+    """The ``UserError`` a worker raised (the lowest rank's), out of Ray Train's error, if any."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        error = failures[rank]
+        error = getattr(error, "cause", None) or error  # a RayTaskError around it
+        if isinstance(error, UserError):
+            return error
+    return None
+
+
 def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
                         on_epoch: Callable[[EpochRecord], None] | None = None,
                         note: Callable[[str], None] = lambda line: None) -> TrainOutcome:
@@ -74,7 +85,13 @@ def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None
             where = f"at {settings.ray_address}" if settings.ray_address else "started for this command"
             raise UserError(f"train.workers = {settings.train.workers}: the Ray cluster {where} has {offered} "
                             f"{kind}s (one per worker); use --workers {max(1, offered)} or a larger cluster")
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:  # Ray Train's WorkerGroupError: each failed rank's error, with its traceback in the text
+            error = _first_user_error(exc)
+            if error is None:
+                raise
+            raise error from None
     saved = torch.load(run_dir / RANK_0_RESULT, map_location="cpu", weights_only=True)  # tensors and plain values only
     model, shape = build_sasrec(fs, settings.model, note)
     model.load_state_dict(saved["state_dict"])

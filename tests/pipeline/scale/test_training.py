@@ -22,7 +22,7 @@ from pipeline.scale.training import train_sasrec_on_ray
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import evaluate, selection_ks
 from pipeline.training.recipe import sasrec_scorer
-from tests.support import Attnrec
+from tests.support import Attnrec, assert_one_line_error
 
 TINY = ["--epochs", "1", "--hidden-size", "16", "--max-len", "20", "--batch-size", "256", "--negatives", "128"]
 
@@ -64,3 +64,15 @@ def test_attnrec_train_on_two_workers_ranks_the_test_users_in_ray_tasks_as_one_p
     for k in ("ndcg@10", "hr@10", "mrr@10", "coverage@10", "ndcg@50", "users"):
         assert result["test"][k] == alone[k], k
     assert result["baselines"]["popularity"] == popularity["ndcg@10"]
+
+
+def test_a_user_error_in_a_ray_train_worker_is_one_line(ray_cluster: str, cli: Attnrec, tmp_path: Path) -> None:
+    """One user with windows and two workers: the workers refuse in the recipe. Ray Train's
+    WorkerGroupError printed 63 lines, both ranks' tracebacks, around the one line that says why."""
+    events = tmp_path / "events.csv"
+    rows = [f"1,{i},{1000 + i}" for i in range(1, 12)] + [f"{u},5,{2000 + u}" for u in range(2, 6)]
+    events.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    cli.run("ingest", events)
+    cli.run("features")
+    refused = cli.run("train", "--workers", "2", "--epochs", "1", "--engine", "ray", "--ray-address", ray_cluster, ok=False)
+    assert_one_line_error(refused, "train.workers = 2: some workers would get no training windows", "use fewer workers")
