@@ -116,7 +116,7 @@ def _split_times(times: Callable[[], Iterator[np.ndarray]], fs: FeatureSettings)
                                 f"{fs.split_time.isoformat()}: validation comes before the test")
             return us(fs.valid_time), test_time
         try:
-            valid_time = quantile_lower(lambda: (t[t < test_time] for t in times()), max(0.0, 1.0 - 2 * fs.test_fraction))
+            valid_time = quantile_lower(lambda: (t[t < test_time] for t in times()), 1.0 - fs.test_fraction)  # the last share before the test
         except ValueError:
             raise UserError(f"features.split_time {fs.split_time.isoformat()}: no event is before it, "
                             "so there is nothing to train on") from None

@@ -272,3 +272,14 @@ def test_an_abandoned_build_folder_of_a_dead_process_on_this_machine_is_removed(
     small.features()
     left = {p.name for p in features.iterdir()}
     assert abandoned.name not in left and {live.name, elsewhere.name} <= left
+
+
+def test_a_split_time_alone_puts_validation_at_the_last_test_fraction_of_the_events_before_it(small: Attnrec) -> None:
+    # a review mend of this change briefly took the 2x test_fraction quantile here (as without
+    # split_time); the byte comparison with the earlier build caught it
+    out = small.features("--split", "temporal", "--split-time", "2017-01-01T00:00:00", "--test-fraction", "0.1")
+    fs = loaded(small)
+    valid, test = out["split"]["valid_time_us"], out["split"]["test_time_us"]
+    before = fs.times.values[fs.times.values < test]
+    share = (before >= valid).mean()
+    assert 0.1 <= share < 0.1 + 0.01, share  # at least the last 10% (ties at the cut may add a few)
