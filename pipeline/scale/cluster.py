@@ -115,10 +115,21 @@ def task_results(ray: ModuleType, refs: list[Any]) -> list[Any]:
         return list(ray.get(refs))
     except BaseException as exc:
         stop_tasks(ray, refs)
-        cause = getattr(exc, "cause", None)
-        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, UserError):
-            raise cause from None
-        raise
+        error = user_error_in(exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The ``UserError`` behind a Ray error, if one is: the cause of a task's ``RayTaskError``,
+    or the lowest failed rank's of Ray Train's ``WorkerGroupError`` (``worker_failures``)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for error in [exc, *(failures[rank] for rank in sorted(failures))]:
+        error = getattr(error, "cause", None) or error  # a RayTaskError around it
+        if isinstance(error, UserError) and error is not exc:
+            return error
+    return None
 
 
 def stop_tasks(ray: ModuleType, refs: list[Any]) -> None:

@@ -23,7 +23,7 @@ import torch
 from pipeline.config import Settings
 from pipeline.data.feature_store import FeatureSet, load_feature_set
 from pipeline.errors import UserError
-from pipeline.scale.cluster import import_ray, ray_connection
+from pipeline.scale.cluster import import_ray, ray_connection, user_error_in
 from pipeline.training.loop import EpochRecord, FitResult, process_group, resolve_device
 from pipeline.training.recipe import TrainOutcome, build_sasrec, new_run_dir, train_sasrec
 
@@ -41,17 +41,6 @@ def _worker(config: dict[str, Any]) -> None:
         fit = outcome.fit
         torch.save({"state_dict": outcome.model.state_dict(), "valid": outcome.valid,
                     "fit": {**asdict(fit), "history": [asdict(h) for h in fit.history]}}, run_dir / RANK_0_RESULT)
-
-
-def _first_user_error(exc: BaseException) -> UserError | None:
-    """The ``UserError`` a worker raised (the lowest rank's), out of Ray Train's error, if any."""
-    failures = getattr(exc, "worker_failures", None) or {}
-    for rank in sorted(failures):
-        error = failures[rank]
-        error = getattr(error, "cause", None) or error  # a RayTaskError around it
-        if isinstance(error, UserError):
-            return error
-    return None
 
 
 def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None = None, resume: bool = False,
@@ -88,7 +77,7 @@ def train_sasrec_on_ray(settings: Settings, fs: FeatureSet, run_dir: Path | None
         try:
             trainer.fit()
         except Exception as exc:  # Ray Train's WorkerGroupError: each failed rank's error, with its traceback in the text
-            error = _first_user_error(exc)
+            error = user_error_in(exc)
             if error is None:
                 raise
             raise error from None
