@@ -2,8 +2,8 @@
 
 ``fit`` knows nothing about recommenders: it gets a model, a batch source, a loss function
 and a validation function, and does the steps every run needs: optimiser and schedule,
-mixed precision and compilation (bf16 autocast and ``torch.compile``, on CUDA by default,
-on any device by setting), an epoch loop with a progress bar, validation with early
+mixed precision and compilation (bf16 autocast, on CUDA by default; ``torch.compile`` by
+setting; either on any device), an epoch loop with a progress bar, validation with early
 stopping on the selection metric, the best checkpoint restored at the end, and resumable
 checkpoints. The next-item losses are modelling and live in ``models/losses.py``.
 
@@ -76,7 +76,8 @@ def keep_freed_memory_in_process() -> bool:
 
 
 def precision_and_compilation(cfg: TrainSettings, device: torch.device) -> tuple[bool, bool]:
-    """(bf16 autocast, torch.compile) for ``device``: 'auto' means on CUDA only."""
+    """(bf16 autocast, torch.compile) for ``device``: 'auto' means on CUDA only (the
+    precision's default; compilation is off unless asked for)."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     return bf16, compiled

@@ -189,8 +189,8 @@ def training_setup(settings: Settings, fs: FeatureSet, device: torch.device,
     # --- tables with sparse gradients: with a sampled softmax a step looks up at most a few
     # thousand rows of the item tables: DDP's ranks exchange those rows alone (``TableGradients``),
     # and with ``table_updates = "rows"`` AdamW updates them alone (``RowAdamW``). Not in a
-    # compiled step: Inductor cannot compile a sparse backward (it would fall back with a graph
-    # break), and on GPUs NCCL all-reduces the whole tables in a few milliseconds.
+    # compiled step (``train.compile``): Inductor cannot compile a sparse backward (it would fall
+    # back with a graph break).
     check_table_updates(cfg, device)
     compiled = precision_and_compilation(cfg, device)[1]
     rows = cfg.table_updates == "rows"
