@@ -2,6 +2,7 @@
 
     python bench/train_speed.py --dataset ml-1m                 # full run to the target
     python bench/train_speed.py --dataset ml-1m --steps 20      # throughput only (quick)
+    python bench/train_speed.py --dataset ml-1m --target-only   # the run to the target alone, in a fresh process
     python bench/train_speed.py --home H --phases --ranks 2     # where a step's time goes, and DDP's share
 
 ``--phases`` times each phase of one training step (the loss, backward, gradient clipping,
@@ -19,6 +20,9 @@ the tables' rows updated densely and lazily, side by side.
 Wall time counts everything from the first training step to the end of the validation
 pass that first reaches the target: training steps, validation, checkpointing. It runs
 on the device the settings resolve to (``--device auto``: the GPU when torch sees one).
+After the throughput figures a compiled step (``--set train.compile=on``) is already
+compiled; ``--target-only`` skips them, so the wall time includes compilation, as a fresh
+``attnrec train`` pays it.
 """
 
 from __future__ import annotations
@@ -235,6 +239,31 @@ def report_phases(settings, fs, device: torch.device, steps: int, ranks: int) ->
                   f"{share * ranks / ms * 1000:,.0f} windows/s", flush=True)
 
 
+def report_throughput(settings, fs, device: torch.device, steps: int, xh: bool, shape: str) -> None:  # noqa: ANN001
+    """Training sequences/s over ``steps`` steps with the window items excluded from the
+    negatives as set (``xh``) and the other way; one whole epoch of random batches against one
+    of ``--group-by-length`` batches. On the CPU first with glibc's malloc defaults, then with
+    freed memory kept in the process, as ``fit`` trains. A compiled step first runs one grouped
+    epoch untimed: the grouped batches' new shapes recompile it (3 times, about 30 s on an H200)."""
+    if device.type == "cpu":  # side by side: glibc's defaults, then freed memory kept (what training does)
+        rate = throughput(settings, fs, device, steps, xh)
+        print(f"throughput, glibc malloc defaults: {rate:,.0f} training sequences/s ({shape})")
+        keep_freed_memory_in_process()
+    rate = throughput(settings, fs, device, steps, xh)
+    kept = ", freed memory kept in the process as training does" if device.type == "cpu" else ""
+    compiled = ", compiled" if precision_and_compilation(settings.train, device)[1] else ""
+    print(f"throughput: {rate:,.0f} training sequences/s ({shape}, exclude_history={xh}{kept}{compiled})")
+    rate_other = throughput(settings, fs, device, steps, not xh)
+    print(f"throughput with exclude_history={not xh}: {rate_other:,.0f} training sequences/s ({rate_other / rate:.2f}x)")
+    # batch lengths vary from batch to batch once grouped, so compare whole epochs
+    if compiled:
+        throughput(settings, fs, device, None, xh, group_by_length=True)
+    epoch_random = throughput(settings, fs, device, None, xh, group_by_length=False)
+    epoch_grouped = throughput(settings, fs, device, None, xh, group_by_length=True)
+    print(f"one whole epoch each: random batches {epoch_random:,.0f}, --group-by-length {epoch_grouped:,.0f} "
+          f"training sequences/s ({epoch_grouped / epoch_random:.2f}x)")
+
+
 def with_train(settings, **changes):  # noqa: ANN001, ANN003, ANN201
     """``settings`` with ``train`` settings changed (``table_updates=rows`` also turns compilation off,
     which cannot compile a sparse backward)."""
@@ -278,6 +307,8 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true",
                     help="only time the phases of one step (whole batch, one rank's share) and the all-reduce")
     ap.add_argument("--ranks", type=int, default=2, help="--phases: the DDP ranks a batch is shared among")
+    ap.add_argument("--target-only", action="store_true",
+                    help="skip the throughput figures: only the run to the target, compilation counted")
     ap.add_argument("--from-run", type=Path, default=None,
                     help="report from a finished run's training.json instead of training again")
     args = ap.parse_args()
@@ -303,22 +334,12 @@ def main() -> None:
         return
     xh = settings.train.exclude_history
     steps = max(args.steps, 10)
-    if device.type == "cpu":  # side by side: glibc's defaults, then freed memory kept (what training does)
-        rate = throughput(settings, fs, device, steps, xh)
-        print(f"throughput, glibc malloc defaults: {rate:,.0f} training sequences/s ({shape})")
-        keep_freed_memory_in_process()
-    rate = throughput(settings, fs, device, steps, xh)
-    kept = ", freed memory kept in the process as training does" if device.type == "cpu" else ""
-    print(f"throughput: {rate:,.0f} training sequences/s ({shape}, exclude_history={xh}{kept})")
-    rate_other = throughput(settings, fs, device, steps, not xh)
-    print(f"throughput with exclude_history={not xh}: {rate_other:,.0f} training sequences/s ({rate_other / rate:.2f}x)")
-    # batch lengths vary from batch to batch once grouped, so compare whole epochs
-    epoch_random = throughput(settings, fs, device, None, xh, group_by_length=False)
-    epoch_grouped = throughput(settings, fs, device, None, xh, group_by_length=True)
-    print(f"one whole epoch each: random batches {epoch_random:,.0f}, --group-by-length {epoch_grouped:,.0f} "
-          f"training sequences/s ({epoch_grouped / epoch_random:.2f}x)")
-    if args.steps:
-        return
+    if args.target_only:
+        print(f"model: {shape}, exclude_history={xh}, compile={settings.train.compile}")
+    else:
+        report_throughput(settings, fs, device, steps, xh, shape)
+        if args.steps:
+            return
 
     started = time.perf_counter()
     reached: dict[str, float] = {}

@@ -34,3 +34,18 @@ def test_phases_on_a_fresh_state_folder(tmp_path: Path) -> None:
     assert modes[0] == "DDP all-reduces every gradient whole" and len(modes) == 3  # side by side with
     assert re.fullmatch(r"the rows looked up of [23] item tables exchanged", modes[1])  # ID, category (words)
     assert re.fullmatch(r"the rows looked up of [23] item tables exchanged, those rows alone updated", modes[2])
+
+
+def test_target_only_trains_to_the_target_without_the_throughput_figures(tmp_path: Path) -> None:
+    # the GPU measurement needs the run to the target from a fresh process, where a compiled
+    # step pays its compilation (the throughput figures before it would have compiled it)
+    run = subprocess.run(
+        [sys.executable, "bench/train_speed.py", "--dataset", "ml-100k", "--home", str(tmp_path / "home"), "--target-only",
+         "--target", "0.0", "--device", "cpu", "--set", "train.batch_size=64", "--set", "model.max_len=20",
+         "--set", "model.hidden_size=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "throughput" not in out
+    assert re.search(r"model: batch 64, max_len 20, D 32, full softmax over 1,682 items, cpu, exclude_history=True, compile=off", out)
+    assert re.search(r"reached valid NDCG@10 0\.\d+ >= 0.0 after epoch 1 in [\d.]+ s on cpu", out)
