@@ -248,7 +248,7 @@ def _tiny_sasrec_run(precision: str, compile: str, negatives: int = 0) -> list[f
 def test_bf16_autocast_is_the_cuda_default_and_compilation_is_asked_for(
         settings: dict, cpu: tuple[bool, bool], cuda: tuple[bool, bool]) -> None:
     """(bf16, compiled) per device. Compilation is off by default on the GPU too: measured on an
-    H200, it cost 27 s to gain 0.2 s per ML-1M epoch (docs/benchmarks.md)."""
+    H200, it took 32 s to gain 0.25 s per ML-1M epoch (docs/benchmarks.md)."""
     cfg = TrainSettings(**settings)
     assert precision_and_compilation(cfg, torch.device("cpu")) == cpu
     assert precision_and_compilation(cfg, torch.device("cuda")) == cuda
