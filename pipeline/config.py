@@ -120,7 +120,7 @@ class TrainSettings(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU")
     compile: Literal["auto", "on", "off"] = Field(
         "off", description="torch.compile the training step (auto: on CUDA only). Off by default: on an H200 it took 32 s "
-                           "of compilation to save 0.25 s per ML-1M epoch, and nothing per step at 100,000 items "
+                           "of compilation to save 0.25 s per ML-1M epoch, about 130 epochs to pay back "
                            "(docs/benchmarks.md, Training on a GPU)")
     workers: int = Field(1, ge=1, description="training processes (torch DDP run by Ray Train on the engine's cluster, "
                                               "each a share of every batch); 1: this process")
