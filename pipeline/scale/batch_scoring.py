@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import Settings
 from pipeline.data.histories import UserRange
-from pipeline.scale.cluster import import_ray, task_results
+from pipeline.scale.cluster import import_ray, run_tasks
 
 PartitionScorer = Callable[[Settings, str, int, UserRange, Path], dict[str, Any]]
 
@@ -27,4 +27,4 @@ def run_on_ray(score: PartitionScorer, settings: Settings, bundle: str, k: int, 
     worker dies) into the matching Parquet file of ``files``; the reports, in range order."""
     ray = import_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(score)
-    return task_results(ray, [task.remote(settings, bundle, k, users, out) for users, out in zip(ranges, files, strict=True)])
+    return run_tasks(ray, task, [(settings, bundle, k, users, out) for users, out in zip(ranges, files, strict=True)])

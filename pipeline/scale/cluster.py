@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +33,7 @@ CONNECT_TIMEOUT_S = 5.0    # a TCP connection to ray_address must open within th
 HEAD_START_TIMEOUT_S = 120.0  # `ray start --head` must accept connections within this
 NAMESPACE = "attnrec"
 STOP_TIMEOUT_S = 60.0  # stop_tasks waits at most this long for cancelled tasks to end
+AHEAD_PER_CPU = 2  # task_stream submits at most this many tasks per cluster CPU beyond the next result
 
 
 def import_ray() -> ModuleType:
@@ -107,18 +108,46 @@ def ray_connection(settings: Settings) -> Iterator[ModuleType]:
         ray.shutdown()
 
 
-def task_results(ray: ModuleType, refs: list[Any]) -> list[Any]:
-    """``ray.get(refs)``, the tasks' results in order. A task that raised a ``UserError`` raises
-    it here as itself, one line (Ray's ``RayTaskError`` carries the remote traceback in its
-    text); on any failure the other tasks are stopped first (``stop_tasks``)."""
+def task_stream(ray: ModuleType, task: Any, calls: Sequence[tuple[Any, ...]],
+                ahead: int | None = None) -> Generator[Any, None, None]:
+    """``task.remote(*args)`` for every ``args`` of ``calls``, their results yielded in call
+    order, at most ``ahead`` tasks submitted beyond the result the caller takes next (default:
+    2 per cluster CPU; it bounds what waits in the object store or a staging folder).
+
+    On a failure no further task starts and the running ones finish before the error is
+    raised, so that none writes into a folder its caller removes next: a task's ``UserError``
+    as itself, one line (Ray's ``RayTaskError`` carries the remote traceback in its text),
+    anything else as Ray raised it. The same when the caller stops taking results. Running
+    tasks are not cancelled: in Ray 2.60 a cancel that crosses a task's completion aborts the
+    driver (``RAY_CHECK`` in ``TaskManager::CompletePendingTask``) or kills the worker under
+    the next task; the ``ahead`` window bounds the work left to finish instead. Only an
+    interruption (Ctrl-C) while waiting cancels them (``stop_tasks``).
+    """
+    ahead = ahead or AHEAD_PER_CPU * cluster_cpus(ray)
+    refs: list[Any] = []
     try:
-        return list(ray.get(refs))
-    except BaseException as exc:
-        stop_tasks(ray, refs)
-        error = user_error_in(exc)
-        if error is None:
-            raise
-        raise error from None
+        for i in range(len(calls)):
+            while len(refs) < min(len(calls), i + ahead):
+                refs.append(task.remote(*calls[len(refs)]))
+            try:
+                result = ray.get(refs[i])
+            except KeyboardInterrupt:
+                stop_tasks(ray, refs)
+                raise
+            except Exception as exc:
+                error = user_error_in(exc)
+                if error is None:
+                    raise
+                raise error from None
+            yield result
+    finally:
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the running ones finish
+
+
+def run_tasks(ray: ModuleType, task: Any, calls: Sequence[tuple[Any, ...]], ahead: int | None = None) -> list[Any]:
+    """Every result of ``task_stream``, in call order."""
+    return list(task_stream(ray, task, calls, ahead))
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
@@ -135,7 +164,8 @@ def user_error_in(exc: BaseException) -> UserError | None:
 def stop_tasks(ray: ModuleType, refs: list[Any]) -> None:
     """Cancel the tasks of ``refs`` that have not finished, a running one by stopping its worker
     (Ray leaves a running task alone otherwise), and wait until they have ended, so that none
-    writes into a folder its caller removes next."""
+    writes into a folder its caller removes next. Only where the user stops the run: a cancel
+    that crosses a task's completion can abort this process (``run_tasks``)."""
     if not refs:
         return
     for ref in refs:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.scale.cluster import import_ray, task_results
+from pipeline.scale.cluster import import_ray, run_tasks
 from pipeline.training.evaluation import ScoredShare
 
 
@@ -28,4 +28,4 @@ def shares_on_ray(score: Callable[[int, int], ScoredShare], shares: int) -> list
     ray = import_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(score_one_share)
     ref = ray.put(score)
-    return task_results(ray, [task.remote(ref, share, shares) for share in range(shares)])
+    return run_tasks(ray, task, [(ref, share, shares) for share in range(shares)])

@@ -18,7 +18,7 @@ import polars as pl
 
 from pipeline.data.event_dataset import bucket_histories
 from pipeline.data.history_pieces import HistoryPiece, write_history_piece
-from pipeline.scale.cluster import import_ray, task_results
+from pipeline.scale.cluster import import_ray, run_tasks
 
 
 def bucket_piece(root: Path, bucket: int, items: pl.DataFrame, users: pl.DataFrame, event_types: list[str] | None,
@@ -33,5 +33,5 @@ def history_pieces_on_ray(root: Path, buckets: int, event_types: list[str] | Non
     ray = import_ray()
     task = ray.remote(num_cpus=1, max_retries=2)(bucket_piece)
     items_ref, users_ref = ray.put(items), ray.put(users)
-    return task_results(ray, [task.remote(root, b, items_ref, users_ref, event_types, min_events,
-                                          folder / f"bucket-{b}.arrow") for b in range(buckets)])
+    return run_tasks(ray, task, [(root, b, items_ref, users_ref, event_types, min_events, folder / f"bucket-{b}.arrow")
+                                 for b in range(buckets)])
