@@ -197,28 +197,13 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
                                "test_time": datetime.fromtimestamp(test_time / 1e6, UTC).isoformat()})
 
         # Splits, training popularity and histories.arrow, one piece at a time
-        lengths = np.zeros(len(kept), dtype=np.int64)  # (U,) in the new user order
-        for piece, rows in zip(pieces, finals, strict=True):
-            lengths[rows] = piece.lengths
-        histories_file = HistoriesFile(tmp / "histories.arrow", lengths)
-        split_parts, counts_per_item = [], np.zeros(items.height + 1, dtype=np.int64)
-        for piece, rows in zip(pieces, finals, strict=True):
-            histories = read_history_piece(piece).with_columns(pl.Series("user_idx", rows, dtype=pl.Int32))
-            split = leave_one_out(histories) if fs.split == "loo" else temporal(histories, valid_time, test_time)
-            counts_per_item += item_popularity(histories, split["train_end"], items.height)["count"].to_numpy()
-            histories_file.put(histories, rows)
-            split_parts.append(split)
-            piece.path.unlink()
-        splits = pl.concat(split_parts).sort("user_idx").rechunk()
+        cut = leave_one_out if fs.split == "loo" else partial(temporal, valid_time=valid_time, test_time=test_time)
+        splits, counts_per_item, events = _assemble_histories(pieces, finals, kept, users, user_ids, items.height, cut,
+                                                              tmp / "histories.arrow")
+        (tmp / "pieces").rmdir()
         if not splits["train_end"].sum():
             raise UserError(f"no event is before the validation time {split_info['valid_time']}: nothing to train on; "
                             "move features.valid_time (or split_time) later")
-        user_columns = pl.DataFrame({
-            "user_idx": np.arange(len(kept), dtype=np.int32),
-            "user_key": users["user_key"].to_numpy()[kept],
-        }).join(user_ids, on="user_key", how="left", maintain_order="left")
-        histories_file.write(user_columns)
-        (tmp / "pieces").rmdir()
 
         # Items: content, cold hold-out, training popularity (cold items never count)
         cold = cold_items(items, fs.cold_item_fraction, COLD_SEED)
@@ -251,7 +236,7 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
         counts = {
             "users": len(kept),
             "items": items.height,
-            "events": histories_file.events,
+            "events": events,
             "train_events": int(splits["train_end"].sum()),
             "valid_targets": int(splits["valid_pos"].is_not_null().sum()),
             "test_targets": int(splits["test_pos"].is_not_null().sum()),
@@ -287,6 +272,36 @@ def build_feature_set(con: duckdb.DuckDBPyConnection, settings: Settings, force:
         raise
     set_current(root, version)
     return final, True
+
+
+def _assemble_histories(pieces: list[HistoryPiece], finals: list[np.ndarray], kept: np.ndarray, users: pl.DataFrame,
+                        user_ids: pl.DataFrame, num_items: int, cut: Callable[[pl.DataFrame], pl.DataFrame],
+                        path: Path) -> tuple[pl.DataFrame, np.ndarray, int]:
+    """Write ``histories.arrow`` at ``path`` from the pieces, reading (then removing) one at a
+    time, the kept users (``kept``, (U,) vocabulary indices) renumbered 0..U-1 as ``finals``
+    says (``final_user_order``); ``cut`` splits a piece's frame (``features.splits``).
+
+    Returns (splits: U rows in ``user_idx`` order; training events per item, (N+1,) int64,
+    row 0 the padding; the events in the file).
+    """
+    lengths = np.zeros(len(kept), dtype=np.int64)  # (U,) in the new user order
+    for piece, rows in zip(pieces, finals, strict=True):
+        lengths[rows] = piece.lengths
+    histories_file = HistoriesFile(path, lengths)
+    split_parts, counts_per_item = [], np.zeros(num_items + 1, dtype=np.int64)
+    for piece, rows in zip(pieces, finals, strict=True):
+        histories = read_history_piece(piece).with_columns(pl.Series("user_idx", rows, dtype=pl.Int32))
+        split = cut(histories)
+        counts_per_item += item_popularity(histories, split["train_end"], num_items)["count"].to_numpy()
+        histories_file.put(histories, rows)
+        split_parts.append(split)
+        piece.path.unlink()
+    user_columns = pl.DataFrame({
+        "user_idx": np.arange(len(kept), dtype=np.int32),
+        "user_key": users["user_key"].to_numpy()[kept],
+    }).join(user_ids, on="user_key", how="left", maintain_order="left")
+    histories_file.write(user_columns)
+    return pl.concat(split_parts).sort("user_idx").rechunk(), counts_per_item, histories_file.events
 
 
 def _remove_abandoned_builds(root: Path) -> None:
