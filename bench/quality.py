@@ -38,7 +38,7 @@ from pipeline.data.warehouse import connect  # noqa: E402
 from pipeline.training.evaluation import evaluation_report  # noqa: E402
 from pipeline.training.loop import resolve_device  # noqa: E402
 from pipeline.training.data_defaults import fit_model  # noqa: E402
-from pipeline.training.recipe import baseline_model, sasrec_scorer, train_sasrec  # noqa: E402
+from pipeline.training.recipe import baseline_model, SasrecScorer, train_sasrec  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {
@@ -166,7 +166,7 @@ def main() -> None:
             outcome = train_sasrec(s, fs, run_dir=args.resume, resume=args.resume is not None, progress=False, on_epoch=log,
                                    note=print)
             train_s = sum(h.seconds + (h.valid_seconds or 0.0) for h in outcome.fit.history)
-            report = evaluation_report(sasrec_scorer(outcome.model), fs, "test", outcome.model.max_len, device, ks=(10,))
+            report = evaluation_report(SasrecScorer(outcome.model), fs, "test", outcome.model.max_len, device, ks=(10,))
             rows.append({"model": f"attnrec ({ATTNREC_VARIANTS[variant][0]})",
                          "hr@10": report["hr@10"], "ndcg@10": report["ndcg@10"], "valid_ndcg@10": outcome.valid["ndcg@10"],
                          "train_s": round(train_s, 1), "epochs": outcome.fit.epochs_run,

@@ -162,7 +162,7 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str, index
         from pipeline.scale.cluster import ray_connection
         from pipeline.scale.evaluation import shares_on_ray
         from pipeline.training.evaluation import evaluation_report
-        from pipeline.training.recipe import sasrec_scorer
+        from pipeline.training.recipe import SasrecScorer
 
         if not (home / "bundle").exists():
             untrained_bundle(load_settings(home=home, **SETTINGS), home / "bundle")
@@ -170,7 +170,7 @@ def run_step(step: str, engine: str, home: Path, data: Path, address: str, index
         model, _ = load_model(home / "bundle" / MODEL_FILE, torch.device("cpu"))
         started = time.perf_counter()
         with ray_connection(settings) if ray else contextlib.nullcontext():
-            report = evaluation_report(sasrec_scorer(model), fs, "test", model.max_len, torch.device("cpu"),
+            report = evaluation_report(SasrecScorer(model), fs, "test", model.max_len, torch.device("cpu"),
                                        shares=(shares_on_ray, workers) if ray else None)
         return {"seconds": time.perf_counter() - started, "rows": report["users"], "test_ndcg@10": report["ndcg@10"]}
     if step == "recommend-all":

@@ -207,7 +207,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
         BASELINES,
         baseline_model,
         check_table_updates,
-        sasrec_scorer,
+        SasrecScorer,
         train_sasrec,
         validation_queries,
     )
@@ -279,7 +279,7 @@ def train(settings: Settings, resume: Path | None = None, progress: bool = False
 
         # --- test metrics, side by side with the champion and the baselines (checkpoint chosen on validation)
         test_users = settings.train.test_users  # every row ranks the same users: all, or this fixed sample
-        test = evaluation_report(sasrec_scorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users,
+        test = evaluation_report(SasrecScorer(outcome.model), fs, "test", settings.model.max_len, device, sample=test_users,
                                  shares=shares)
         scored_on = scored_where(shares)
         tracking.set_tags({"test_users": "all" if test_users is None else str(test["users"]), "test_scored_on": scored_on})
@@ -472,7 +472,7 @@ def registered_scorer(settings: Settings, fs: FeatureSet, version: str) -> tuple
     from pipeline.registry.model_store import MODEL_FILE, check_vocabulary, load_model
     from pipeline.registry.tracking import download_bundle
     from pipeline.training.loop import resolve_device
-    from pipeline.training.recipe import sasrec_scorer
+    from pipeline.training.recipe import SasrecScorer
 
     path = download_bundle(settings, f"models:/{settings.registry.model_name}/{version}")
     model, meta = load_model(path / MODEL_FILE, resolve_device(settings.device))
@@ -480,7 +480,7 @@ def registered_scorer(settings: Settings, fs: FeatureSet, version: str) -> tuple
         check_vocabulary(meta, fs)
     except UserError:
         return None
-    return sasrec_scorer(model), model.max_len
+    return SasrecScorer(model), model.max_len
 
 
 def champion_score(settings: Settings, fs: FeatureSet, version: str) -> float | None:
@@ -524,7 +524,7 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
     from pipeline.training.evaluation import evaluation_report
     from pipeline.training.loop import resolve_device
     from pipeline.training.data_defaults import fit_model
-    from pipeline.training.recipe import baseline_model, sasrec_scorer
+    from pipeline.training.recipe import SasrecScorer, baseline_model
 
     if split not in get_args(EvalSplit):
         raise UserError(f"--split must be one of {', '.join(get_args(EvalSplit))}")
@@ -548,7 +548,7 @@ def evaluate(settings: Settings, split: EvalSplit = "test", baseline: Baseline |
                     "so the current one (same items)")
         check_vocabulary(meta, fs)
         name = model_label(path, meta["sha256"])
-        scorer, max_len = sasrec_scorer(net), net.max_len
+        scorer, max_len = SasrecScorer(net), net.max_len
     shares: tuple[ShareRunner, int] | None = None
     with ExitStack() as cluster:
         if settings.engine == "ray" and device.type == "cpu":  # one GPU ranks as fast as several CPU tasks

@@ -38,7 +38,7 @@ from pipeline.training.batches import (
     training_windows,
 )
 from pipeline.training.data_defaults import fit_model, fit_to_data
-from pipeline.training.evaluation import Scorer, evaluate, selection_ks
+from pipeline.training.evaluation import evaluate, selection_ks
 from pipeline.training.loop import (EpochRecord, FitResult, fit, precision_and_compilation, process_group, resolve_device,
                                     seed_everything)
 
@@ -118,11 +118,6 @@ class SasrecScorer:
 
     def __reduce__(self) -> tuple[type[SasrecScorer], tuple[SASRec]]:
         return SasrecScorer, (self.model,)
-
-
-def sasrec_scorer(model: SASRec) -> Scorer:
-    """The ``Scorer`` of a SASRec model (``SasrecScorer``)."""
-    return SasrecScorer(model)
 
 
 def new_run_dir(settings: Settings) -> Path:
@@ -266,7 +261,7 @@ def train_sasrec(settings: Settings, fs: FeatureSet, run_dir: Path | None = None
     setup = training_setup(settings, fs, device, note)
 
     def validate(m: torch.nn.Module) -> dict[str, float]:
-        return evaluate(sasrec_scorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric),
+        return evaluate(SasrecScorer(m), fs, "valid", ms.max_len, device, ks=selection_ks(cfg.selection_metric),
                         group=process_group(), sample=cfg.valid_users).metrics
 
     result = fit(setup.model, setup.batches, setup.loss, validate, cfg, device, setup.steps_per_epoch,

@@ -21,7 +21,7 @@ from pipeline.config import load_settings
 from pipeline.scale.cluster import ray_connection
 from pipeline.scale.evaluation import shares_on_ray
 from pipeline.training.evaluation import ScoredShare, evaluation_report
-from pipeline.training.recipe import sasrec_scorer
+from pipeline.training.recipe import SasrecScorer
 from tests.pipeline.conftest import movielens_feature_set
 from tests.support import Attnrec
 
@@ -30,7 +30,7 @@ def test_the_test_report_scored_in_ray_tasks_equals_the_one_process_report(ray_c
                                                                            tmp_path: Path) -> None:
     fs = movielens_feature_set(tmp_path / "home", ml_small, **{"features.cold_item_fraction": 0.1})
     torch.manual_seed(0)
-    scorer = sasrec_scorer(SASRec(ItemTower(fs.num_items, 16, use_content=False), max_len=20).eval())
+    scorer = SasrecScorer(SASRec(ItemTower(fs.num_items, 16, use_content=False), max_len=20).eval())
     cpu = torch.device("cpu")
     here = evaluation_report(scorer, fs, "test", 20, cpu, keep_seen=True)
     with ray_connection(load_settings(home=tmp_path / "home", engine="ray", ray_address=ray_cluster)):

@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.scale.training import train_sasrec_on_ray
 from pipeline.training.data_defaults import fit_to_data
 from pipeline.training.evaluation import evaluate, selection_ks
-from pipeline.training.recipe import sasrec_scorer
+from pipeline.training.recipe import SasrecScorer
 from tests.support import Attnrec, assert_one_line_error
 
 TINY = ["--epochs", "1", "--hidden-size", "16", "--max-len", "20", "--batch-size", "256", "--negatives", "128"]
@@ -38,7 +38,7 @@ def test_two_ray_train_workers_train_the_recipe(ray_cluster: str, tiny_fs: Featu
     assert all("ndcg@10" in r.valid and r.samples_per_s > 0 for r in heard)
     assert outcome.fit.epochs_run == 2 and (outcome.run_dir / "checkpoint.pt").exists()
     metric = settings.train.selection_metric
-    again = evaluate(sasrec_scorer(outcome.model), tiny_fs, "valid", settings.model.max_len, torch.device("cpu"),
+    again = evaluate(SasrecScorer(outcome.model), tiny_fs, "valid", settings.model.max_len, torch.device("cpu"),
                      ks=selection_ks(metric)).metrics
     assert again[metric] == outcome.valid[metric] == outcome.fit.best_metric
 

@@ -31,7 +31,7 @@ def scorer() -> dict[str, Any]:
     from tests.support import fresh_block_faults, page_faults_in_a_thread
 
     model = SASRec(ItemTower(300_000, 8, use_content=False), max_len=5).eval()
-    score = recipe.sasrec_scorer(model)
+    score = recipe.SasrecScorer(model)
     seq = torch.randint(1, 300_001, (64, 5))
     fresh = fresh_block_faults((64, 300_001))
     faults = page_faults_in_a_thread(lambda: score(seq), times=4)

@@ -9,7 +9,7 @@ import torch
 from pipeline.config import load_settings
 from pipeline.training.batches import training_sequences
 from pipeline.training.evaluation import evaluate, evaluation_report, rank_metrics, tied_rank_metrics
-from pipeline.training.recipe import build_sasrec, sasrec_scorer
+from pipeline.training.recipe import SasrecScorer, build_sasrec
 from tests.pipeline.conftest import movielens_feature_set
 
 REPO = Path(__file__).resolve().parents[3]
@@ -50,9 +50,9 @@ def test_cold_start_report_is_restricted_to_cold_targets(cold_fs) -> None:
     settings, fs = cold_fs
     torch.manual_seed(0)
     model = build_sasrec(fs, settings.model.model_copy(update={"hidden_size": 16, "max_len": 20}))[0].eval()
-    report = evaluation_report(sasrec_scorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
+    report = evaluation_report(SasrecScorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
     cold = report["cold_start"]
-    full = evaluate(sasrec_scorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
+    full = evaluate(SasrecScorer(model), fs, "test", 20, torch.device("cpu"), ks=(10, 50))
     mask = fs.cold_mask[full.targets]
     assert cold["users"] == int(mask.sum()) > 0
     expected = rank_metrics(torch.from_numpy(full.ranks[mask]), (10, 50))

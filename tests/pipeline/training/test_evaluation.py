@@ -16,7 +16,7 @@ from pipeline.data.feature_store import FeatureSet, Ragged
 from models.item_tower import ItemTower
 from models.sasrec import SASRec
 from pipeline.training.evaluation import ScoredShare, evaluate, rank_metrics, target_ranks
-from pipeline.training.recipe import sasrec_scorer
+from pipeline.training.recipe import SasrecScorer
 
 NUM_ITEMS = 5
 
@@ -176,7 +176,7 @@ def _shares_here_last_first(score: Callable[[int, int], ScoredShare], shares: in
 def test_shares_scored_apart_give_the_one_process_result(small_fs: FeatureSet) -> None:
     torch.manual_seed(0)
     fs = dataclasses.replace(small_fs, items=small_fs.items.with_columns(cold=pl.col("item_idx") % 7 == 0))
-    scorer = sasrec_scorer(SASRec(ItemTower(fs.num_items, 8, use_content=False), max_len=20).eval())
+    scorer = SasrecScorer(SASRec(ItemTower(fs.num_items, 8, use_content=False), max_len=20).eval())
     here = evaluate(scorer, fs, "test", 20, torch.device("cpu"), batch_size=64)
     apart = evaluate(scorer, fs, "test", 20, torch.device("cpu"), batch_size=64, shares=(_shares_here_last_first, 3))
     assert here.metrics == apart.metrics and here.metrics["users"] > 3 * 64  # every share had batches
@@ -198,7 +198,7 @@ def test_coverage_counts_the_items_in_some_users_top_k_as_the_whole_top_lists_do
     """Coverage comes from one bit per item and K per share (not every user's top K): the same
     counts as the distinct items of the top lists."""
     torch.manual_seed(0)
-    inner = sasrec_scorer(SASRec(ItemTower(small_fs.num_items, 8, use_content=False), max_len=20).eval())
+    inner = SasrecScorer(SASRec(ItemTower(small_fs.num_items, 8, use_content=False), max_len=20).eval())
     scored: list[torch.Tensor] = []  # each batch's scores, masked in place by the evaluation as it ranks
 
     def keeping(seq: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def test_validation_runs_once_per_epoch_and_the_outcome_holds_the_kept_weights_m
     # runs one, and the outcome reuses the best epoch's (one more only when no epoch ran)
     assert calls == ["valid"] * max(epochs, 1)
     metric = settings.train.selection_metric
-    again = evaluate(recipe.sasrec_scorer(outcome.model), tiny_fs, "valid", settings.model.max_len,
+    again = evaluate(recipe.SasrecScorer(outcome.model), tiny_fs, "valid", settings.model.max_len,
                      torch.device("cpu"), ks=selection_ks(metric)).metrics
     assert outcome.valid == again
     if epochs:
@@ -115,7 +115,7 @@ def test_a_sampled_softmax_step_runs_the_item_tower_on_its_own_items_with_the_wh
 def test_the_scorer_writes_each_batch_into_one_buffer_and_scores_as_the_model_does() -> None:
     torch.manual_seed(0)
     model = SASRec(ItemTower(50, 8, use_content=False), max_len=5).eval()
-    score = recipe.sasrec_scorer(model)
+    score = recipe.SasrecScorer(model)
     seq = torch.randint(1, 51, (4, 5))
     first = score(seq)
     torch.testing.assert_close(first, model(seq))
@@ -130,7 +130,7 @@ def test_a_used_scorer_pickles_as_its_model_without_its_scores_buffer() -> None:
     200 x 20,001 floats, 16 MB) and the item vectors beside the model."""
     torch.manual_seed(0)
     model = SASRec(ItemTower(20_000, 8, use_content=False), max_len=5).eval()
-    score = recipe.sasrec_scorer(model)
+    score = recipe.SasrecScorer(model)
     seq = torch.randint(1, 20_001, (200, 5))
     expected = score(seq).clone()
     data = cloudpickle.dumps(score)  # as Ray pickles a task's arguments
